@@ -1,0 +1,31 @@
+# The two commands of the README. Each creates the virtual environment when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# The CPU build of torch that lies on disk here; elsewhere pip resolves the package's own range.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test lint bench-samplers clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/difflab demo --out outputs/demo
+
+test: $(BIN)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+bench-samplers: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	OMP_NUM_THREADS=1 $(BIN)/python bench/samplers.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
