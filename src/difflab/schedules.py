@@ -7,8 +7,10 @@ points between ``t_max`` and ``t_min`` (the smallest trained noise level) and th
 diffusers' "linspace" spacing and k-diffusion do; ``trailing`` ends its even spacing at 0 itself.
 
 Noise-level schedules (``karras``, ``logsnr``, ``polynomial``) are defined on the VE noise level
-``sigma / alpha``. Where that is infinite at ``t_max`` (rectified flow, zero terminal SNR) the ramp
-starts at ``level_max`` (default 100, logSNR ~ -9.2) and its first point is moved to ``t_max``.
+``s = sigma / alpha``. Where that is infinite at ``t_max`` (rectified flow, zero terminal SNR) they
+are defined on ``k = sigma / (alpha + sigma) = s / (1 + s)`` instead, which is 1 there and ~ s at
+low noise (for rectified flow k = t, as ComfyUI does): the first step then shrinks with the step
+count as every other step does.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ Tensor = torch.Tensor
 ScheduleFn = Callable[..., Tensor]
 
 _SCHEDULES: dict[str, tuple[ScheduleFn, str]] = {}
-DEFAULT_LEVEL_MAX = 100.0
 
 
 def register(name: str, reference: str) -> Callable[[ScheduleFn], ScheduleFn]:
@@ -59,16 +60,24 @@ def _finish(process: Process, inner: Tensor) -> Tensor:
     return torch.cat([inner, torch.zeros(1, dtype=torch.float64)])
 
 
-def _level_range(process: Process, level_max: float | None) -> tuple[float, float]:
-    lo = float(process.noise_level(_t(process.t_min)))
-    hi = float(process.noise_level(_t(process.t_max)))
-    if level_max is not None:
-        hi = min(hi, level_max)
-    elif not math.isfinite(hi):
-        hi = DEFAULT_LEVEL_MAX
-    if not 0 < lo < hi:
-        raise ValueError(f"noise-level range [{lo}, {hi}] of {process!r} is empty")
-    return lo, hi
+class _LevelSpace:
+    """The space a noise-level ramp lives in: s = sigma / alpha, or k = s / (1 + s) when s(t_max)
+    is infinite."""
+
+    def __init__(self, process: Process):
+        self.process = process
+        self.lo = float(process.noise_level(_t(process.t_min)))
+        self.hi = float(process.noise_level(_t(process.t_max)))
+        self.bounded = not math.isfinite(self.hi)
+        if self.bounded:
+            self.lo, self.hi = self.lo / (1 + self.lo), 1.0
+        if not 0 < self.lo < self.hi:
+            raise ValueError(f"the noise-level range of {process!r} is empty")
+
+    def to_t(self, levels: Tensor) -> Tensor:
+        if self.bounded:
+            levels = levels / (1 - levels)  # back to s; k = 1 gives s = inf, t = t_max
+        return self.process.t_from_noise_level(levels)
 
 
 def _check_steps(steps: int) -> None:
@@ -105,32 +114,30 @@ def leading(process: Process, steps: int, offset: int = 0) -> Tensor:
 
 
 @register("karras", "Karras et al. 2022, Elucidating the Design Space (Eq. 5)")
-def karras(process: Process, steps: int, rho: float = 7.0, level_max: float | None = None) -> Tensor:
+def karras(process: Process, steps: int, rho: float = 7.0) -> Tensor:
     """Noise levels ``(hi^(1/rho) + i/(n-1) (lo^(1/rho) - hi^(1/rho)))^rho``."""
     _check_steps(steps)
-    lo, hi = _level_range(process, level_max)
+    space = _LevelSpace(process)
+    lo, hi = space.lo, space.hi
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     levels = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-    return _finish(process, process.t_from_noise_level(levels))
+    return _finish(process, space.to_t(levels))
 
 
 @register("logsnr", "Lu et al. 2022, DPM-Solver (uniform logSNR; k-diffusion 'exponential')")
-def logsnr(process: Process, steps: int, level_max: float | None = None) -> Tensor:
+def logsnr(process: Process, steps: int) -> Tensor:
     """Uniform in logSNR, i.e. log-uniform in the noise level."""
-    _check_steps(steps)
-    lo, hi = _level_range(process, level_max)
-    levels = torch.logspace(math.log10(hi), math.log10(lo), steps, dtype=torch.float64)
-    return _finish(process, process.t_from_noise_level(levels))
+    return polynomial(process, steps, rho=1.0)
 
 
 @register("polynomial", "k-diffusion's polyexponential schedule (Crowson 2022)")
-def polynomial(process: Process, steps: int, rho: float = 1.0, level_max: float | None = None) -> Tensor:
+def polynomial(process: Process, steps: int, rho: float = 1.0) -> Tensor:
     """log noise level follows ``ramp^rho`` from log(hi) to log(lo); rho = 1 is ``logsnr``."""
     _check_steps(steps)
-    lo, hi = _level_range(process, level_max)
+    space = _LevelSpace(process)
     ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho
-    levels = torch.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo))
-    return _finish(process, process.t_from_noise_level(levels))
+    levels = torch.exp(ramp * (math.log(space.hi) - math.log(space.lo)) + math.log(space.lo))
+    return _finish(process, space.to_t(levels))
 
 
 @register("explicit", "a grid given by the caller")
@@ -167,7 +174,7 @@ def validate(process: Process, grid: Tensor, steps: int | None = None) -> Tensor
     return grid
 
 
-def get(name: str, process: Process, steps: int, **opts: Any) -> Tensor:
+def get(name: str, process: Process, steps: int | None = None, **opts: Any) -> Tensor:
     """The grid of schedule ``name`` for ``process`` and ``steps``, with schedule options."""
     if name not in _SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(available())}")
@@ -216,3 +223,67 @@ def load(path: str | os.PathLike, process: Process | None = None, steps: int | N
     if steps is not None and grid.numel() != steps + 1:
         raise ValueError(f"the schedule in {path} has {grid.numel() - 1} steps, not {steps}")
     return grid
+
+
+# --- optimisation -------------------------------------------------------------------------------
+def optimize(
+    denoiser: Any,
+    sampler: str,
+    steps: int,
+    noise: Tensor,
+    *,
+    reference: Tensor | None = None,
+    init: str = "karras",
+    sampler_options: dict[str, Any] | None = None,
+    reference_sampler: str = "dpmpp_3m",
+    reference_steps: int = 200,
+    max_evals: int = 2000,
+) -> Tensor:
+    """A grid of t that minimises ``sampler``'s error at ``steps`` on a calibration batch.
+
+    In the spirit of Align Your Steps (Sabour et al. 2024): instead of their KL bound, the squared
+    error to a reference endpoint from the same noise is minimised directly (Nelder-Mead over the
+    interior points, parametrised as softmax increments of the log noise level so the grid stays
+    ordered). ``reference`` defaults to ``reference_sampler`` with ``reference_steps`` steps; pass
+    exact endpoints when they are known (``GaussianMixture.ode_solve``). Save the result with
+    :func:`save` and use it as ``schedule="optimized"`` with ``path=`` or as an explicit grid.
+    """
+    from scipy.optimize import minimize
+
+    from difflab import samplers
+
+    _check_steps(steps)
+    if steps < 2:
+        raise ValueError("a one-step grid has no interior point to optimise")
+    process = denoiser.process
+    options = sampler_options or {}
+    samplers.check_options(sampler, options)
+    if reference is None:
+        reference = samplers.sample(denoiser, noise, reference_sampler, steps=reference_steps, schedule="karras")
+    space = _LevelSpace(process)
+    w_hi, w_floor = math.log(space.hi), math.log(space.lo) - math.log(10.0)
+    start = get(init, process, steps)
+    levels = process.noise_level(start[1:-1])
+    if space.bounded:
+        levels = levels / (1 + levels)
+    w0 = torch.cat([torch.tensor([w_hi], dtype=torch.float64), levels.log(), torch.tensor([w_floor])])
+    z0 = (-(w0[1:] - w0[:-1]) / (w_hi - w_floor)).clamp_min(1e-6).log().numpy()
+
+    def grid_of(z) -> Tensor:
+        inc = torch.softmax(torch.as_tensor(z, dtype=torch.float64), 0)
+        w = w_hi - torch.cumsum(inc, 0)[:-1] * (w_hi - w_floor)
+        t_inner = space.to_t(w.exp())
+        return torch.cat([torch.tensor([process.t_max], dtype=torch.float64), t_inner, torch.zeros(1, dtype=torch.float64)])
+
+    def loss(z) -> float:
+        grid = grid_of(z)
+        if not bool((grid[1:] < grid[:-1]).all()):
+            return 1e9
+        out = samplers.sample(denoiser, noise, sampler, steps=steps, schedule=grid, **options)
+        value = float(((out - reference) ** 2).mean())
+        return value if math.isfinite(value) else 1e9
+
+    result = minimize(loss, z0, method="Nelder-Mead",
+                      options={"maxfev": max_evals, "xatol": 1e-4, "fatol": 1e-12, "adaptive": True})
+    best = result.x if result.fun <= loss(z0) else z0
+    return grid_of(best)

@@ -166,7 +166,7 @@ def _multistep(denoiser: DenoiseFn, x: Tensor, ts, *, order: int, eta: float, s_
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi2 = -one_minus / h_eta + 1
                 phi3 = phi2 / h_eta - 0.5
-                x = x + (aj * phi2) * d1 - (aj * phi3) * d2
+                x = x + (aj * phi2) * d1 - (2 * aj * phi3) * d2
         if eta > 0:
             x = x + (sj * math.sqrt(max(0.0, 1 - decay * decay)) * s_noise) * noise_like(x, generator)
     return x
