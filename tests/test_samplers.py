@@ -167,7 +167,7 @@ def test_unknown_sampler_and_option_errors_list_the_valid_ones():
     noise = torch.randn(2, 2)
     with pytest.raises(ValueError, match="dpmpp_2m"):
         difflab.sample(den, noise, "dpm_fast")
-    with pytest.raises(ValueError, match="its options are: eta=0.0"):
+    with pytest.raises(ValueError, match=r"its options are: eta=0\.0"):
         difflab.sample(den, noise, "ddim", order=2)
     with pytest.raises(ValueError, match="order must be"):
         difflab.sample(den, noise, "unipc", order=5)

@@ -273,7 +273,7 @@ def optimize(
         inc = torch.softmax(torch.as_tensor(z, dtype=torch.float64), 0)
         w = w_hi - torch.cumsum(inc, 0)[:-1] * (w_hi - w_floor)
         t_inner = space.to_t(w.exp())
-        return torch.cat([torch.tensor([process.t_max], dtype=torch.float64), t_inner, torch.zeros(1, dtype=torch.float64)])
+        return _finish(process, torch.cat([t_inner.new_zeros(1), t_inner]))
 
     def loss(z) -> float:
         grid = grid_of(z)
