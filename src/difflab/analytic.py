@@ -85,15 +85,17 @@ class GaussianMixture:
 
     @classmethod
     def low_rank(cls, dim: int = 64, num_components: int = 8, rank: int = 4, *, floor: float = 1e-2,
-                 mean_scale: float = 1.0, num_classes: int | None = None, seed: int = 0) -> GaussianMixture:
+                 mean_std: float = 0.5, spread_std: float = 0.5, num_classes: int | None = None,
+                 seed: int = 0) -> GaussianMixture:
         """Random d-dimensional mixture, each covariance ``U U^T + floor I`` with U of rank ``rank``:
-        data near a union of low-dimensional subspaces, like images."""
+        data near a union of low-dimensional affine subspaces, like images. Per dimension the means
+        have std ``mean_std`` and the low-rank part std ``spread_std`` (so ``U U^T`` has ``rank``
+        eigenvalues near ``dim * spread_std^2 / rank``)."""
         g = torch.Generator().manual_seed(seed)
-        means = torch.randn(num_components, dim, generator=g, dtype=torch.float64)
-        means *= mean_scale / math.sqrt(dim)
+        means = mean_std * torch.randn(num_components, dim, generator=g, dtype=torch.float64)
         eigvecs, eigvals = [], []
         for _ in range(num_components):
-            u = torch.randn(dim, rank, generator=g, dtype=torch.float64) / math.sqrt(rank)
+            u = spread_std / math.sqrt(rank) * torch.randn(dim, rank, generator=g, dtype=torch.float64)
             lam, q = torch.linalg.eigh(u @ u.T + floor * torch.eye(dim, dtype=torch.float64))
             eigvecs.append(q)
             eigvals.append(lam.clamp_min(floor))
