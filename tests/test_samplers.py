@@ -54,7 +54,8 @@ def _convergence_setup():
 
 NOMINAL_ORDERS = [
     ("ddim", {}, 1), ("euler", {}, 1), ("heun", {}, 2), ("dpm_2", {}, 2), ("lms", {}, 4),
-    ("deis", {}, 3), ("dpm_solver", {"order": 1}, 1), ("dpm_solver", {"order": 2}, 2),
+    ("deis", {}, 3), ("deis", {"form": "eps"}, 3), ("deis", {"order": 2}, 2),
+    ("dpm_solver", {"order": 1}, 1), ("dpm_solver", {"order": 2}, 2),
     ("dpm_solver", {"order": 3}, 3), ("dpmpp_2s", {}, 2), ("dpmpp_2m", {}, 2), ("dpmpp_3m", {}, 3),
     ("unipc", {"order": 1}, 2), ("unipc", {"order": 2}, 3), ("unipc", {"order": 3}, 4),
     ("unipc", {"order": 2, "variant": "bh1"}, 3), ("unipc", {"order": 3, "corrector": False}, 3),

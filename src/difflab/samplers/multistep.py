@@ -177,51 +177,67 @@ def _eps_at(denoiser: DenoiseFn, x: Tensor, t: Tensor, a: float, s: float) -> Te
 
 @register("deis", "Zhang & Chen 2023, Fast Sampling with Exponential Integrator (DEIS, tAB)")
 def sample_deis(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = None,
-                callback: Callback = None, order: int = 3) -> Tensor:
-    """DEIS tAB: the exponential integrator with the noise estimate extrapolated by a polynomial
-    in t. In the noise level s = sigma / alpha the ODE is ``d(x / alpha) / ds = eps``, so
-    ``x_j / alpha_j = x_i / alpha_i + sum_k C_k eps_k`` with ``C_k = int L_k(t(s)) ds``
-    (Gauss-Legendre, exact to float64 for these smooth integrands)."""
+                callback: Callback = None, order: int = 3, form: str = "data") -> Tensor:
+    """DEIS tAB: the exponential integrator with the network output extrapolated by a polynomial
+    in t, its weights integrated by Gauss-Legendre quadrature (exact to float64 here).
+
+    ``form="eps"`` is the paper's: ``d(x / alpha) / ds = eps`` in the noise level s, so
+    ``x_j / alpha_j = x_i / alpha_i + sum_k C_k eps_k`` with ``C_k = int L_k(t(s)) ds``; it divides
+    by alpha and takes a first-order step from alpha = 0. ``form="data"`` extrapolates D instead:
+    ``d(x / sigma) / du = D`` with u = alpha / sigma, ``C_k = int L_k(t(u)) du``. It is finite at
+    alpha = 0 (u = 0) and keeps full order from the first steps of a flow or zero-SNR grid.
+    """
     _check_order("deis", order, 3)
+    if form not in ("data", "eps"):
+        raise ValueError(f"deis form must be 'data' or 'eps', got {form!r}")
     grid = Grid.build(denoiser.process, ts, x)
     plan = []
     for i in range(grid.steps):
-        if grid.is_final(i) or grid.alpha[i] == 0.0:
+        if grid.is_final(i) or (form == "eps" and grid.alpha[i] == 0.0):
             plan.append(None)
             continue
-        p = min(order, grid.finite_history(i, order), i + 1)
-        plan.append(_tab_weights(grid, i, p))
+        p = min(order, i + 1) if form == "data" else min(order, grid.finite_history(i, order), i + 1)
+        plan.append(_tab_weights(grid, i, p, form))
     times = grid.times()
-    eps_hist: list[Tensor] = []
+    hist: list[Tensor] = []
     for i in range(grid.steps):
         j = i + 1
         ai, si, aj, sj = grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j]
         d = denoiser(x, times[i])
         emit(callback, i, times[i], x, d)
+        hist = [d if form == "data" else (x - ai * d) / si, *hist][:order]
         if plan[i] is None:
             cx, cd = ddim_coefficients(ai, si, aj, sj)
             x = cx * x + cd * d
-            eps_hist = []
             continue
-        eps_hist = [(x - ai * d) / si, *eps_hist][:order]
-        y = x / ai
-        for w, e in zip(plan[i], eps_hist, strict=False):
-            y = y + w * e
-        x = aj * y
+        if form == "data":
+            y = x / si
+            for w, h in zip(plan[i], hist, strict=False):
+                y = y + w * h
+            x = sj * y
+        else:
+            y = x / ai
+            for w, h in zip(plan[i], hist, strict=False):
+                y = y + w * h
+            x = aj * y
     return x
 
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
 
-def _tab_weights(grid: Grid, i: int, p: int) -> list[float]:
-    """C_k = int_{s_i}^{s_j} L_k(t(s)) ds for the Lagrange basis on t_i, t_{i-1}, ..."""
-    s_i = grid.sigma[i] / grid.alpha[i]
-    s_j = grid.sigma[i + 1] / grid.alpha[i + 1]
+def _tab_weights(grid: Grid, i: int, p: int, form: str) -> list[float]:
+    """C_k = int L_k(t) dv over the step, v = s (eps form) or u = 1 / s (data form), for the
+    Lagrange basis on t_i, t_{i-1}, ..."""
+    if form == "eps":
+        v_i, v_j = grid.sigma[i] / grid.alpha[i], grid.sigma[i + 1] / grid.alpha[i + 1]
+    else:
+        v_i, v_j = grid.alpha[i] / grid.sigma[i], grid.alpha[i + 1] / grid.sigma[i + 1]
     nodes_t = [grid.t[i - k] for k in range(p)]
-    half = 0.5 * (s_j - s_i)
-    s = 0.5 * (s_i + s_j) + half * _GL_NODES
-    t = grid.process.t_from_noise_level(torch.from_numpy(s)).numpy()
+    half = 0.5 * (v_j - v_i)
+    v = torch.from_numpy(0.5 * (v_i + v_j) + half * _GL_NODES)
+    level = v if form == "eps" else 1.0 / v
+    t = grid.process.t_from_noise_level(level).numpy()
     out = []
     for k, tk in enumerate(nodes_t):
         basis = np.ones_like(t)
@@ -230,4 +246,3 @@ def _tab_weights(grid: Grid, i: int, p: int) -> list[float]:
                 basis *= (t - tm) / (tk - tm)
         out.append(float(half * np.dot(_GL_WEIGHTS, basis)))
     return out
-
