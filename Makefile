@@ -18,7 +18,7 @@ demo: $(BIN)/.installed
 	$(BIN)/difflab demo --out outputs/demo
 
 test: $(BIN)/.installed
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
