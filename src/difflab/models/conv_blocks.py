@@ -56,22 +56,25 @@ class Upsample(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Attention over the pixels of a feature map: self-attention, and with a context cross-attention
-    and a GEGLU feed-forward (latent diffusion's transformer block). The output projection starts at
-    zero, so the block starts as identity."""
+    """Attention over the pixels of a feature map. Without a context: GroupNorm and self-attention
+    (ADM's attention block). With one: latent diffusion's transformer block (input projection,
+    self-attention, cross-attention, GEGLU feed-forward, output projection). The last projection
+    starts at zero, so the block starts as identity."""
 
     def __init__(self, ch: int, heads: int, *, context_dim: int | None = None, depth: int = 1,
                  groups: int = 32, qk_norm: bool = False, fp32_norm: bool = False, name: str = ""):
         super().__init__()
         self.norm = GroupNorm(groups, ch, fp32=fp32_norm)
-        self.proj_in = nn.Linear(ch, ch)
         self.full = context_dim is not None
+        self.proj_in = nn.Linear(ch, ch) if self.full else nn.Identity()
         self.blocks = nn.ModuleList()
         for i in range(depth):
             block = nn.ModuleDict({
-                "norm1": LayerNorm(ch, fp32=fp32_norm),
+                "norm1": LayerNorm(ch, fp32=fp32_norm) if self.full else nn.Identity(),
                 "attn1": Attention(ch, heads, qk_norm=qk_norm, name=f"{name}.{i}.self"),
             })
+            if not self.full:
+                zero_(block["attn1"].to_out)
             if self.full:
                 block.update({
                     "norm2": LayerNorm(ch, fp32=fp32_norm),
@@ -80,7 +83,7 @@ class SpatialTransformer(nn.Module):
                     "ff": FeedForward(ch, kind="geglu"),
                 })
             self.blocks.append(block)
-        self.proj_out = zero_(nn.Linear(ch, ch))
+        self.proj_out = zero_(nn.Linear(ch, ch)) if self.full else nn.Identity()
 
     def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
