@@ -60,7 +60,8 @@ def sincos_2d(height: int, width: int, dim: int, device=None) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """``x * (1 + scale) + shift`` in one fused op."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class DiTBlock(nn.Module):
@@ -97,10 +98,10 @@ class DiTBlock(nn.Module):
         else:  # adaln_single: one global modulation, a learned per-block offset
             mods = (cond.unflatten(-1, (6, -1)) + self.scale_shift_table[None]).unbind(1)
         shift1, scale1, gate1, shift2, scale2, gate2 = mods
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope=rope)
+        x = torch.addcmul(x, gate1[:, None], self.attn(modulate(self.norm1(x), shift1, scale1), rope=rope))
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), context, context_mask)
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return torch.addcmul(x, gate2[:, None], self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class DiT(Network):

@@ -170,6 +170,8 @@ class Attention(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.is_cross = context_dim is not None
         kv_dim = context_dim if context_dim is not None else dim
+        # separate projections: on CPU a fused qkv matrix was 8 % slower in training (the
+        # backward of its split concatenates non-contiguous gradients)
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(kv_dim, dim, bias=bias)
         self.to_v = nn.Linear(kv_dim, dim, bias=bias)
@@ -185,9 +187,11 @@ class Attention(nn.Module):
     def qkv(self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
             ) -> tuple[Tensor, Tensor, Tensor]:
         """Projected, normalised and (for self-attention) rotated q, k, v: (batch, heads, tokens, d)."""
-        src = x if context is None else context
         if self.is_cross and context is None:
             raise ValueError("this cross-attention layer needs a context (text tokens); none was given")
+        if not self.is_cross and context is not None:
+            raise ValueError("a self-attention layer takes no context")
+        src = x if context is None else context
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(src)), self._split(self.to_v(src))
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)

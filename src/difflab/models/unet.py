@@ -33,6 +33,7 @@ class UNetConfig:
     qk_norm: bool = False
     fp32_norm: bool = False
     time_embedding: str = "sinusoidal"
+    channels_last: bool = True  # NHWC convolutions: faster with oneDNN and cuDNN
     gradient_checkpointing: bool = False
 
 
@@ -92,6 +93,8 @@ class UNet(Network):
         self.norm_out = GroupNorm(c.norm_groups, ch, fp32=c.fp32_norm)
         self.conv_out = zero_(nn.Conv2d(ch, out_ch, 3, padding=1))
         self.downsampling = 2 ** (len(c.channel_mult) - 1)
+        if c.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def _check(self, x: Tensor, class_labels, context) -> None:
         c = self.config
@@ -115,6 +118,8 @@ class UNet(Network):
         if self.pooled_embed is not None and pooled is not None:
             emb = emb + self.pooled_embed(pooled)
         emb = emb.to(x.dtype) if emb.dtype != x.dtype else emb
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:
