@@ -103,20 +103,29 @@ def test_attention_hook_replaces_and_observes():
 
 @pytest.mark.parametrize("make", [tiny_unet, tiny_dit, lambda: MLP(MLPConfig(dim=3, num_classes=2))])
 def test_config_round_trip_rebuilds_identical_weights(make, tmp_path):
-    import json
-
-    from safetensors.torch import load_file, save_file
-
     net = _perturb(make())
-    (tmp_path / "config.json").write_text(json.dumps(net.to_config()))
-    save_file(net.state_dict(), tmp_path / "model.safetensors")
-    rebuilt = models.from_config(json.loads((tmp_path / "config.json").read_text()))
-    rebuilt.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    net.save_pretrained(tmp_path / "net")
+    rebuilt = models.Network.from_pretrained(tmp_path / "net")
+    assert type(rebuilt) is type(net)
     assert rebuilt.to_config() == net.to_config() and rebuilt.num_parameters() == net.num_parameters()
     for key, value in net.state_dict().items():
         assert torch.equal(value, rebuilt.state_dict()[key])
     with pytest.raises(ValueError, match="unknown field"):
         type(net).from_config({**net.to_config(), "widht": 3})
+    assert not list((tmp_path / "net").glob("*.tmp"))
+
+
+def test_weights_from_another_config_are_refused_by_name(tmp_path):
+    tiny_unet().save_pretrained(tmp_path / "a")
+    import json
+
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg["model_channels"] = 16
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="wrong shapes"):
+        models.Network.from_pretrained(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="no saved network"):
+        models.Network.from_pretrained(tmp_path / "nothing")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

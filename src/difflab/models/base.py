@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -42,6 +45,61 @@ class Network(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (each atomically: temporary file, rename)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}  # channels-last too
+        write_atomic(directory / "config.json", json.dumps(self.to_config(), indent=1).encode())
+        tmp = directory / "model.safetensors.tmp"
+        save_file(tensors, tmp)
+        os.replace(tmp, directory / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Network:
+        """Rebuild from :meth:`save_pretrained`; weights that do not fit the config are named."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{directory} holds no saved network (config.json and model.safetensors)")
+        config = json.loads((directory / "config.json").read_text())
+        if cls is not Network and config.get("kind") != cls.kind:
+            raise ValueError(f"{directory} holds a {config.get('kind')!r} network, not a {cls.kind!r}")
+        from difflab.models import from_config
+
+        net = from_config(config)
+        load_checked(net, load_file(directory / "model.safetensors"), str(directory))
+        return net
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to ``path`` through a temporary file and a rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def load_checked(net: nn.Module, state: dict[str, Any], source: str) -> None:
+    """``load_state_dict`` with an error that names missing, unexpected and mis-shaped weights."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"wrong shapes {len(shapes)} (e.g. {'; '.join(shapes[:3])})")
+        raise ValueError(f"the weights in {source} do not match the network's config: {', '.join(parts)}")
+    net.load_state_dict(state)
 
 
 def batch_times(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
