@@ -1,4 +1,4 @@
-"""Command line: ``difflab info | demo``."""
+"""Command line: ``difflab info | demo | train``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from difflab.training import config as train_config
+    from difflab.training.trainer import Trainer
+
+    cfg = train_config.load(args.config, args.set)
+    trainer = Trainer(cfg)
+    last = trainer.run(resume=args.resume, progress=not args.no_progress)
+    if trainer.rank == 0:
+        grid = trainer.sample_grid(trainer.out / "samples" / "final.png")
+        print(json.dumps(last))
+        print(f"wrote {trainer.out}/final (EMA weights), {grid} and {trainer.out}/metrics.jsonl")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflab", description="Diffusion and flow-matching toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+    p = sub.add_parser("train", help="train a model from a TOML recipe (configs/*.toml)")
+    p.add_argument("config", nargs="?", help="TOML recipe; defaults apply to what it leaves out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.steps=200 --set optim.lr=1e-3")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in out_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
     return parser
 
 

@@ -15,6 +15,7 @@ import torch
 
 from difflab import processes, samplers, schedules
 from difflab.analytic import GaussianMixture, sliced_wasserstein
+from difflab.plotting import scatter
 
 
 def run(out: str | os.PathLike = "outputs/demo", *, n: int = 2000, steps: int = 10, seed: int = 0,
@@ -47,31 +48,6 @@ def run(out: str | os.PathLike = "outputs/demo", *, n: int = 2000, steps: int = 
             panels[f"{label} {name} ({nfe} NFE)"] = x
     metrics["sliced_wasserstein_data_vs_data"] = sliced_wasserstein(
         exact, mix.sample(n, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64))
-    _scatter(panels, out / "samples.png")
+    scatter(panels, out / "samples.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
-
-
-def _scatter(panels: dict[str, torch.Tensor], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 4
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, (title, pts) in zip(axes.flat, panels.items(), strict=False):
-        ax.set_axis_on()
-        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
-        ax.set_title(title, fontsize=8)
-        ax.set_xlim(-1.6, 1.6)
-        ax.set_ylim(-1.6, 1.6)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

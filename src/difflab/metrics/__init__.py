@@ -1,0 +1,2 @@
+"""Evaluation: domain classifiers (digits) and, with the metrics issue, Frechet distance, KID and
+precision/recall."""
