@@ -58,9 +58,17 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
     return out
 
 
+def _toml():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
 def parse_value(text: str) -> Any:
     """A --set value as TOML would read it (numbers, booleans, strings, arrays)."""
-    import tomllib
+    tomllib = _toml()
 
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -70,7 +78,7 @@ def parse_value(text: str) -> Any:
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Defaults, then the TOML file, then ``key.sub=value`` overrides."""
-    import tomllib
+    tomllib = _toml()
 
     update: dict[str, Any] = {}
     if path is not None:
