@@ -145,7 +145,7 @@ def test_bad_inputs_are_named():
     unet = tiny_unet(num_classes=3, context_dim=8)
     with pytest.raises(ValueError, match=r"expects \(batch, 3"):
         unet(torch.randn(1, 4, 8, 8), 1.0, class_labels=torch.tensor([0]), context=torch.randn(1, 2, 8))
-    with pytest.raises(ValueError, match="divisible by 2"):
+    with pytest.raises(ValueError, match="not divisible by the downsampling factor"):
         unet(torch.randn(1, 3, 9, 8), 1.0, class_labels=torch.tensor([0]), context=torch.randn(1, 2, 8))
     with pytest.raises(ValueError, match="class_labels"):
         unet(torch.randn(1, 3, 8, 8), 1.0, context=torch.randn(1, 2, 8))

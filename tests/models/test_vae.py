@@ -20,7 +20,7 @@ def test_encode_decode_shapes_and_factor():
     post = vae.encode(x)
     assert post.mean.shape == (2, 4, 4, 6)
     assert vae.decode(post.sample()).shape == x.shape
-    with pytest.raises(ValueError, match="divisible by the downsampling factor 4"):
+    with pytest.raises(ValueError, match="not divisible by the downsampling factor 4"):
         vae.encode(torch.randn(1, 3, 10, 16))
     with pytest.raises(ValueError, match="latents"):
         vae.decode(torch.randn(1, 3, 4, 4))

@@ -110,3 +110,20 @@ def batch_times(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     if t.shape != (x.shape[0],):
         raise ValueError(f"time must be a scalar or one value per sample ({x.shape[0]}), got {tuple(t.shape)}")
     return t
+
+
+def check_image(owner: str, x: torch.Tensor, channels: int, multiple: int, unit: str) -> None:
+    """Refuse an input that is not (batch, channels, H, W) with H and W divisible by ``multiple``."""
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"{owner} expects (batch, {channels}, H, W), got {tuple(x.shape)}")
+    if x.shape[-1] % multiple or x.shape[-2] % multiple:
+        raise ValueError(f"{owner}: spatial size {tuple(x.shape[-2:])} is not divisible by {unit} {multiple}")
+
+
+def check_conditioning(owner: str, config: Any, class_labels: Any, context: Any = None) -> None:
+    """Refuse a call that leaves out the conditioning the network was built for."""
+    if getattr(config, "num_classes", None) and class_labels is None:
+        raise ValueError(f"this {owner} is class-conditional: pass class_labels (-1 selects the null class)")
+    if getattr(config, "context_dim", None) and context is None:
+        raise ValueError(f"this {owner} cross-attends to text: pass context (the null prompt's embedding for "
+                         "the unconditional branch)")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from difflab.models.base import Network, batch_times
+from difflab.models.base import Network, batch_times, check_conditioning, check_image
 from difflab.models.layers import (
     Attention,
     FeedForward,
@@ -136,16 +136,8 @@ class DiT(Network):
         nn.init.xavier_uniform_(self.patch.weight.view(d, -1))
 
     def _check(self, x: Tensor, class_labels, context) -> None:
-        c = self.config
-        if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"DiT expects (batch, {c.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[-1] % c.patch_size or x.shape[-2] % c.patch_size:
-            raise ValueError(f"spatial size {tuple(x.shape[-2:])} is not divisible by the patch size {c.patch_size}")
-        if c.num_classes and class_labels is None:
-            raise ValueError("this DiT is class-conditional: pass class_labels (-1 selects the null class)")
-        if c.context_dim and context is None:
-            raise ValueError("this DiT cross-attends to text: pass context (the null prompt's embedding for "
-                             "the unconditional branch)")
+        check_image("DiT", x, self.config.in_channels, self.config.patch_size, "the patch size")
+        check_conditioning("DiT", self.config, class_labels, context)
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.models.base import Network, batch_times
+from difflab.models.base import Network, batch_times, check_conditioning
 from difflab.models.layers import LabelEmbedder, LayerNorm, TimestepEmbedder, checkpointed, zero_
 
 Tensor = torch.Tensor
@@ -50,8 +50,7 @@ class MLP(Network):
         c = self.config
         if x.ndim != 2 or x.shape[1] != c.dim:
             raise ValueError(f"MLP expects (batch, {c.dim}), got {tuple(x.shape)}")
-        if c.num_classes and class_labels is None:
-            raise ValueError("this MLP is class-conditional: pass class_labels (-1 selects the null class)")
+        check_conditioning("MLP", c, class_labels)
         emb = self.time_embed(batch_times(t, x))
         if self.label_embed is not None:
             emb = emb + self.label_embed(class_labels)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.models.base import Network, batch_times
+from difflab.models.base import Network, batch_times, check_conditioning, check_image
 from difflab.models.conv_blocks import Downsample, ResBlock, SpatialTransformer, Upsample
 from difflab.models.layers import GroupNorm, LabelEmbedder, PooledEmbedder, TimestepEmbedder, checkpointed, zero_
 
@@ -97,17 +97,8 @@ class UNet(Network):
             self.to(memory_format=torch.channels_last)
 
     def _check(self, x: Tensor, class_labels, context) -> None:
-        c = self.config
-        if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"UNet expects (batch, {c.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[-1] % self.downsampling or x.shape[-2] % self.downsampling:
-            raise ValueError(f"spatial size {tuple(x.shape[-2:])} must be divisible by {self.downsampling} "
-                             f"(2 ** (levels - 1)) for this UNet")
-        if c.num_classes and class_labels is None:
-            raise ValueError("this UNet is class-conditional: pass class_labels (-1 selects the null class)")
-        if c.context_dim and context is None:
-            raise ValueError("this UNet cross-attends to text: pass context (the null prompt's embedding for "
-                             "the unconditional branch)")
+        check_image("UNet", x, self.config.in_channels, self.downsampling, "the downsampling factor")
+        check_conditioning("UNet", self.config, class_labels, context)
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.models.base import Network
+from difflab.models.base import Network, check_image
 from difflab.models.conv_blocks import Downsample, ResBlock, SpatialTransformer, Upsample
 from difflab.models.layers import GroupNorm
 
@@ -98,12 +98,7 @@ class VAE(Network):
         return seq(x)
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
-        c = self.config
-        if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"VAE expects images (batch, {c.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[-1] % self.downsampling or x.shape[-2] % self.downsampling:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by the downsampling factor "
-                             f"{self.downsampling}")
+        check_image("VAE", x, self.config.in_channels, self.downsampling, "the downsampling factor")
         return DiagonalGaussian(self._run(self.encoder, x))
 
     def decode(self, z: Tensor) -> Tensor:
