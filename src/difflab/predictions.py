@@ -54,9 +54,6 @@ class Prediction:
         eps = (x - alpha * x0) / sigma
         return self.target(x0, eps, alpha, sigma)
 
-    def to_dict(self) -> dict:
-        return {"name": self.name}
-
 
 @dataclass(frozen=True)
 class Eps(Prediction):
@@ -151,9 +148,6 @@ class EDMPrecond(Prediction):
     def to_x0(self, out, x, alpha, sigma):
         skip, c_out, _ = self._coefficients(alpha, sigma)
         return skip * x + c_out * out
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "sigma_data": self.sigma_data}
 
 
 PREDICTIONS: dict[str, type[Prediction]] = {c.name: c for c in (Eps, X0, V, FlowVelocity, EDMPrecond)}

@@ -86,30 +86,32 @@ class PooledEmbedder(nn.Module):
 
 
 # --- norms ---------------------------------------------------------------------------------------
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm that can compute in float32 under reduced precision (``fp32=True``)."""
+class _Float32Norm:
+    """Mixin: with ``fp32=True`` the norm computes in float32 under reduced precision (Hunyuan-DiT
+    found it necessary in fp16)."""
+
+    fp32: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fp32 and x.dtype in (torch.float16, torch.bfloat16):
+            return super().forward(x.float()).to(x.dtype)
+        return super().forward(x)
+
+
+class GroupNorm(_Float32Norm, nn.GroupNorm):
+    """GroupNorm (groups reduced to a divisor of the channels) with the float32 option."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, fp32: bool = False):
         super().__init__(math.gcd(num_groups, num_channels), num_channels, eps=eps)
         self.fp32 = fp32
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fp32 and x.dtype in (torch.float16, torch.bfloat16):
-            return super().forward(x.float()).to(x.dtype)
-        return super().forward(x)
 
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm with an optional float32 computation (Hunyuan-DiT found it necessary in fp16)."""
+class LayerNorm(_Float32Norm, nn.LayerNorm):
+    """LayerNorm with the float32 option."""
 
     def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True, fp32: bool = False):
         super().__init__(dim, eps=eps, elementwise_affine=affine)
         self.fp32 = fp32
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fp32 and x.dtype in (torch.float16, torch.bfloat16):
-            return super().forward(x.float()).to(x.dtype)
-        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
