@@ -145,7 +145,7 @@ class DiT(Network):
         c = self.config
         b, _, height, width = x.shape
         gh, gw = height // c.patch_size, width // c.patch_size
-        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = self.patch(x).flatten(2).transpose(1, 2).contiguous()  # (batch, tokens, width), row-major
         rope = None
         if c.position == "sincos":
             tokens = tokens + sincos_2d(gh, gw, c.hidden_size, x.device).to(tokens.dtype)[None]
