@@ -27,7 +27,6 @@ def sample_adaptive(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator 
     Count its evaluations with ``difflab.sample(..., return_nfe=True)``.
     """
     grid = Grid.build(denoiser.process, ts, x)
-    process = grid.process
     lam = max(grid.lam[0], LAMBDA_START)
     lam_end = grid.lam[-2]
     if not math.isfinite(lam_end):
@@ -43,7 +42,7 @@ def sample_adaptive(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator 
             raise RuntimeError(f"adaptive sampler hit max_evals={max_evals} before the end; raise rtol/atol")
         lam_next = min(lam + h, lam_end)
         t_mid, a_mid, s_mid = grid.point(0.5 * (lam + lam_next))
-        _, a_next, s_next = grid.point(lam_next)
+        t_next, a_next, s_next = grid.point(lam_next)
         cmx, cmd = ddim_coefficients(a, s, a_mid, s_mid)
         d_mid = denoiser(cmx * x + cmd * d, torch.tensor(t_mid, device=x.device, dtype=x.dtype))
         evals += 1
@@ -56,15 +55,10 @@ def sample_adaptive(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator 
         if err_value <= 1.0:
             x, lam, a, s = x_high, lam_next, a_next, s_next
             step += 1
-            t_i = _time(process, lam, x) if lam < lam_end else torch.tensor(
-                grid.t[-2], device=x.device, dtype=x.dtype)
+            t_i = torch.tensor(t_next if lam < lam_end else grid.t[-2], device=x.device, dtype=x.dtype)
             d = denoiser(x, t_i)
             evals += 1
             emit(callback, step, t_i, x, d)
         h = min(theta * h * err_value ** -0.5, 2.0 * h if err_value <= 1.0 else h)
     return d  # the evaluation at the last non-zero point is the final denoise
 
-
-def _time(process, lam: float, like: Tensor) -> Tensor:
-    t = process.t_from_logsnr(torch.tensor(2.0 * lam, dtype=torch.float64))
-    return t.to(device=like.device, dtype=like.dtype)

@@ -70,10 +70,6 @@ class Grid:
         """(t, alpha, sigma) of the point with noise level sigma / alpha = level."""
         return self.point(-math.log(level))
 
-    def ddim(self, i: int, j: int) -> tuple[float, float]:
-        """Coefficients (on x, on D) of the first-order step i -> j."""
-        return ddim_coefficients(self.alpha[i], self.sigma[i], self.alpha[j], self.sigma[j])
-
     def is_final(self, i: int) -> bool:
         """Whether the step from i lands on clean data (the final denoise)."""
         return self.sigma[i + 1] == 0.0
