@@ -61,7 +61,7 @@ def run_digits(out: str | os.PathLike = "outputs/demo", *, config: str | os.Path
     """Train the digits recipe into ``out``, then write ``samples.png`` and ``metrics.json``."""
     import time
 
-    from difflab.metrics.digits_classifier import accuracy, load_classifier
+    from difflab.metrics.classifiers import accuracy, load_classifier
     from difflab.plotting import image_grid
     from difflab.training import config as train_config
     from difflab.training.trainer import Trainer
