@@ -123,7 +123,8 @@ class GaussianMixture:
             labels = labels.expand(batch)
         if labels.shape != (batch,):
             raise ValueError(f"labels must be one per sample ({batch}), got {tuple(labels.shape)}")
-        return self.labels.to(device)[None, :] == labels[:, None]  # (B, K)
+        # -1 is the null class (as for networks): that sample is unconditional
+        return (self.labels.to(device)[None, :] == labels[:, None]) | (labels[:, None] < 0)  # (B, K)
 
     def _posterior(self, xbar: Tensor, s: Tensor, labels: Tensor | None):
         """Responsibilities (B, K) and per-component posterior means (B, K, d) in VE form.
@@ -216,13 +217,14 @@ class GaussianMixture:
     def denoiser(self, process: Process, prediction: str = "x0") -> Denoiser:
         """An exact :class:`~difflab.Denoiser` for ``process``, given in any prediction's terms.
 
-        ``labels=`` passed as conditioning restricts the posterior to those classes.
+        ``class_labels=`` passed as conditioning restricts the posterior to those classes (-1: none,
+        the unconditional denoiser), as a class-conditional network's ``class_labels`` do.
         """
         from difflab import predictions
 
         pred = predictions.get(prediction)
 
-        def net(x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        def net(x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
             tt = t.to(torch.float64)
             a = _col(process.alpha(tt), x).to(torch.float64)
             s = _col(process.sigma(tt), x).to(torch.float64)
@@ -230,7 +232,7 @@ class GaussianMixture:
             # undo the prediction's input scaling so the exact posterior sees x_t itself
             scale = pred.input_scale(a, s)
             xd = xd / scale
-            x0 = self.denoise(xd, a.flatten(), s.flatten(), labels)
+            x0 = self.denoise(xd, a.flatten(), s.flatten(), class_labels)
             return pred.from_x0(x0, xd, a, s).to(x.dtype)
 
         return Denoiser.from_fn(net, process, pred, time="t")

@@ -58,7 +58,9 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class-label embedding with one extra "null" class for classifier-free guidance.
 
-    Labels equal to ``num_classes`` (or ``-1``) select the null embedding.
+    Labels equal to ``num_classes`` (or ``-1``) select the null embedding. A floating-point
+    (batch, dim) tensor is taken as the embedding itself (independent condition guidance feeds
+    random embeddings this way).
     """
 
     def __init__(self, num_classes: int, dim: int):
@@ -67,6 +69,11 @@ class LabelEmbedder(nn.Module):
         self.table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, labels: Tensor) -> Tensor:
+        if labels.is_floating_point():
+            if labels.shape[-1] != self.table.embedding_dim or labels.ndim != 2:
+                raise ValueError(f"a class embedding given directly must be (batch, {self.table.embedding_dim}), "
+                                 f"got {tuple(labels.shape)}")
+            return labels
         labels = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
         if not torch.compiler.is_compiling() and bool((labels > self.num_classes).any()):
             raise ValueError(f"class labels must lie in [0, {self.num_classes}) or be the null class "
