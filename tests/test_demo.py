@@ -20,4 +20,4 @@ def test_digits_demo_plumbing(tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["samples"] == 1000 and 0.0 <= metrics["classifier_accuracy_on_samples"] <= 1.0
     assert metrics["classifier_test_accuracy_on_real_digits"] > 0.9
-    assert (tmp_path / "samples.png").is_file() and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "run" / "final" / "pipeline.json").is_file()

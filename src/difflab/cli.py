@@ -1,4 +1,4 @@
-"""Command line: ``difflab info | demo | train``."""
+"""Command line: ``difflab info | demo | train | sample | eval | export``."""
 
 from __future__ import annotations
 
@@ -54,8 +54,100 @@ def _train(args: argparse.Namespace) -> int:
     if trainer.rank == 0:
         grid = trainer.sample_grid(trainer.out / "samples" / "final.png")
         print(json.dumps(last))
-        print(f"wrote {trainer.out}/final (EMA weights), {grid} and {trainer.out}/metrics.jsonl")
+        print(f"wrote {trainer.out}/final (a pipeline of the EMA weights), {grid} and {trainer.out}/metrics.jsonl")
     return 0
+
+
+def _guidance_options(args: argparse.Namespace) -> dict:
+    from difflab.training.config import parse_value
+
+    opts = {}
+    if args.guidance_scale is not None:
+        opts["scale"] = args.guidance_scale
+    for item in args.guidance_option:
+        key, _, text = item.partition("=")
+        opts[key.strip()] = parse_value(text.strip())
+    return opts
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from difflab.models.base import write_atomic
+    from difflab.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.pipeline)
+    out = Path(args.out)
+    if args.settings:
+        settings = json.loads(Path(args.settings).read_text())
+        image = pipe.reproduce(settings)
+        out.mkdir(parents=True, exist_ok=True)
+        from difflab.pipeline import Output
+
+        Output(image[None], [settings]).pil[0].save(out / "reproduced.png")
+        write_atomic(out / "reproduced.json", json.dumps(settings, indent=1).encode())
+        print(f"wrote {out}/reproduced.png")
+        return 0
+    labels = args.class_label or None
+    prompts = args.prompt or None
+    n = args.n if args.n is not None else (len(prompts) if prompts and len(prompts) > 1 else 16)
+    result = pipe(n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+                  class_labels=labels if labels is None or len(labels) > 1 else labels[0], prompts=prompts,
+                  guidance=args.guidance, guidance_options=_guidance_options(args), batch_size=args.batch_size,
+                  progress=not args.no_progress)
+    grid = result.save(out)
+    print(f"wrote {grid}, {len(result.settings)} images with their settings (NNNNN.png, NNNNN.json) to {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from difflab import metrics
+    from difflab.metrics.reference import load_reference
+    from difflab.models.base import write_atomic
+    from difflab.pipeline import Pipeline
+
+    names = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    pipe = Pipeline.from_pretrained(args.pipeline)
+    reference = load_reference(args.reference, n=args.n_reference, shape=None)
+    fake = pipe(args.n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+                guidance=args.guidance, guidance_options=_guidance_options(args), batch_size=args.batch_size,
+                progress=not args.no_progress).images
+    options = {"path": args.inception} if args.features == "inception" and args.inception else {}
+    result = metrics.compare(reference, fake, names, features=args.features, seed=args.seed, **options)
+    result.update({"pipeline": str(args.pipeline), "reference": args.reference, "steps": args.steps or pipe.steps,
+                   "sampler": args.sampler or pipe.sampler, "guidance": args.guidance or "default"})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "metrics.json", json.dumps(result, indent=1).encode())
+    text = metrics.table([{**result, "features": args.features}], ["sampler", "steps", "features"])
+    write_atomic(out / "metrics.md", (text + "\n").encode())
+    print(text)
+    print(f"wrote {out}/metrics.json and {out}/metrics.md")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from difflab.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(args.run, use_ema=not args.no_ema)
+    print(f"wrote {pipe.save_pretrained(args.out)}")
+    return 0
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="a pipeline folder (e.g. a training run's OUT_DIR/final)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
+    p.add_argument("--sampler", help="sampler name, see `difflab info` (default: the pipeline's)")
+    p.add_argument("--schedule", help="schedule name (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
+    p.add_argument("--guidance", help="cfg, apg, icg, pag or none (default: the pipeline's)")
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--guidance-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --guidance-option rescale=0.7 --guidance-option 'interval=[0.3, 5.0]'")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in out_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
+    p = sub.add_parser("sample", help="sample a pipeline: a grid, the images, and per image a JSON of its settings")
+    _add_sampling_options(p)
+    p.add_argument("--n", type=int, help="number of images (default 16, or one per prompt)")
+    p.add_argument("--class-label", type=int, action="append", help="class of the images (repeat for one each)")
+    p.add_argument("--prompt", action="append", help="text prompt (repeat for one per image)")
+    p.add_argument("--settings", help="an image's JSON: make exactly that image again")
+    p.add_argument("--out", default="outputs/samples")
+    p.set_defaults(func=_sample)
+    p = sub.add_parser("eval", help="FD / KID / precision-recall of a pipeline's samples against reference images")
+    _add_sampling_options(p)
+    p.add_argument("--metrics", default="fd,kid,pr", help="comma-separated: fd, kid, pr")
+    p.add_argument("--features", default="pixels", help="pixels, digits, shapes or inception")
+    p.add_argument("--inception", help="path of the TorchScript Inception-v3 (features=inception)")
+    p.add_argument("--n", type=int, default=2000, help="samples to generate")
+    p.add_argument("--reference", default="digits:test", help="digits:train, digits:test, shapes, or an image folder")
+    p.add_argument("--n-reference", type=int, help="at most this many reference images")
+    p.add_argument("--out", default="outputs/eval")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("export", help="turn a training run (latest checkpoint) or one checkpoint into a pipeline")
+    p.add_argument("run", help="a run directory (OUT_DIR) or a checkpoint (OUT_DIR/checkpoints/step_N)")
+    p.add_argument("--out", required=True, help="pipeline folder to write")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.set_defaults(func=_export)
     return parser
 
 

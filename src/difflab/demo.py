@@ -75,8 +75,8 @@ def run_digits(out: str | os.PathLike = "outputs/demo", *, config: str | os.Path
     train_seconds = time.time() - start
     classifier, classifier_test_accuracy = load_classifier()
     labels = torch.arange(10).repeat_interleave(n_per_class)
-    samples = torch.cat([trainer.generate(len(chunk), labels=chunk, seed=i)
-                         for i, chunk in enumerate(labels.split(250))])
+    pipe = trainer.pipeline()
+    samples = pipe(class_labels=labels, seed=0, batch_size=250, progress=progress).images
     acc = accuracy(classifier, samples.cpu(), labels)
     per_class = [accuracy(classifier, samples[labels == c].cpu(), labels[labels == c]) for c in range(10)]
     grid = torch.cat([samples[labels == c][:10] for c in range(10)])

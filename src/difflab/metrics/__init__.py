@@ -33,13 +33,13 @@ def compare(real: torch.Tensor, fake: torch.Tensor, metrics: tuple[str, ...] = (
 
 def table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     """A markdown table of ``compare`` results (one row each; ``keys`` are leading label columns)."""
-    head = [*keys, "FD", "KID x1e3", "precision", "recall", "n real / fake"]
+    head = [*keys, "FD [95% CI]", "KID ± sd", "precision", "recall", "n real / fake"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r.get(k, "")) for k in keys]
         fd, kd, pr = r.get("fd"), r.get("kid"), r.get("pr")
         cells.append(f"{fd['value']:.3g} [{fd['ci'][0]:.3g}, {fd['ci'][1]:.3g}]" if fd else "")
-        cells.append(f"{1e3 * kd['value']:.3g} ± {1e3 * kd['std']:.2g}" if kd else "")
+        cells.append(f"{kd['value']:.3g} ± {kd['std']:.2g}" if kd else "")
         cells.append(f"{pr['precision']:.3f}" if pr else "")
         cells.append(f"{pr['recall']:.3f}" if pr else "")
         first = fd or kd or pr

@@ -23,13 +23,14 @@ DEFAULTS: dict[str, Any] = {
     "ema": {"decay": 0.999},
     "train": {"steps": 1000, "checkpoint_every": 500, "keep_last": 2, "log_every": 50, "sample_every": 0,
               "mixed_precision": "no", "num_threads": 0},
-    "sample": {"sampler": "dpmpp_2m", "steps": 20, "schedule": "karras", "n": 64},
+    "sample": {"sampler": "dpmpp_2m", "steps": 20, "schedule": "karras", "n": 64, "guidance": "none",
+               "guidance_options": {}},
 }
 #: sections whose keys are free (they are passed on to another component's own config)
-OPEN_SECTIONS = ("data.options", "model", "process")
-#: keys a resumed run may change without breaking exactness
+OPEN_SECTIONS = ("data.options", "model", "process", "sample.guidance_options")
+#: keys a resumed run may change without breaking exactness (and every sample.* key)
 RESUMABLE_CHANGES = ("out_dir", "train.checkpoint_every", "train.keep_last", "train.log_every",
-                     "train.sample_every", "train.num_threads", "sample.n")
+                     "train.sample_every", "train.num_threads")
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,11 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
     return config
 
 
+def complete(config: dict) -> dict:
+    """A saved config with the defaults of keys added since it was written."""
+    return _merge(DEFAULTS, config)
+
+
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in config.items():
@@ -119,5 +125,5 @@ def differences(saved: dict, current: dict) -> list[str]:
     a, b = flatten(saved), flatten(current)
     keys = sorted(set(a) | set(b))
     return [f"{k}: checkpoint {a.get(k, '<absent>')!r} vs now {b.get(k, '<absent>')!r}"
-            for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+            for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("sample.")
             and json.dumps(a.get(k)) != json.dumps(b.get(k))]

@@ -229,29 +229,40 @@ class Trainer:
         if log:
             log.close()
         if main:
-            self.ema.module.save_pretrained(self.out / "final")
+            self.pipeline().save_pretrained(self.out / "final")
         return last
 
-    # --- sampling -------------------------------------------------------------------------------------
-    def denoiser(self, use_ema: bool = True):
-        from difflab.denoiser import Denoiser
+    # --- export ---------------------------------------------------------------------------------------
+    def load_weights(self, path: Path) -> Trainer:
+        """Load the model and EMA weights of a checkpoint (not the optimizer): for export and sampling."""
+        from safetensors.torch import load_file
 
-        net = self.ema.module.eval() if use_ema else self.model
-        return Denoiser(net, self.process, self.prediction)
+        from difflab.models.base import load_checked
 
-    @torch.no_grad()
-    def generate(self, n: int, *, labels: Tensor | None = None, seed: int = 0, use_ema: bool = True) -> Tensor:
-        from difflab.samplers import sample
+        load_checked(self.model, load_file(Path(path) / "model.safetensors"), str(path))
+        if (Path(path) / "ema.safetensors").is_file():
+            self.ema.load_state_dict(load_file(Path(path) / "ema.safetensors"))
+        return self
+
+    def pipeline(self, use_ema: bool = True):
+        """The current (EMA) model as a :class:`~difflab.pipeline.Pipeline`."""
+        import copy
+
+        from difflab.pipeline import Pipeline
 
         s = self.config["sample"]
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(n, *self.x.shape[1:], generator=g).to(self.device)
-        cond = {}
-        if self.num_classes:
-            labels = labels if labels is not None else torch.arange(n) % self.num_classes
-            cond = {"class_labels": labels.to(self.device)}
-        return sample(self.denoiser(use_ema), noise, s["sampler"], steps=s["steps"], schedule=s["schedule"],
-                      cond=cond)
+        net = copy.deepcopy(self.ema.module if use_ema else self.model)
+        guidance = {"method": s["guidance"], "options": dict(s["guidance_options"])} if s["guidance"] != "none" else {}
+        dropout = self.config["loss"]["cond_dropout"] if self.num_classes else None
+        return Pipeline(net, self.process, self.prediction.name, sample_shape=tuple(self.x.shape[1:]),
+                        sampler=s["sampler"], steps=s["steps"], schedule=s["schedule"], num_classes=self.num_classes,
+                        guidance=guidance, cond_dropout=dropout)
+
+    # --- sampling -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, n: int, *, labels: Tensor | None = None, seed: int = 0, use_ema: bool = True) -> Tensor:
+        """``n`` samples (seeds ``seed ..``) with the recipe's sampler, through the pipeline."""
+        return self.pipeline(use_ema)(n, seed=seed, class_labels=labels).images
 
     def sample_grid(self, path: Path) -> Path:
         from difflab.plotting import image_grid, scatter
