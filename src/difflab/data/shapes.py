@@ -22,6 +22,33 @@ def caption(shape: str, colour: str, size: str, position: str) -> str:
     return f"a {size} {colour} {shape} at the {position}"
 
 
+def parse_caption(text: str) -> dict[str, str]:
+    """The attributes a caption asks for (the inverse of :func:`caption`); a clear error otherwise."""
+    words = text.lower().strip().rstrip(".")
+    found = {
+        "shape": [s for s in SHAPES if s in words],
+        "colour": [c for c in COLOURS if c in words],
+        "size": [z for z in SIZES if z in words],
+        "position": [p for p in POSITIONS if p in words],
+    }
+    missing = [k for k, v in found.items() if len(v) != 1]
+    if missing:
+        raise ValueError(f"prompt {text!r} does not name exactly one {' / '.join(missing)}; shapes prompts read like "
+                         f"{caption('circle', 'red', 'small', 'top left')!r}")
+    return {k: v[0] for k, v in found.items()}
+
+
+def all_captions() -> list[str]:
+    """Every caption the shapes data can have (3 shapes x 4 colours x 2 sizes x 4 positions)."""
+    return [caption(s, c, z, p) for s in SHAPES for c in COLOURS for z in SIZES for p in POSITIONS]
+
+
+def attribute_indices(attrs: dict[str, str]) -> list[int]:
+    """(shape, colour, size, position) indices, in the order of the dataset's ``attributes``."""
+    return [SHAPES.index(attrs["shape"]), list(COLOURS).index(attrs["colour"]), SIZES.index(attrs["size"]),
+            POSITIONS.index(attrs["position"])]
+
+
 def draw(shape: str, colour: str, size: str, position: str, resolution: int = 32,
          jitter: tuple[float, float] = (0.0, 0.0)) -> tuple[Image.Image, Image.Image]:
     """(RGB image, mask) of one shape; ``jitter`` moves it within its quadrant (fractions)."""
@@ -80,8 +107,7 @@ class Shapes(Dataset):
             "x": x,
             "caption": caption(a["shape"], a["colour"], a["size"], a["position"]),
             "label": SHAPES.index(a["shape"]),
-            "attributes": torch.tensor([SHAPES.index(a["shape"]), list(COLOURS).index(a["colour"]),
-                                        SIZES.index(a["size"]), POSITIONS.index(a["position"])]),
+            "attributes": torch.tensor(attribute_indices(a)),
             "mask": torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None],
             "edges": torch.from_numpy((np.asarray(edges, dtype=np.float32) > 0).astype(np.float32))[None],
         }

@@ -23,11 +23,13 @@ DEFAULTS: dict[str, Any] = {
     "ema": {"decay": 0.999},
     "train": {"steps": 1000, "checkpoint_every": 500, "keep_last": 2, "log_every": 50, "sample_every": 0,
               "mixed_precision": "no", "num_threads": 0},
+    "text": {"encoder": "", "max_tokens": 16},
+    "latent": {"vae": "", "train_steps": 0, "batch_size": 32, "lr": 1e-3, "kl_weight": 1e-6, "model": {}},
     "sample": {"sampler": "dpmpp_2m", "steps": 20, "schedule": "karras", "n": 64, "guidance": "none",
                "guidance_options": {}},
 }
 #: sections whose keys are free (they are passed on to another component's own config)
-OPEN_SECTIONS = ("data.options", "model", "process", "sample.guidance_options")
+OPEN_SECTIONS = ("data.options", "model", "process", "sample.guidance_options", "latent.model")
 #: keys a resumed run may change without breaking exactness (and every sample.* key)
 RESUMABLE_CHANGES = ("out_dir", "train.checkpoint_every", "train.keep_last", "train.log_every",
                      "train.sample_every", "train.num_threads")

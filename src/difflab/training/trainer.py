@@ -34,17 +34,18 @@ class TrainingError(RuntimeError):
     pass
 
 
-def _stack(dataset) -> tuple[Tensor, Tensor | None]:
-    """All of a (small, built-in) dataset as tensors."""
+def _stack(dataset) -> tuple[Tensor, Tensor | None, list[str] | None]:
+    """All of a (small, built-in) dataset as tensors: images, labels, captions."""
     if hasattr(dataset, "x"):
-        return dataset.x, getattr(dataset, "labels", None)
+        return dataset.x, getattr(dataset, "labels", None), None
     items = [dataset[i] for i in range(len(dataset))]
     x = torch.stack([it["x"] for it in items])
     labels = torch.tensor([it["label"] for it in items]) if "label" in items[0] else None
-    return x, labels
+    captions = [it["caption"] for it in items] if "caption" in items[0] else None
+    return x, labels, captions
 
 
-def build_model(config: dict, sample: Tensor, num_classes: int | None) -> nn.Module:
+def build_model(config: dict, sample: Tensor, num_classes: int | None, text_dim: int | None = None) -> nn.Module:
     cfg = dict(config["model"])
     kind = cfg.get("kind", "unet")
     if kind == "mlp":
@@ -53,6 +54,8 @@ def build_model(config: dict, sample: Tensor, num_classes: int | None) -> nn.Mod
         cfg.setdefault("in_channels", sample.shape[0])
     if num_classes and "num_classes" not in cfg:
         cfg["num_classes"] = num_classes
+    if text_dim:
+        cfg.setdefault("context_dim", text_dim)
     try:
         return network_from_config(cfg)
     except (TypeError, ValueError) as err:
@@ -93,8 +96,12 @@ class Trainer:
             self.dataset = datasets.build(data_cfg["name"], **data_cfg["options"])
         except TypeError as err:
             raise ConfigError(f"[data.options] for {data_cfg['name']!r}: {err}") from err
-        self.x, self.labels = _stack(self.dataset)
+        self.x, self.labels, captions = _stack(self.dataset)
         self.num_classes = getattr(self.dataset, "num_classes", None)
+        self.text = self._text_tables(captions)
+        if self.text is not None:
+            self.num_classes, self.labels = None, None  # text replaces class labels
+        self.vae = self._latents(progress=True)
         try:
             pcfg = config["process"]
             self.process = processes.from_config(pcfg) if len(pcfg) > 1 else processes.get(pcfg["kind"])
@@ -102,7 +109,8 @@ class Trainer:
             raise ConfigError(f"[process] section: {err}") from err
         self.prediction = predictions.get(config["prediction"])
         torch.manual_seed(config["seed"])
-        self.model = build_model(config, self.x[0], self.num_classes).to(self.device)
+        text_dim = self.text["context"].shape[-1] if self.text is not None else None
+        self.model = build_model(config, self.x[0], self.num_classes, text_dim).to(self.device)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config["ema"]["decay"]),
                                  use_buffers=True)
         o = config["optim"]
@@ -129,6 +137,43 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
         self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" else None
 
+    # --- conditioning and latents ------------------------------------------------------------------
+    def _text_tables(self, captions: list[str] | None) -> dict[str, Any] | None:
+        """Encode each distinct caption once: tables of context / mask / pooled, the empty caption last,
+        and each sample's row."""
+        tcfg = self.config["text"]
+        if not tcfg["encoder"]:
+            return None
+        if captions is None:
+            raise ConfigError(f"text.encoder is set but the {self.config['data']['name']!r} dataset has no captions")
+        from difflab.models import conditioning
+
+        self.encoder = conditioning.get(tcfg["encoder"], max_tokens=int(tcfg["max_tokens"]))
+        distinct = sorted(set(captions))
+        row = {c: i for i, c in enumerate(distinct)}
+        tables = self.encoder([*distinct, ""])
+        return {**tables, "index": torch.tensor([row[c] for c in captions]), "captions": distinct}
+
+    def _latents(self, progress: bool):
+        """Latent diffusion: train (or load) the VAE, then replace the images by their latents, once."""
+        lcfg = self.config["latent"]
+        if not lcfg["vae"] and not lcfg["train_steps"]:
+            return None
+        from difflab.models import Network
+        from difflab.training.vae import encode_dataset, train_vae
+
+        if lcfg["vae"]:
+            vae = Network.from_pretrained(lcfg["vae"]).eval()
+        elif self.world > 1 and not (self.out / "vae" / "model.safetensors").is_file():
+            raise ConfigError("train the VAE in one process first (or set latent.vae): distributed runs only load one")
+        else:
+            vae = train_vae(self.x, self.out / "vae", steps=int(lcfg["train_steps"]), batch_size=int(lcfg["batch_size"]),
+                            lr=float(lcfg["lr"]), kl_weight=float(lcfg["kl_weight"]), seed=self.config["seed"],
+                            progress=progress and self.rank == 0, **lcfg["model"])
+        self.images = self.x
+        self.x = encode_dataset(vae, self.x)
+        return vae
+
     # --- data and noise of one step ---------------------------------------------------------------
     def _indices(self, step: int) -> Tensor:
         n, b = len(self.x), self.batch
@@ -150,12 +195,18 @@ class Trainer:
         out = {"x0": x0, "noise": noise, "t": t}
         if self.labels is not None and self.num_classes:
             out["labels"] = drop_condition(self.labels[idx], cfg["loss"]["cond_dropout"], g)
+        if self.text is not None:  # index -1 is the null (empty) caption
+            out["caption"] = drop_condition(self.text["index"][idx], cfg["loss"]["cond_dropout"], g)
         share = len(idx) // self.world
         return {k: v[self.rank * share: (self.rank + 1) * share].to(self.device) for k, v in out.items()}
 
     def _loss(self, batch: dict[str, Tensor]) -> Tensor:
         net = self.ddp or self.model
         cond = {"class_labels": batch["labels"]} if "labels" in batch else {}
+        if "caption" in batch:
+            cond = {key: self.text[key].to(self.device)[batch["caption"]] for key in ("context", "context_mask")}
+            if getattr(self.model.config, "pooled_dim", None):
+                cond["pooled"] = self.text["pooled"].to(self.device)[batch["caption"]]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss = diffusion_loss(net, batch["x0"], self.process, self.prediction, t=batch["t"],
                                   noise=batch["noise"], weighting=self.config["loss"]["weighting"],
@@ -253,16 +304,22 @@ class Trainer:
         s = self.config["sample"]
         net = copy.deepcopy(self.ema.module if use_ema else self.model)
         guidance = {"method": s["guidance"], "options": dict(s["guidance_options"])} if s["guidance"] != "none" else {}
-        dropout = self.config["loss"]["cond_dropout"] if self.num_classes else None
+        dropout = self.config["loss"]["cond_dropout"] if self.num_classes or self.text is not None else None
+        text = {"name": self.config["text"]["encoder"], "max_tokens": int(self.config["text"]["max_tokens"])} \
+            if self.text is not None else None
         return Pipeline(net, self.process, self.prediction.name, sample_shape=tuple(self.x.shape[1:]),
                         sampler=s["sampler"], steps=s["steps"], schedule=s["schedule"], num_classes=self.num_classes,
-                        guidance=guidance, cond_dropout=dropout)
+                        text_encoder=text, vae=copy.deepcopy(self.vae), guidance=guidance, cond_dropout=dropout)
 
     # --- sampling -------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, n: int, *, labels: Tensor | None = None, seed: int = 0, use_ema: bool = True) -> Tensor:
         """``n`` samples (seeds ``seed ..``) with the recipe's sampler, through the pipeline."""
-        return self.pipeline(use_ema)(n, seed=seed, class_labels=labels).images
+        prompts = None
+        if self.text is not None:
+            distinct = self.text["captions"]
+            prompts = [distinct[i % len(distinct)] for i in range(n)]
+        return self.pipeline(use_ema)(n, seed=seed, class_labels=labels, prompts=prompts).images
 
     def sample_grid(self, path: Path) -> Path:
         from difflab.plotting import image_grid, scatter
