@@ -58,7 +58,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "digits_metrics.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     table = metrics.table(rows, ["sampler", "steps", "nfe"])
-    acc = "\n".join(f"- {r['sampler']} {r['steps']} steps: {100 * r['accuracy']:.1f} %" for r in rows if "accuracy" in r)
+    acc = "\n".join(f"- {r['sampler']} {r['steps']} steps: {100 * r['accuracy']:.1f} %"
+                    for r in rows if "accuracy" in r)
     text = (f"# Digits demo model: distribution metrics vs sampler and steps\n\n`python bench/digits_metrics.py` "
             f"(n = {args.n} samples, classes cycled; reference: the {len(test)} images of the digits test split; "
             f"features: difflab's digits classifier, {100 * classifier_acc:.1f} % test accuracy). The first row is "

@@ -268,7 +268,8 @@ class Pipeline:
                     "seed": s, **cond_settings[start + i], "steps": steps, "sampler": sampler, "schedule": schedule,
                     "sampler_options": sampler_options, "guidance": guidance or "none",
                     "guidance_options": {k: v for k, v in guidance_options.items() if k != "weak"},
-                    "denoiser_calls": nfe, "batch_seeds": batch_seeds, "batch_index": i, **batch_record, "device": str(self.device),
+                    "denoiser_calls": nfe, "batch_seeds": batch_seeds, "batch_index": i, **batch_record,
+                    "device": str(self.device),
                 })
         bar.close()
         return Output(torch.cat(images), settings)

@@ -167,8 +167,9 @@ class Trainer:
         elif self.world > 1 and not (self.out / "vae" / "model.safetensors").is_file():
             raise ConfigError("train the VAE in one process first (or set latent.vae): distributed runs only load one")
         else:
-            vae = train_vae(self.x, self.out / "vae", steps=int(lcfg["train_steps"]), batch_size=int(lcfg["batch_size"]),
-                            lr=float(lcfg["lr"]), kl_weight=float(lcfg["kl_weight"]), seed=self.config["seed"],
+            vae = train_vae(self.x, self.out / "vae", steps=int(lcfg["train_steps"]),
+                            batch_size=int(lcfg["batch_size"]), lr=float(lcfg["lr"]),
+                            kl_weight=float(lcfg["kl_weight"]), seed=self.config["seed"],
                             progress=progress and self.rank == 0, **lcfg["model"])
         self.images = self.x
         self.x = encode_dataset(vae, self.x)
