@@ -55,3 +55,34 @@ def test_toy_distributions(kind):
     assert torch.equal(ds.x, data.Toy2D(kind, n=500, seed=1).x)
     with pytest.raises(ValueError, match="choose one of"):
         data.build("cifar")
+
+
+def test_hugging_face_datasets_from_local_files(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    from difflab.data import build, hf_dataset
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    images = [Image.new("RGB", (20, 12), c) for c in colours]
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "text": ["red", "blue", "green"], "label": [0, 1, 1]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                    "label": datasets.ClassLabel(names=["warm", "cool"])}))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    data = hf_dataset(tmp_path / "saved", caption_column="text", resolution=8)
+    assert len(data) == 3 and data.num_classes == 2
+    item = data[1]
+    assert item["x"].shape == (3, 8, 8) and item["caption"] == "blue" and item["label"] == 1
+    assert item["x"][2].min() == 1.0 and item["x"][0].max() == -1.0  # pure blue in [-1, 1]
+    # an imagefolder directory (class sub-folders), through the training registry
+    for name, colour in (("a", (255, 255, 255)), ("b", (0, 0, 0))):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "folder" / name / "x.png")
+    folder = build("hf", path=str(tmp_path / "folder"), resolution=8)
+    assert len(folder) == 2 and sorted(int(folder[i]["label"]) for i in range(2)) == [0, 1]
+    with pytest.raises(ValueError, match="no column"):
+        hf_dataset(tmp_path / "saved", caption_column="caption")
+    with pytest.raises(FileNotFoundError, match="no dataset"):
+        hf_dataset(tmp_path / "missing")

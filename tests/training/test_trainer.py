@@ -108,3 +108,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert saved[-1].name == "step_00000010" and not (tmp_path / "final").exists()
     assert all(torch.isfinite(v).all() for v in load_file(saved[-1] / "model.safetensors").values())
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [10]
+
+
+def test_metrics_go_to_json_lines_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = train_config.load(TOY, [f"out_dir={tmp_path}", *SMALL, "train.steps=20", "train.checkpoint_every=20"])
+    Trainer(cfg).run(progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [10, 20]
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    losses = board.Scalars("train/loss")
+    assert [e.step for e in losses] == [10, 20]
+    assert losses[-1].value == pytest.approx(lines[-1]["loss"], rel=1e-6)

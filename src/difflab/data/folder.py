@@ -65,6 +65,7 @@ def hf_dataset(path: str | os.PathLike, split: str = "train", image_column: str 
                caption_column: str | None = None, resolution: int | None = 32) -> Dataset:
     """A Hugging Face dataset saved on disk (``save_to_disk``) or an ``imagefolder`` directory, as
     difflab items. Needs the optional ``datasets`` package; never touches the network."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import datasets
     except ImportError as err:
@@ -80,7 +81,15 @@ def hf_dataset(path: str | os.PathLike, split: str = "train", image_column: str 
     else:
         ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
 
+    missing = [c for c in (image_column, caption_column) if c and c not in ds.column_names]
+    if missing:
+        raise ValueError(f"the dataset at {path} has no column(s) {', '.join(missing)}; its columns: "
+                         f"{', '.join(ds.column_names)}")
+    label_feature = ds.features.get("label")
+
     class _Wrapped(Dataset):
+        num_classes = getattr(label_feature, "num_classes", None)
+
         def __len__(self) -> int:
             return len(ds)
 

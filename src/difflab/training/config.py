@@ -22,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
               "schedule": "cosine", "grad_clip": 1.0, "accumulate": 1},
     "ema": {"decay": 0.999},
     "train": {"steps": 1000, "checkpoint_every": 500, "keep_last": 2, "log_every": 50, "sample_every": 0,
-              "mixed_precision": "no", "num_threads": 0},
+              "mixed_precision": "no", "num_threads": 0, "tensorboard": True},
     "text": {"encoder": "", "max_tokens": 16},
     "latent": {"vae": "", "train_steps": 0, "batch_size": 32, "lr": 1e-3, "kl_weight": 1e-6, "model": {}},
     "sample": {"sampler": "dpmpp_2m", "steps": 20, "schedule": "karras", "n": 64, "guidance": "none",
@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
 OPEN_SECTIONS = ("data.options", "model", "process", "sample.guidance_options", "latent.model")
 #: keys a resumed run may change without breaking exactness (and every sample.* key)
 RESUMABLE_CHANGES = ("out_dir", "train.checkpoint_every", "train.keep_last", "train.log_every",
-                     "train.sample_every", "train.num_threads")
+                     "train.sample_every", "train.num_threads", "train.tensorboard")
 
 
 class ConfigError(ValueError):

@@ -62,6 +62,15 @@ def build_model(config: dict, sample: Tensor, num_classes: int | None, text_dim:
         raise ConfigError(f"[model] section: {err}") from err
 
 
+def _tensorboard(directory: Path):
+    """A TensorBoard writer when the ``tensorboard`` package is installed (else None: JSON lines only)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(directory))
+
+
 def _lr_lambda(optim: dict, total: int):
     warmup, kind = int(optim["warmup_steps"]), optim["schedule"]
     if kind not in ("cosine", "constant", "linear"):
@@ -237,6 +246,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg, indent=1))
         log = open(self.out / "metrics.jsonl", "a") if main else None
+        board = _tensorboard(self.out / "tensorboard") if main and tcfg["tensorboard"] else None
         last: dict[str, Any] = {}
         bar = tqdm(range(start, total), initial=start, total=total, disable=not (progress and main),
                    desc="train", dynamic_ncols=True)
@@ -271,6 +281,9 @@ class Trainer:
                     "lr": self.scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
             if main and (done % tcfg["log_every"] == 0 or done == total):
                 log.write(json.dumps(last) + "\n")
+                if board is not None:
+                    for key in ("loss", "grad_norm", "lr"):
+                        board.add_scalar(f"train/{key}", last[key], done)
                 log.flush()
                 bar.set_postfix(loss=f"{total_loss:.4f}")
             if main and (done % tcfg["checkpoint_every"] == 0 or done == total):
@@ -280,6 +293,8 @@ class Trainer:
                 self.sample_grid(self.out / "samples" / f"step_{done:08d}.png")
         if log:
             log.close()
+        if board is not None:
+            board.close()
         if main:
             self.pipeline().save_pretrained(self.out / "final")
         return last
