@@ -195,3 +195,31 @@ def test_bad_guidance_input_is_refused():
         CFG(den, 2.0)(torch.zeros(2, 2), 0.5, context=torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="process"):
         Autoguidance(den, mix.denoiser(processes.EDM(), "x0"))
+
+
+@pytest.mark.parametrize("method", ["cfg", "apg", "icg", "pag"])
+def test_guidance_with_a_text_conditional_network(method):
+    from difflab.models import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(in_channels=2, model_channels=16, channel_mult=(1,), num_res_blocks=1,
+                          attention_levels=(0,), head_dim=8, norm_groups=8, context_dim=12)).eval()
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)
+    den = difflab.Denoiser(net, processes.Flow(), "flow")
+    g = torch.Generator().manual_seed(1)
+    cond = {"context": torch.randn(3, 5, 12, generator=g), "context_mask": torch.ones(3, 5, dtype=torch.bool)}
+    uncond = {"context": torch.zeros(1, 5, 12), "context_mask": torch.tensor([[True, True, False, False, False]])}
+    options = {"uncond": uncond} if method != "icg" else {}
+    if method == "pag":
+        options["cfg_scale"] = 2.0
+    guided = guidance.guide(den, method, scale=3.0, **options)
+    noise = torch.randn(3, 2, 8, 8, generator=g)
+    with torch.no_grad():
+        out = difflab.sample(guided, noise, "unipc", steps=4, cond=cond)
+        plain = difflab.sample(den, noise, "unipc", steps=4, cond=cond)
+        if method == "cfg":  # the null text branch really is the uncond encoding, batched with the prompt's
+            x, t = noise * 0.5, torch.full((3,), 0.5)
+            d_c, d_u = den(x, t, **cond), den(x, t, **{k: v.expand(3, *v.shape[1:]) for k, v in uncond.items()})
+            torch.testing.assert_close(guided(x, t, **cond), d_u + 3.0 * (d_c - d_u), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all() and not torch.allclose(out, plain)

@@ -24,6 +24,11 @@ def _info(args: argparse.Namespace) -> int:
     print("schedules:")
     for name in schedules.available():
         print(f"  {name:16s} {schedules.reference(name)}")
+    from difflab import guidance
+
+    print("guidance:")
+    for name in guidance.available():
+        print(f"  {name:16s} {guidance.get(name).reference}")
     return 0
 
 
@@ -153,7 +158,7 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflab", description="Diffusion and flow-matching toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="list processes, predictions, samplers and schedules with references")
+    p = sub.add_parser("info", help="list processes, predictions, samplers, schedules and guidance with references")
     p.set_defaults(func=_info)
     p = sub.add_parser("demo", help="digits: train, sample and score a class-conditional model; "
                                      "analytic: sample the exact 2-D mixture and measure the error")

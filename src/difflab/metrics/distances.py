@@ -66,9 +66,9 @@ def _interval(values: Array, level: float) -> list[float]:
 def frechet_distance(real: Any, fake: Any, *, bootstrap: int = 50, level: float = 0.95, seed: int = 0
                      ) -> dict[str, Any]:
     """FD between Gaussians fitted to two feature sets (FID with Inception features; Heusel et al.
-    2017). FD is biased upward at finite N, and resampling with replacement adds to the bias, so the
-    interval is normal, centred on the estimate, with the bootstrap's standard deviation (both sets
-    resampled ``bootstrap`` times); the bootstrap's own bias is reported beside it."""
+    2017). FD is biased upward at finite N, and resampling with replacement (duplicates) adds to the
+    bias, so the interval is the bootstrap's percentile spread around its median, re-centred on the
+    estimate (both sets resampled ``bootstrap`` times); the bootstrap's own bias is reported beside."""
     a, b = _pair(real, fake, "Frechet distance", 2)
     if min(len(a), len(b)) <= a.shape[1]:
         warnings.warn(f"Frechet distance from {min(len(a), len(b))} samples of {a.shape[1]}-dimensional features: "
@@ -76,14 +76,15 @@ def frechet_distance(real: Any, fake: Any, *, bootstrap: int = 50, level: float 
     value = _fd(a, b)
     out = {"value": value, "ci": None, "ci_level": level, "n_real": len(a), "n_fake": len(b)}
     if bootstrap:
-        from scipy.stats import norm
-
         rng = np.random.default_rng(seed)
         boots = np.array([_fd(a[rng.integers(len(a), size=len(a))], b[rng.integers(len(b), size=len(b))])
                           for _ in range(bootstrap)])
-        half = float(norm.ppf(0.5 + level / 2) * boots.std(ddof=1))
-        out.update(ci=[max(0.0, value - half), value + half], bootstrap_bias=float(boots.mean() - value),
-                   ci_method=f"normal, bootstrap standard deviation of {bootstrap} resamples of both sets")
+        lo, hi = _interval(boots, level)
+        centre = float(np.median(boots))
+        out.update(ci=[max(0.0, value - (centre - lo)), value + (hi - centre)],
+                   bootstrap_bias=float(centre - value),
+                   ci_method=f"bootstrap percentiles about the median, re-centred on the estimate; {bootstrap} "
+                             "resamples of both sets")
     return out
 
 
