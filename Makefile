@@ -7,23 +7,29 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: demo test lint bench-samplers clean
 
+# the package alone (what the demo needs) ...
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# ... and what the tests need beside it (pytest, ruff, the text encoder, tensorboard, datasets)
+$(BIN)/.installed-dev: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
 demo: $(BIN)/.installed
 	$(BIN)/difflab demo --out outputs/demo
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed-dev
 	$(BIN)/ruff check .
 
-bench-samplers: $(BIN)/.installed
+bench-samplers: $(BIN)/.installed-dev
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	OMP_NUM_THREADS=1 $(BIN)/python bench/samplers.py
 

@@ -180,7 +180,6 @@ class Trainer:
                             batch_size=int(lcfg["batch_size"]), lr=float(lcfg["lr"]),
                             kl_weight=float(lcfg["kl_weight"]), seed=self.config["seed"],
                             progress=progress and self.rank == 0, **lcfg["model"])
-        self.images = self.x
         self.x = encode_dataset(vae, self.x)
         return vae
 
