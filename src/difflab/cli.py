@@ -36,11 +36,11 @@ def _demo(args: argparse.Namespace) -> int:
     from difflab import demo
 
     if args.kind == "digits":
-        metrics = demo.run_digits(args.out, overrides=args.set, steps=args.steps, progress=not args.no_progress)
+        metrics = demo.run_digits(args.out, overrides=args.set, steps=args.steps or 20, progress=not args.no_progress)
         print(json.dumps(metrics, indent=1))
         print(f"wrote {args.out}/samples.png and {args.out}/metrics.json")
         return 0
-    metrics = demo.run_analytic(args.out, n=args.n, steps=args.steps, seed=args.seed)
+    metrics = demo.run_analytic(args.out, n=args.n, steps=args.steps or 10, seed=args.seed)
     print(json.dumps({k: v for k, v in metrics.items() if k != "results"}, indent=1))
     for key, row in metrics["results"].items():
         print(f"{key:36s} NFE {row['nfe']:3d}  RMSE to exact ODE {row['rmse_to_exact_ode']:.2e}  "
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, help="sampling steps (default: 20 for digits, 10 for analytic)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
     p = sub.add_parser("train", help="train a model from a TOML recipe (configs/*.toml)")
