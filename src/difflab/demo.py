@@ -17,6 +17,7 @@ import torch
 
 from difflab import processes, samplers, schedules
 from difflab.analytic import GaussianMixture, sliced_wasserstein
+from difflab.metrics.ode_error import endpoint_error
 from difflab.plotting import scatter
 
 
@@ -43,7 +44,7 @@ def run_analytic(out: str | os.PathLike = "outputs/demo", *, n: int = 2000, step
         ref = mix.ode_solve(x_t, proc, float(ts[0]))
         for name in samplers_to_run:
             x, nfe = samplers.sample(den, noise, name, steps=steps, schedule=ts, return_nfe=True)
-            rmse = float(((x - ref) ** 2).mean().sqrt())
+            rmse = endpoint_error(x, ref)["rmse"]
             metrics["results"][f"{label}/{name}"] = {
                 "nfe": nfe, "rmse_to_exact_ode": rmse, "sliced_wasserstein_to_data": sliced_wasserstein(x, exact),
             }

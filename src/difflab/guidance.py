@@ -287,9 +287,10 @@ class PAG(Guidance):
 
         def identity_for_perturbed(attn, h, context, mask, rope):
             q, k, v = attn.qkv(h, context, rope)
-            out = attn.attend(q, k, v, mask)
-            out = torch.cat([out[:b], v[b: 2 * b], out[2 * b:]])  # softmax map -> identity: output = v
-            return attn.out(out)
+            keep = torch.cat([q[:b], q[2 * b:]]), torch.cat([k[:b], k[2 * b:]]), torch.cat([v[:b], v[2 * b:]])
+            kept_mask = None if mask is None else torch.cat([mask[:b], mask[2 * b:]])
+            out = attn.attend(*keep, kept_mask)
+            return attn.out(torch.cat([out[:b], v[b: 2 * b], out[b:]]))  # identity map for rows b..2b: output = v
 
         chosen = {id(a) for a in self.layers}
         with attention_processor(self.denoiser.net, identity_for_perturbed, "self", where=lambda a: id(a) in chosen):

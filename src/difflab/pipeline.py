@@ -192,7 +192,7 @@ class Pipeline:
             return [{"prompt": p} for p in prompts], self.text_encoder()(prompts)
         return [{} for _ in range(n)], None
 
-    def _guided(self, den: Denoiser, method: str | None, options: dict[str, Any], batch: int):
+    def _guided(self, den: Denoiser, method: str | None, options: dict[str, Any]):
         if not method or method == "none":
             return den
         from difflab import guidance
@@ -255,7 +255,7 @@ class Pipeline:
             gens = [torch.Generator(device=self.device).manual_seed(s) for s in batch_seeds]
             noise = torch.stack([torch.randn(self.sample_shape, generator=g, device=self.device) for g in gens])
             bcond = {k: v[start: start + batch_size].to(self.device) for k, v in (cond or {}).items()}
-            model = self._guided(den, guidance, guidance_options, len(batch_seeds))
+            model = self._guided(den, guidance, guidance_options)
             x, nfe = sample(model, noise, sampler, steps=steps, schedule=schedule, generator=gens, cond=bcond,
                             callback=step_callback, return_nfe=True, **sampler_options)
             if self.vae is not None:

@@ -23,8 +23,13 @@ def ode_error(samples: Tensor, mixture: GaussianMixture, process: Process, x_sta
     """
     if samples.shape != x_start.shape:
         raise ValueError(f"samples {tuple(samples.shape)} and x_start {tuple(x_start.shape)} must have one shape")
-    reference = mixture.ode_solve(x_start.double(), process, t_start, labels=labels)
-    diff = (samples.double().cpu() - reference.cpu()).flatten(1)
+    return endpoint_error(samples, mixture.ode_solve(x_start.double(), process, t_start, labels=labels))
+
+
+def endpoint_error(samples: Tensor, reference: Tensor) -> dict[str, Any]:
+    """RMSE, median and maximum per-sample RMSE of ``samples`` against known end points (NaN when any
+    sample is not finite)."""
+    diff = (samples.double().cpu() - reference.double().cpu()).flatten(1)
     per_sample = diff.pow(2).mean(1).sqrt()
     rmse = float(diff.pow(2).mean().sqrt())
     finite = math.isfinite(rmse)

@@ -157,10 +157,10 @@ class Trainer:
             raise ConfigError(f"text.encoder is set but the {self.config['data']['name']!r} dataset has no captions")
         from difflab.models import conditioning
 
-        self.encoder = conditioning.get(tcfg["encoder"], max_tokens=int(tcfg["max_tokens"]))
+        encoder = conditioning.get(tcfg["encoder"], max_tokens=int(tcfg["max_tokens"]))
         distinct = sorted(set(captions))
         row = {c: i for i, c in enumerate(distinct)}
-        tables = self.encoder([*distinct, ""])
+        tables = encoder([*distinct, ""])
         return {**tables, "index": torch.tensor([row[c] for c in captions]), "captions": distinct}
 
     def _latents(self, progress: bool):
