@@ -126,11 +126,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", default="", help="measure only the models whose label contains this text "
+                        "(printed, not written)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = []
     for label, pair in pairs().items():
+        if args.only not in label:
+            continue
         ours, theirs = pair[0], pair[1]
         params = (ours.num_parameters(), sum(p.numel() for p in theirs.parameters()))
         for batch, train in [(1, False), (16, False), (64, False), (16, True)]:
@@ -140,6 +144,8 @@ def main() -> None:
             results.append(row)
             print(f"{label:70s} {row['mode']:10s} b={batch:<3d} difflab {row['difflab_s'] * 1e3:8.1f} ms  "
                   f"diffusers {row['diffusers_s'] * 1e3:8.1f} ms  ratio {row['ratio']:.2f}x", flush=True)
+    if args.only:
+        return
     meta = {"diffusers": diffusers.__version__, "torch": torch.__version__, "threads": args.threads,
             "repeats": args.repeats}
     RESULTS.mkdir(parents=True, exist_ok=True)

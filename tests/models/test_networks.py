@@ -6,7 +6,13 @@ import torch.nn.functional as F
 
 from difflab import models
 from difflab.models import MLP, DiT, DiTConfig, MLPConfig, UNet, UNetConfig
-from difflab.models.layers import Attention, attention_processor, default_processor, set_processor
+from difflab.models.layers import (
+    Attention,
+    FeedForward,
+    attention_processor,
+    default_processor,
+    set_processor,
+)
 
 
 def tiny_unet(**kw):
@@ -157,6 +163,20 @@ def test_bad_inputs_are_named():
         tiny_dit(num_classes=3)(torch.randn(1, 4, 8, 8), 1.0, class_labels=torch.tensor([7]))
     with pytest.raises(ValueError, match="conditioning"):
         tiny_dit(conditioning="film")
+
+
+def test_feed_forward_inference_path_equals_the_training_path():
+    """The fused oneDNN linear+GELU used for CPU inference agrees with the autograd path."""
+    torch.manual_seed(0)
+    ff = FeedForward(16)
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        fast = ff(x)
+    slow = ff(x)  # parameters require grad: the unfused path
+    assert slow.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+    reference = ff.proj_out(F.gelu(ff.proj_in(x), approximate="tanh"))
+    torch.testing.assert_close(slow, reference)
 
 
 def test_compiles_without_graph_breaks():
