@@ -20,7 +20,7 @@ DEFAULTS: dict[str, Any] = {
              "min_snr_gamma": 5.0},
     "optim": {"lr": 2e-4, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "warmup_steps": 100,
               "schedule": "cosine", "grad_clip": 1.0, "accumulate": 1},
-    "ema": {"decay": 0.999},
+    "ema": {"decay": 0.999, "warmup": True},
     "train": {"steps": 1000, "checkpoint_every": 500, "keep_last": 2, "log_every": 50, "sample_every": 0,
               "mixed_precision": "no", "num_threads": 0, "tensorboard": True},
     "text": {"encoder": "", "max_tokens": 16},

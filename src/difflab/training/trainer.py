@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from difflab import data as datasets
 from difflab import predictions, processes
 from difflab.models import from_config as network_from_config
 from difflab.training import checkpoint
 from difflab.training.config import ConfigError, differences
+from difflab.training.ema import ema_model
 from difflab.training.losses import diffusion_loss, drop_condition, immiscible_noise
 
 Tensor = torch.Tensor
@@ -120,8 +120,7 @@ class Trainer:
         torch.manual_seed(config["seed"])
         text_dim = self.text["context"].shape[-1] if self.text is not None else None
         self.model = build_model(config, self.x[0], self.num_classes, text_dim).to(self.device)
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config["ema"]["decay"]),
-                                 use_buffers=True)
+        self.ema = ema_model(self.model, float(config["ema"]["decay"]), bool(config["ema"]["warmup"]))
         o = config["optim"]
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]),
                                            weight_decay=o["weight_decay"])
