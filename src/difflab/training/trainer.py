@@ -26,6 +26,7 @@ from difflab.training import checkpoint
 from difflab.training.config import ConfigError, differences
 from difflab.training.ema import ema_model
 from difflab.training.losses import diffusion_loss, drop_condition, immiscible_noise
+from difflab.training.optim import adamw
 
 Tensor = torch.Tensor
 
@@ -122,8 +123,8 @@ class Trainer:
         self.model = build_model(config, self.x[0], self.num_classes, text_dim).to(self.device)
         self.ema = ema_model(self.model, float(config["ema"]["decay"]), bool(config["ema"]["warmup"]))
         o = config["optim"]
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]),
-                                           weight_decay=o["weight_decay"])
+        self.optimizer = adamw(self.model.parameters(), o["lr"], betas=(o["beta1"], o["beta2"]),
+                               weight_decay=o["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            _lr_lambda(o, int(config["train"]["steps"])))
         self.batch = int(data_cfg["batch_size"])

@@ -14,6 +14,7 @@ import torch
 
 from difflab.models import VAE, Network
 from difflab.models.vae import vae_loss
+from difflab.training.optim import adamw
 
 Tensor = torch.Tensor
 
@@ -35,7 +36,7 @@ def train_vae(images: Tensor, out: str | os.PathLike, *, steps: int = 1500, batc
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = VAE.from_config({**VAE_DEFAULTS, **model, "in_channels": images.shape[1]})
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    opt = adamw(vae.parameters(), lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     bar = tqdm(range(steps), desc="train VAE", disable=not progress, dynamic_ncols=True)
     perm = torch.randperm(len(images), generator=g)
