@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from difflab import models
-from difflab.models import MLP, DiT, DiTConfig, MLPConfig, UNet, UNetConfig
+from difflab.models import MLP, DiT, DiTConfig, MLPConfig, UNet, UNetConfig, layers
 from difflab.models.layers import (
     Attention,
     FeedForward,
@@ -177,6 +177,10 @@ def test_feed_forward_inference_path_equals_the_training_path():
     torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
     reference = ff.proj_out(F.gelu(ff.proj_in(x), approximate="tanh"))
     torch.testing.assert_close(slow, reference)
+    if layers._mkldnn_linear_gelu_works():  # where the build has the op, inference does use it
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            ff(x)
+        assert any("_linear_pointwise" in e.key for e in prof.key_averages())
 
 
 def test_compiles_without_graph_breaks():
