@@ -67,14 +67,20 @@ def latest(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
-         scheduler: Any) -> dict:
+def load_weights(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None) -> None:
+    """The model's (checked against its config) and, when saved, the EMA's weights of a checkpoint."""
     from difflab.models.base import load_checked
 
-    trainer = json.loads((path / "trainer.json").read_text())
     load_checked(model, load_file(path / "model.safetensors"), str(path))
     if ema is not None and (path / "ema.safetensors").is_file():
         ema.load_state_dict(load_file(path / "ema.safetensors"))
+
+
+def load(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+         scheduler: Any) -> dict:
+    """Everything a resumed run needs: weights, optimizer, LR schedule and the CPU RNG."""
+    trainer = json.loads((path / "trainer.json").read_text())
+    load_weights(path, model=model, ema=ema)
     optimizer.load_state_dict(_unflat_optimizer(load_file(path / "optimizer.safetensors"), trainer["optimizer"]))
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(torch.tensor(trainer["cpu_rng"], dtype=torch.uint8))

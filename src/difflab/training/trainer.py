@@ -160,7 +160,7 @@ class Trainer:
         encoder = conditioning.get(tcfg["encoder"], max_tokens=int(tcfg["max_tokens"]))
         distinct = sorted(set(captions))
         row = {c: i for i, c in enumerate(distinct)}
-        tables = encoder([*distinct, ""])
+        tables = {key: value.to(self.device) for key, value in encoder([*distinct, ""]).items()}
         return {**tables, "index": torch.tensor([row[c] for c in captions]), "captions": distinct}
 
     def _latents(self, progress: bool):
@@ -213,9 +213,9 @@ class Trainer:
         net = self.ddp or self.model
         cond = {"class_labels": batch["labels"]} if "labels" in batch else {}
         if "caption" in batch:
-            cond = {key: self.text[key].to(self.device)[batch["caption"]] for key in ("context", "context_mask")}
+            cond = {key: self.text[key][batch["caption"]] for key in ("context", "context_mask")}
             if getattr(self.model.config, "pooled_dim", None):
-                cond["pooled"] = self.text["pooled"].to(self.device)[batch["caption"]]
+                cond["pooled"] = self.text["pooled"][batch["caption"]]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss = diffusion_loss(net, batch["x0"], self.process, self.prediction, t=batch["t"],
                                   noise=batch["noise"], weighting=self.config["loss"]["weighting"],
@@ -301,13 +301,7 @@ class Trainer:
     # --- export ---------------------------------------------------------------------------------------
     def load_weights(self, path: Path) -> Trainer:
         """Load the model and EMA weights of a checkpoint (not the optimizer): for export and sampling."""
-        from safetensors.torch import load_file
-
-        from difflab.models.base import load_checked
-
-        load_checked(self.model, load_file(Path(path) / "model.safetensors"), str(path))
-        if (Path(path) / "ema.safetensors").is_file():
-            self.ema.load_state_dict(load_file(Path(path) / "ema.safetensors"))
+        checkpoint.load_weights(Path(path), model=self.model, ema=self.ema)
         return self
 
     def pipeline(self, use_ema: bool = True):
