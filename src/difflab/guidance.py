@@ -94,6 +94,12 @@ class Guidance(nn.Module):
         self.denoiser, self.process, self.scale = denoiser, denoiser.process, float(scale)
         self.uncond, self.interval = uncond, interval
 
+    @classmethod
+    def uses_null_condition(cls, options: dict[str, Any]) -> bool:
+        """Whether the method with these options evaluates the unconditional (null-condition) branch,
+        which only a model trained with condition dropout has."""
+        return False
+
     def active(self, t: Tensor) -> Tensor | None:
         """Per sample: is guidance on at t (None: everywhere)."""
         if self.interval is None:
@@ -128,6 +134,10 @@ class CFG(Guidance):
 
     reference = "Ho & Salimans 2022, Classifier-Free Diffusion Guidance"
 
+    @classmethod
+    def uses_null_condition(cls, options: dict[str, Any]) -> bool:
+        return True
+
     def __init__(self, denoiser: Any, scale: float = 4.0, *, rescale: float = 0.0, **kw: Any):
         super().__init__(denoiser, scale, **kw)
         self.rescale = float(rescale)
@@ -154,6 +164,10 @@ class APG(Guidance):
     wrapper stateful: build a new one (or call :meth:`reset`) per sampling run."""
 
     reference = "Sadat et al. 2025, Eliminating Oversaturation and Artifacts of High Guidance Scales"
+
+    @classmethod
+    def uses_null_condition(cls, options: dict[str, Any]) -> bool:
+        return True
 
     def __init__(self, denoiser: Any, scale: float = 4.0, *, eta: float = 0.0, norm_threshold: float | None = None,
                  momentum: float = 0.0, **kw: Any):
@@ -262,6 +276,10 @@ class PAG(Guidance):
     ``layers``: "mid" (the middle self-attention layer, as diffusers' default), "all", or a filter."""
 
     reference = "Ahn et al. 2024, Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance"
+
+    @classmethod
+    def uses_null_condition(cls, options: dict[str, Any]) -> bool:
+        return float(options.get("cfg_scale", 1.0)) != 1.0
 
     def __init__(self, denoiser: Any, scale: float = 3.0, *, cfg_scale: float = 1.0,
                  layers: str | Callable[[nn.Module], bool] = "mid", **kw: Any):

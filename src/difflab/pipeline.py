@@ -197,15 +197,15 @@ class Pipeline:
             return den
         from difflab import guidance
 
-        if method in ("cfg", "apg") or (method == "pag" and options.get("cfg_scale", 1.0) != 1.0):
-            if self.cond_dropout == 0:
-                raise PipelineError(f"{method} guidance needs an unconditional branch, but this model was trained "
-                                    "without condition dropout (cond_dropout = 0). Use guidance='icg', which needs "
-                                    "no unconditional training, or retrain with loss.cond_dropout > 0.")
+        needs_null = guidance.get(method).uses_null_condition(options)
+        if needs_null and self.cond_dropout == 0:
+            raise PipelineError(f"{method} guidance needs an unconditional branch, but this model was trained "
+                                "without condition dropout (cond_dropout = 0). Use guidance='icg', which needs "
+                                "no unconditional training, or retrain with loss.cond_dropout > 0.")
         opts = dict(options)
         if method == "icg" and self.num_classes:
             opts.setdefault("num_classes", self.num_classes)
-        if self.text_encoder_config is not None and method in ("cfg", "apg", "pag"):
+        if needs_null and self.text_encoder_config is not None:
             opts["uncond"] = {k: v.to(self.device) for k, v in self.text_encoder().null(1).items()}
         return guidance.guide(den, method, **opts)
 
