@@ -2,7 +2,7 @@
 by sampler and number of steps, with the real-vs-real floor (train split vs test split).
 
 Uses the pipeline of a trained digits run (``--pipeline``, default outputs/digits/final; train it with
-``difflab train configs/digits.toml``). Class labels cycle 0..9; seeds 0..n-1 for every row, so the
+``difflab train digits``). Class labels cycle 0..9; seeds 0..n-1 for every row, so the
 rows differ only by sampler and steps. Classifier accuracy on the samples is reported beside.
 
 Run by hand, alone on the machine:  python bench/digits_metrics.py [--n 2000]

@@ -122,14 +122,14 @@ def recipe_study(budget: float, threads: int) -> list[dict]:
         with tempfile.TemporaryDirectory() as out:
             base = [f"out_dir={out}", f"train.num_threads={threads}", "train.tensorboard=false",
                     "train.sample_every=0", *sets]
-            probe = Trainer(train_config.load(ROOT / "configs" / "digits.toml", [*base, "train.steps=30",
+            probe = Trainer(train_config.load("digits", [*base, "train.steps=30",
                                                                                  "train.log_every=1"]))
             probe.run(progress=False)
             log = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
             per_step = (log[-1]["seconds"] - log[4]["seconds"]) / (len(log) - 5)
             steps = int(budget / per_step)
         with tempfile.TemporaryDirectory() as out:
-            cfg = train_config.load(ROOT / "configs" / "digits.toml",
+            cfg = train_config.load("digits",
                                     [f"out_dir={out}", f"train.num_threads={threads}", "train.tensorboard=false",
                                      "train.sample_every=0", f"train.steps={steps}",
                                      f"train.checkpoint_every={steps}", *sets])

@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: 20 for digits, 10 for analytic)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
-    p = sub.add_parser("train", help="train a model from a TOML recipe (configs/*.toml)")
+    p = sub.add_parser("train", help="train a model from a TOML recipe (a file, or a built-in recipe name: digits, shapes_t2i, toy2d)")
     p.add_argument("config", nargs="?", help="TOML recipe; defaults apply to what it leaves out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=200 --set optim.lr=1e-3")

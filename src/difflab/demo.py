@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from difflab import processes, samplers, schedules
+from difflab import processes, recipes, samplers, schedules
 from difflab.analytic import GaussianMixture, sliced_wasserstein
 from difflab.metrics.ode_error import endpoint_error
 from difflab.plotting import scatter
@@ -68,7 +68,7 @@ def run_digits(out: str | os.PathLike = "outputs/demo", *, config: str | os.Path
     from difflab.training.trainer import Trainer
 
     out = Path(out)
-    config = config or Path(__file__).resolve().parents[2] / "configs" / "digits.toml"
+    config = config or recipes.path("digits")
     cfg = train_config.load(config, [*(overrides or []), f"out_dir={out / 'run'}", f"sample.steps={steps}"])
     start = time.time()
     trainer = Trainer(cfg)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from difflab import recipes
 from difflab.training import config as train_config
 from difflab.training.trainer import Trainer, TrainingError
 
-ROOT = Path(__file__).resolve().parents[2]
-TOY = ROOT / "configs" / "toy2d.toml"
+TOY = recipes.path("toy2d")
 SMALL = ["model.hidden=32", "model.depth=2", "data.batch_size=32", "data.options={kind='ring', n=512}",
          "train.num_threads=1", "train.log_every=10"]
 
@@ -123,3 +123,49 @@ def test_metrics_go_to_json_lines_and_tensorboard(tmp_path):
     losses = board.Scalars("train/loss")
     assert [e.step for e in losses] == [10, 20]
     assert losses[-1].value == pytest.approx(lines[-1]["loss"], rel=1e-6)
+
+
+RESUME_RECIPES = {
+    # the digits U-Net keeps its convolution weights channels-last: the layout that broke resume
+    "unet_channels_last": ("digits", ["model.model_channels=16", "model.head_dim=16", "model.norm_groups=8"]),
+    "dit": (None, ["data.name='digits'", "model={kind='dit', patch_size=2, hidden_size=32, depth=2, num_heads=2}"]),
+    "mlp": ("toy2d", SMALL),
+}
+
+
+@pytest.mark.parametrize("kind", RESUME_RECIPES)
+def test_resume_is_bit_identical_for_every_network_kind(tmp_path, kind):
+    recipe, sets = RESUME_RECIPES[kind]
+    common = [*sets, "data.batch_size=16", "train.steps=6", "train.checkpoint_every=3", "train.keep_last=5",
+              "train.sample_every=0", "train.num_threads=1", "optim.warmup_steps=2", "ema.decay=0.9"]
+    full = train_config.load(recipe, [*common, f"out_dir={tmp_path / 'full'}"])
+    Trainer(full).run(progress=False)
+    cut = train_config.load(recipe, [*common, f"out_dir={tmp_path / 'cut'}", "train.steps=6"])
+    trainer = Trainer(cut)
+    if kind == "unet_channels_last":
+        conv = next(p for p in trainer.model.parameters() if p.ndim == 4 and p.shape[-1] > 1 and p.shape[1] > 1)
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    trainer.run(progress=False)
+    import shutil
+
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_00000006")  # as if killed after step 3
+    shutil.rmtree(tmp_path / "cut" / "final")
+    Trainer(cut).run(resume=True, progress=False)
+    a = _tensors(tmp_path / "full" / "checkpoints" / "step_00000006")
+    b = _tensors(tmp_path / "cut" / "checkpoints" / "step_00000006")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_optimizer_state_from_another_model_is_refused(tmp_path):
+    common = [*SMALL, "train.steps=4", "train.checkpoint_every=2"]
+    Trainer(train_config.load(TOY, [*common, f"out_dir={tmp_path / 'small'}"])).run(progress=False)
+    Trainer(train_config.load(TOY, [*common, "model.hidden=48", f"out_dir={tmp_path / 'big'}"])).run(progress=False)
+    from difflab.training import checkpoint
+
+    big = checkpoint.latest(tmp_path / "big")
+    trainer = Trainer(train_config.load(TOY, [*common, f"out_dir={tmp_path / 'small'}"]))
+    meta = json.loads((big / "trainer.json").read_text())["optimizer"]
+    with pytest.raises(ValueError, match=r"optimizer state .* has shape .* another model"):
+        checkpoint.load_optimizer(trainer.optimizer, load_file(big / "optimizer.safetensors"), meta, "x")

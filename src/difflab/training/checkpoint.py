@@ -76,12 +76,46 @@ def load_weights(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | N
         ema.load_state_dict(load_file(path / "ema.safetensors"))
 
 
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                   source: str) -> None:
+    """Restore a saved optimizer state, each tensor checked against its parameter and put in the
+    parameter's memory layout.
+
+    The layout matters: fused AdamW walks a parameter and its moments element by element in memory
+    order, so a contiguous ``exp_avg`` beside a channels-last convolution weight pairs each moment
+    with the wrong weight (the state dict stores them contiguous)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = _unflat_optimizer(tensors, meta)
+    unknown = sorted(pid for pid in state["state"] if not 0 <= pid < len(params))
+    if unknown or len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"{source}: the optimizer state is for another model ({len(state['state'])} parameters with "
+                         f"state, ids up to {max(state['state'], default=-1)}; this model has {len(params)}). "
+                         "Resume with the config that made the checkpoint, or start a new run.")
+    for pid, entries in state["state"].items():
+        param = params[pid]
+        for key, value in entries.items():
+            if not isinstance(value, torch.Tensor) or value.ndim == 0:
+                continue  # step counters
+            if value.shape != param.shape:
+                raise ValueError(f"{source}: optimizer state {pid}.{key} has shape {tuple(value.shape)} but its "
+                                 f"parameter has {tuple(param.shape)}: the checkpoint is from another model.")
+            if not value.dtype.is_floating_point:
+                raise ValueError(f"{source}: optimizer state {pid}.{key} has dtype {value.dtype}, expected a float")
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def load(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
          scheduler: Any) -> dict:
     """Everything a resumed run needs: weights, optimizer, LR schedule and the CPU RNG."""
     trainer = json.loads((path / "trainer.json").read_text())
     load_weights(path, model=model, ema=ema)
-    optimizer.load_state_dict(_unflat_optimizer(load_file(path / "optimizer.safetensors"), trainer["optimizer"]))
+    load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), trainer["optimizer"],
+                   str(path / "optimizer.safetensors"))
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(torch.tensor(trainer["cpu_rng"], dtype=torch.uint8))
     return trainer

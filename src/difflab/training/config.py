@@ -80,14 +80,14 @@ def parse_value(text: str) -> Any:
 
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Defaults, then the TOML file, then ``key.sub=value`` overrides."""
+    """Defaults, then the TOML file (a path or a built-in recipe name), then ``key.sub=value`` overrides."""
     tomllib = _toml()
 
     update: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file at {path}")
+        from difflab import recipes
+
+        path = recipes.resolve(path)
         try:
             update = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:

@@ -89,7 +89,7 @@ def _lr_lambda(optim: dict, total: int):
 
 
 class Trainer:
-    """``Trainer(config).run(resume=...)``; see ``configs/*.toml`` for the recipes."""
+    """``Trainer(config).run(resume=...)``; see :mod:`difflab.recipes` for the recipes."""
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
