@@ -30,8 +30,10 @@ import torch
 
 import difflab
 from difflab import processes, samplers, schedules
-from difflab.analytic import GaussianMixture, sliced_wasserstein
+from difflab.analytic import GaussianMixture
+from difflab.metrics.distances import sliced_wasserstein
 from difflab.metrics.ode_error import endpoint_error
+from difflab.samplers import calibration
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -118,7 +120,7 @@ def difflab_optimized_rows(pb: Problem, nfes: list[int], methods: list[tuple[str
     ref = pb.mix.ode_solve(float(pb.process.sigma(torch.tensor(1.0, dtype=DTYPE))) * calib, pb.process, 1.0)
     for name, opts in methods:
         for budget in nfes:
-            grid = schedules.optimize(pb.den, name, budget, calib, reference=ref, sampler_options=opts,
+            grid = calibration.optimize_schedule(pb.den, name, budget, calib, reference=ref, sampler_options=opts,
                                       max_evals=800)
             out, nfe = difflab.sample(pb.den, pb.noise, name, schedule=grid, return_nfe=True, **opts)
             label = name + "".join(f" {k}={v}" for k, v in opts.items())

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from difflab import processes
-from difflab.analytic import GaussianMixture, sliced_wasserstein
+from difflab.analytic import GaussianMixture
+from difflab.metrics.distances import sliced_wasserstein
 
 
 @pytest.fixture

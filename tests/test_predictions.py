@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from difflab import predictions
-from difflab.processes import _broadcast
+from difflab.batch import per_sample
 
 PREDS = predictions.available()
 
 
 def _scales(process, t, x):
-    return _broadcast(process.alpha(t), x), _broadcast(process.sigma(t), x)
+    return per_sample(process.alpha(t), x), per_sample(process.sigma(t), x)
 
 
 @pytest.mark.parametrize("name", PREDS)

@@ -6,7 +6,8 @@ import torch
 import difflab
 from difflab import processes as P
 from difflab import samplers, schedules
-from difflab.analytic import GaussianMixture, sliced_wasserstein
+from difflab.analytic import GaussianMixture
+from difflab.metrics.distances import sliced_wasserstein
 
 ALL = samplers.available()
 STOCHASTIC = [n for n in ALL if samplers.get(n).stochastic]

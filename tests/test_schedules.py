@@ -7,6 +7,7 @@ import difflab
 from difflab import processes as P
 from difflab import schedules
 from difflab.analytic import GaussianMixture
+from difflab.samplers import calibration
 
 FIXED = ["uniform", "trailing", "leading", "karras", "logsnr", "polynomial"]
 
@@ -77,7 +78,7 @@ def test_optimizer_beats_best_fixed_schedule_on_held_out_batch(tmp_path):
         return noise, mix.ode_solve(float(proc.sigma(1.0)) * noise, proc, 1.0)
 
     (n_a, r_a), (n_b, r_b) = batch(0), batch(1)
-    grid = schedules.optimize(den, "dpmpp_2m", 5, n_a, reference=r_a, max_evals=400)
+    grid = calibration.optimize_schedule(den, "dpmpp_2m", 5, n_a, reference=r_a, max_evals=400)
 
     def err(s):
         return float(((difflab.sample(den, n_b, "dpmpp_2m", steps=5, schedule=s) - r_b) ** 2).mean().sqrt())

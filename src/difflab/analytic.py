@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from difflab.batch import per_sample
 from difflab.denoiser import Denoiser
 from difflab.processes import Process
 
@@ -178,8 +179,8 @@ class GaussianMixture:
 
     def eps(self, x: Tensor, alpha, sigma, labels=None) -> Tensor:
         """Exact ``E[eps | x_t]`` (needs sigma > 0)."""
-        a = _col(alpha, x)
-        s = _col(sigma, x)
+        a = per_sample(alpha, x, x.dtype)
+        s = per_sample(sigma, x, x.dtype)
         return (x - a * self.denoise(x, alpha, sigma, labels)) / s
 
     def log_density(self, x: Tensor, alpha, sigma, labels=None) -> Tensor:
@@ -199,7 +200,8 @@ class GaussianMixture:
 
     def score(self, x: Tensor, alpha, sigma, labels=None) -> Tensor:
         """Exact score ``grad log p_t(x) = (alpha E[x0|x] - x) / sigma^2``."""
-        return (_col(alpha, x) * self.denoise(x, alpha, sigma, labels) - x) / _col(sigma, x) ** 2
+        a, s = per_sample(alpha, x, x.dtype), per_sample(sigma, x, x.dtype)
+        return (a * self.denoise(x, alpha, sigma, labels) - x) / s**2
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, labels: Tensor | None = None,
                dtype: torch.dtype = torch.float32) -> Tensor:
@@ -226,8 +228,8 @@ class GaussianMixture:
 
         def net(x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
             tt = t.to(torch.float64)
-            a = _col(process.alpha(tt), x).to(torch.float64)
-            s = _col(process.sigma(tt), x).to(torch.float64)
+            a = per_sample(process.alpha(tt), x, x.dtype).to(torch.float64)
+            s = per_sample(process.sigma(tt), x, x.dtype).to(torch.float64)
             xd = x.double()
             # undo the prediction's input scaling so the exact posterior sees x_t itself
             scale = pred.input_scale(a, s)
@@ -323,25 +325,4 @@ def _alpha_sigma_of_lambda(lam: float) -> tuple[float, float]:
     return a, s
 
 
-def _col(v, x: Tensor) -> Tensor:
-    v = torch.as_tensor(v, device=x.device, dtype=v.dtype if isinstance(v, Tensor) else x.dtype)
-    if v.ndim == 0:
-        return v.to(x.dtype)
-    return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-
-
-def sliced_wasserstein(a: Tensor, b: Tensor, *, num_projections: int = 256, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance between two equal-size point sets (Bonneel et al. 2015)."""
-    if a.shape != b.shape:
-        raise ValueError(f"point sets must have equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a = a.double().reshape(a.shape[0], -1)
-    b = b.double().reshape(b.shape[0], -1)
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(a.shape[1], num_projections, generator=g, dtype=torch.float64)
-    dirs /= dirs.norm(dim=0, keepdim=True)
-    pa, _ = (a @ dirs).sort(0)
-    pb, _ = (b @ dirs).sort(0)
-    return float(((pa - pb) ** 2).mean().sqrt())
-
-
-__all__: Sequence[str] = ["GaussianMixture", "sliced_wasserstein"]
+__all__: Sequence[str] = ["GaussianMixture"]

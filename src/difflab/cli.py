@@ -8,27 +8,27 @@ import sys
 
 
 def _info(args: argparse.Namespace) -> int:
-    from difflab import predictions, processes, samplers, schedules
+    """Every registered part, kind by kind, with its paper (one registry type serves them all)."""
+    import difflab.data
+    import difflab.guidance
+    import difflab.metrics
+    import difflab.metrics.features
+    import difflab.models
+    import difflab.models.conditioning
+    import difflab.samplers  # noqa: F401  (each module registers its parts on import)
+    from difflab import processes, samplers
+    from difflab.registry import KINDS
 
-    print("processes:")
-    for name in processes.available():
-        print(f"  {name:16s} {processes.REFERENCES[name]}")
-    print("predictions:")
-    for name in predictions.available():
-        print(f"  {name:16s} {predictions.PREDICTIONS[name].reference}")
-    print("samplers:")
-    for name in samplers.available():
-        info = samplers.get(name)
-        opts = ", ".join(f"{k}={v!r}" for k, v in info.options.items())
-        print(f"  {name:16s} {info.reference}" + (f"  [{opts}]" if opts else ""))
-    print("schedules:")
-    for name in schedules.available():
-        print(f"  {name:16s} {schedules.reference(name)}")
-    from difflab import guidance
-
-    print("guidance:")
-    for name in guidance.available():
-        print(f"  {name:16s} {guidance.get(name).reference}")
+    for kind, registry in KINDS.items():
+        print(f"[{kind}]")
+        for name in registry:
+            extra = ""
+            if registry is samplers.base.REGISTRY:
+                opts = ", ".join(f"{k}={v!r}" for k, v in samplers.get(name).options.items())
+                extra = f"  [{opts}]" if opts else ""
+            print(f"  {name:18s} {registry.reference(name)}{extra}")
+        if registry is processes.REGISTRY:
+            print("  presets: " + ", ".join(processes.PRESETS))
     return 0
 
 
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: 20 for digits, 10 for analytic)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
-    p = sub.add_parser("train", help="train a model from a TOML recipe (a file, or a built-in recipe name: digits, shapes_t2i, toy2d)")
+    p = sub.add_parser("train", help="train a model from a TOML recipe (a file or a built-in recipe name)")
     p.add_argument("config", nargs="?", help="TOML recipe; defaults apply to what it leaves out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=200 --set optim.lr=1e-3")

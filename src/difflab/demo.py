@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from difflab import processes, recipes, samplers, schedules
-from difflab.analytic import GaussianMixture, sliced_wasserstein
+from difflab.analytic import GaussianMixture
+from difflab.metrics.distances import sliced_wasserstein
 from difflab.metrics.ode_error import endpoint_error
 from difflab.plotting import scatter
 

@@ -9,26 +9,10 @@ import torch
 from torch import nn
 
 from difflab import predictions
-from difflab.processes import Process, _broadcast
+from difflab.batch import batch_times, per_sample
+from difflab.processes import Process
 
 Tensor = torch.Tensor
-
-
-def _check_time(x: Tensor, t: Tensor | float) -> Tensor:
-    if not isinstance(x, Tensor) or x.ndim < 1:
-        raise ValueError(f"x must be a batch tensor of shape (batch, ...), got {type(x).__name__} "
-                         f"{tuple(getattr(x, 'shape', ()))}")
-    t = torch.as_tensor(t, device=x.device)
-    if not t.is_floating_point():
-        t = t.to(x.dtype)
-    if t.ndim == 0:
-        return t.expand(x.shape[0])
-    if t.ndim != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"t must be a scalar or hold one value per sample: got shape {tuple(t.shape)} for a "
-            f"batch of {x.shape[0]}"
-        )
-    return t
 
 
 class Denoiser(nn.Module):
@@ -82,9 +66,9 @@ class Denoiser(nn.Module):
 
     def scales(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """(t per sample, alpha, sigma), alpha and sigma broadcast against x."""
-        t = _check_time(x, t)
-        alpha = _broadcast(self.process.alpha(t).to(x.dtype), x)
-        sigma = _broadcast(self.process.sigma(t).to(x.dtype), x)
+        t = batch_times(t, x)
+        alpha = per_sample(self.process.alpha(t).to(x.dtype), x)
+        sigma = per_sample(self.process.sigma(t).to(x.dtype), x)
         return t, alpha, sigma
 
     def raw(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, **cond: Any) -> Tensor:

@@ -16,15 +16,15 @@ conditioning needs ``uncond=`` (the null prompt's encoding, which pipelines pass
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from difflab.denoiser import _check_time
-from difflab.models.layers import attention_layers, attention_processor
-from difflab.processes import _broadcast
+from difflab.batch import batch_times, per_sample
+from difflab.hooks import network_of
+from difflab.registry import Registry
 
 Tensor = torch.Tensor
 Cond = dict[str, Any]
@@ -80,9 +80,16 @@ def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 class Guidance(nn.Module):
-    """Base class: holds the denoiser, the guidance scale and the optional interval."""
+    """Base class: holds the denoiser, the guidance scale and the optional interval.
 
-    reference = ""
+    ``to_config()`` gives the method's name and settings as JSON (``settings`` names the
+    attributes it adds to scale and interval); :func:`from_config` rebuilds it around a denoiser.
+    What is not a setting but an input of the run (``uncond``, autoguidance's ``weak`` model) is
+    passed again to :func:`from_config`."""
+
+    name: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, denoiser: Any, scale: float, *, uncond: Cond | None = None,
                  interval: tuple[float, float] | None = None):
@@ -113,17 +120,28 @@ class Guidance(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
-        t = _check_time(x, t)
+        t = batch_times(t, x)
         on = self.active(t)
         if on is not None and not bool(on.any()):
             return self.denoiser(x, t, **cond)
         guided, conditional = self.guide(x, t, cond)
         if on is None or bool(on.all()):
             return guided
-        return torch.where(_broadcast(on, x), guided, conditional)
+        return torch.where(per_sample(on, x), guided, conditional)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, interval={self.interval}"
+
+    def to_config(self) -> dict[str, Any]:
+        interval = None if self.interval is None else [float(v) for v in self.interval]
+        config = {"name": self.name, "scale": self.scale, "interval": interval}
+        for key in self.settings:
+            value = getattr(self, key)
+            if callable(value):
+                raise ValueError(f"{self.name} setting {key!r} is a function, which a config cannot hold; "
+                                 "give it by name")
+            config[key] = value
+        return config
 
 
 class CFG(Guidance):
@@ -132,7 +150,9 @@ class CFG(Guidance):
     et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Alg. 2). Scale 1 is
     the conditional denoiser and costs one evaluation."""
 
+    name = "cfg"
     reference = "Ho & Salimans 2022, Classifier-Free Diffusion Guidance"
+    settings = ("rescale",)
 
     @classmethod
     def uses_null_condition(cls, options: dict[str, Any]) -> bool:
@@ -163,7 +183,9 @@ class APG(Guidance):
     averaged over the sampler's steps. ``eta=1`` without cap or momentum is CFG. Momentum makes the
     wrapper stateful: build a new one (or call :meth:`reset`) per sampling run."""
 
+    name = "apg"
     reference = "Sadat et al. 2025, Eliminating Oversaturation and Artifacts of High Guidance Scales"
+    settings = ("eta", "norm_threshold", "momentum")
 
     @classmethod
     def uses_null_condition(cls, options: dict[str, Any]) -> bool:
@@ -186,9 +208,9 @@ class APG(Guidance):
             diff = self.running
         if self.norm_threshold:
             norm = diff.flatten(1).norm(dim=1)
-            diff = diff * _broadcast((self.norm_threshold / norm.clamp_min(1e-12)).clamp(max=1.0), diff)
-        unit = d_c / _broadcast(d_c.flatten(1).norm(dim=1).clamp_min(1e-12), d_c)
-        parallel = _broadcast(_per_sample_dot(diff, unit), diff) * unit
+            diff = diff * per_sample((self.norm_threshold / norm.clamp_min(1e-12)).clamp(max=1.0), diff)
+        unit = d_c / per_sample(d_c.flatten(1).norm(dim=1).clamp_min(1e-12), d_c)
+        parallel = per_sample(_per_sample_dot(diff, unit), diff) * unit
         update = (diff - parallel) + self.eta * parallel
         return d_c + (self.scale - 1) * update, d_c
 
@@ -198,6 +220,7 @@ class Autoguidance(Guidance):
     "Guiding a diffusion model with a bad version of itself"). Both see the same condition, so it
     needs no unconditional training; the weak model is e.g. smaller or trained for less long."""
 
+    name = "autoguidance"
     reference = "Karras et al. 2024, Guiding a Diffusion Model with a Bad Version of Itself"
 
     def __init__(self, denoiser: Any, weak: Any, scale: float = 2.0, **kw: Any):
@@ -223,17 +246,15 @@ class ICG(Guidance):
     text embeddings become Gaussian vectors with the given ones' statistics. The draw is fixed by
     ``seed``."""
 
+    name = "icg"
     reference = "Sadat et al. 2025, No Training, No Problem: Rethinking Classifier-Free Guidance"
+    settings = ("num_classes", "seed")
 
     def __init__(self, denoiser: Any, scale: float = 3.0, *, num_classes: int | None = None, seed: int = 0,
                  **kw: Any):
         super().__init__(denoiser, scale, **kw)
-        from difflab.models.layers import LabelEmbedder
-
-        net = getattr(denoiser, "net", None)
-        tables = [m for m in net.modules() if isinstance(m, LabelEmbedder)] if isinstance(net, nn.Module) else []
-        self.label_embedder = tables[0] if tables else None
-        self.label_table = tables[0].table.weight if tables else None
+        self.network = network_of(denoiser)  # its label embedding, through the hook interface
+        self.label_table = self.network.class_embedding_table() if self.network is not None else None
         self.num_classes, self.seed = num_classes, seed
 
     def random_condition(self, cond: Cond) -> Cond:
@@ -262,8 +283,8 @@ class ICG(Guidance):
     def guide(self, x: Tensor, t: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
         random = self.random_condition(cond)
         labels = cond.get("class_labels")
-        if self.label_embedder is not None and isinstance(labels, Tensor) and not labels.is_floating_point():
-            cond = {**cond, "class_labels": self.label_embedder(labels)}  # to batch with the random embeddings
+        if self.label_table is not None and isinstance(labels, Tensor) and not labels.is_floating_point():
+            cond = {**cond, "class_labels": self.network.embed_class_labels(labels)}  # to batch with the random ones
         d_c, d_r = batched(self.denoiser, x, t, [cond, random])
         return d_r + self.scale * (d_c - d_r), d_c
 
@@ -275,29 +296,40 @@ class PAG(Guidance):
     the attention hook point; with ``cfg_scale`` > 1 CFG is added in the same batched forward.
     ``layers``: "mid" (the middle self-attention layer, as diffusers' default), "all", or a filter."""
 
+    name = "pag"
     reference = "Ahn et al. 2024, Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance"
+    settings = ("cfg_scale", "layers")
 
     @classmethod
     def uses_null_condition(cls, options: dict[str, Any]) -> bool:
         return float(options.get("cfg_scale", 1.0)) != 1.0
 
     def __init__(self, denoiser: Any, scale: float = 3.0, *, cfg_scale: float = 1.0,
-                 layers: str | Callable[[nn.Module], bool] = "mid", **kw: Any):
+                 layers: str | Sequence[str] | Callable[[str], bool] = "mid", **kw: Any):
         super().__init__(denoiser, scale, **kw)
-        net = getattr(denoiser, "net", None)
-        found = list(attention_layers(net, "self")) if isinstance(net, nn.Module) else []
+        self.network = network_of(denoiser)
+        found = self.network.attention_names("self") if self.network is not None else []
         if not found:
             raise ValueError("PAG perturbs self-attention, but this denoiser's network has no self-attention layers "
                              "(use CFG or autoguidance instead)")
         if layers == "mid":
-            found = [found[len(found) // 2]]
+            chosen = [found[len(found) // 2]]
+        elif layers == "all":
+            chosen = found
         elif callable(layers):
-            found = [a for a in found if layers(a)]
-        elif layers != "all":
-            raise ValueError(f"layers must be 'mid', 'all' or a filter, got {layers!r}")
-        if not found:
+            chosen = [name for name in found if layers(name)]
+        elif isinstance(layers, list | tuple):
+            chosen = [str(name) for name in layers]
+            unknown = sorted(set(chosen) - set(found))
+            if unknown:
+                raise ValueError(f"no self-attention layer(s) {', '.join(unknown)}; this network's are: "
+                                 f"{', '.join(found)}")
+        else:
+            raise ValueError(f"layers must be 'mid', 'all', a list of layer names or a filter, got {layers!r}")
+        if not chosen:
             raise ValueError("the layer filter selected no self-attention layer")
-        self.layers, self.cfg_scale = found, float(cfg_scale)
+        self.layers = layers if isinstance(layers, str) or callable(layers) else chosen
+        self.chosen, self.cfg_scale = chosen, float(cfg_scale)
 
     def guide(self, x: Tensor, t: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
         conds = [cond, cond] + ([null_condition(cond, self.uncond)] if self.cfg_scale != 1.0 else [])
@@ -310,8 +342,7 @@ class PAG(Guidance):
             out = attn.attend(*keep, kept_mask)
             return attn.out(torch.cat([out[:b], v[b: 2 * b], out[b:]]))  # identity map for rows b..2b: output = v
 
-        chosen = {id(a) for a in self.layers}
-        with attention_processor(self.denoiser.net, identity_for_perturbed, "self", where=lambda a: id(a) in chosen):
+        with self.network.hook_attention(identity_for_perturbed, "self", self.chosen):
             outs = batched(self.denoiser, x, t, conds)
         d_c, d_p = outs[0], outs[1]
         guided = d_c + self.scale * (d_c - d_p)
@@ -320,19 +351,26 @@ class PAG(Guidance):
         return guided, d_c
 
 
-METHODS: dict[str, type[Guidance]] = {"cfg": CFG, "apg": APG, "autoguidance": Autoguidance, "icg": ICG, "pag": PAG}
+REGISTRY: Registry[type[Guidance]] = Registry("guidance")
+for _method in (CFG, APG, Autoguidance, ICG, PAG):
+    REGISTRY.add(_method.name, _method, _method.reference)
 
 
 def available() -> list[str]:
-    return sorted(METHODS)
+    return sorted(REGISTRY)
 
 
 def get(name: str) -> type[Guidance]:
-    if name not in METHODS:
-        raise ValueError(f"unknown guidance {name!r}; choose one of {', '.join(available())}")
-    return METHODS[name]
+    return REGISTRY.get(name)
 
 
 def guide(denoiser: Any, method: str = "cfg", **options: Any) -> Guidance:
     """Wrap ``denoiser`` in the named guidance with its options (``scale``, ``interval``, ...)."""
     return get(method)(denoiser, **options)
+
+
+def from_config(config: dict[str, Any], denoiser: Any, **inputs: Any) -> Guidance:
+    """Rebuild :meth:`Guidance.to_config` around ``denoiser``; ``inputs`` are the run's own
+    (``uncond``, ``weak``)."""
+    config = dict(config)
+    return guide(denoiser, config.pop("name", None), **config, **inputs)

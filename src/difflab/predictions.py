@@ -19,10 +19,12 @@ Each prediction is written in (alpha, sigma) so it holds for every process:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
+
+from difflab.registry import Registry
 
 Tensor = torch.Tensor
 
@@ -54,6 +56,15 @@ class Prediction:
         eps = (x - alpha * x0) / sigma
         return self.target(x0, eps, alpha, sigma)
 
+    def x0_error_scale(self, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """c(t)^2 with ``||out - target||^2 = c^2 ||x0_hat - x0||^2`` at fixed x_t: what turns a loss
+        weighting defined on the x0 error into this prediction's weight."""
+        raise NotImplementedError
+
+    def to_config(self) -> dict[str, Any]:
+        """``{"name": ..., **settings}``; :func:`from_config` rebuilds the prediction."""
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
 
 @dataclass(frozen=True)
 class Eps(Prediction):
@@ -70,6 +81,9 @@ class Eps(Prediction):
     def to_eps(self, out, x, alpha, sigma):
         return out
 
+    def x0_error_scale(self, alpha, sigma):
+        return (alpha / sigma) ** 2
+
 
 @dataclass(frozen=True)
 class X0(Prediction):
@@ -84,6 +98,9 @@ class X0(Prediction):
 
     def from_x0(self, x0, x, alpha, sigma):
         return x0
+
+    def x0_error_scale(self, alpha, sigma):
+        return torch.ones_like(alpha * sigma)
 
 
 def _unit(alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,6 +125,9 @@ class V(Prediction):
         a, b, r = _unit(alpha, sigma)
         return b * (x / r) + a * out
 
+    def x0_error_scale(self, alpha, sigma):
+        return (alpha**2 + sigma**2) / sigma**2
+
 
 @dataclass(frozen=True)
 class FlowVelocity(Prediction):
@@ -122,6 +142,9 @@ class FlowVelocity(Prediction):
 
     def to_eps(self, out, x, alpha, sigma):
         return (x + alpha * out) / (alpha + sigma)
+
+    def x0_error_scale(self, alpha, sigma):
+        return ((alpha + sigma) / sigma) ** 2
 
 
 @dataclass(frozen=True)
@@ -149,21 +172,34 @@ class EDMPrecond(Prediction):
         skip, c_out, _ = self._coefficients(alpha, sigma)
         return skip * x + c_out * out
 
+    def x0_error_scale(self, alpha, sigma):
+        return 1.0 / self._coefficients(alpha, sigma)[1] ** 2
 
-PREDICTIONS: dict[str, type[Prediction]] = {c.name: c for c in (Eps, X0, V, FlowVelocity, EDMPrecond)}
+
+REGISTRY: Registry[type[Prediction]] = Registry("prediction")
+for _cls in (Eps, X0, V, FlowVelocity, EDMPrecond):
+    REGISTRY.add(_cls.name, _cls, _cls.reference)
 
 
 def available() -> list[str]:
-    return list(PREDICTIONS)
+    return REGISTRY.available()
 
 
-def get(prediction: str | Prediction | dict, **kwargs) -> Prediction:
-    """A prediction by name (``eps``, ``x0``, ``v``, ``flow``, ``edm``), dict or instance."""
+def from_config(config: dict[str, Any]) -> Prediction:
+    """Rebuild a prediction from :meth:`Prediction.to_config`."""
+    config = dict(config)
+    cls = REGISTRY.get(config.pop("name", None))
+    try:
+        return cls(**config)
+    except TypeError as err:
+        raise ValueError(f"prediction {cls.name!r}: {err}") from err
+
+
+def get(prediction: str | Prediction | dict, **kwargs: Any) -> Prediction:
+    """A prediction by name (``eps``, ``x0``, ``v``, ``flow``, ``edm``) with settings, its config, or
+    an instance passed through."""
     if isinstance(prediction, Prediction):
         return prediction
     if isinstance(prediction, dict):
-        kwargs = {**{k: v for k, v in prediction.items() if k != "name"}, **kwargs}
-        prediction = prediction["name"]
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-    return PREDICTIONS[prediction](**kwargs)
+        return from_config({**prediction, **kwargs})
+    return from_config({"name": prediction, **kwargs})

@@ -20,6 +20,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from difflab.batch import per_sample
+from difflab.registry import Registry
+
 Tensor = torch.Tensor
 
 T_DISTRIBUTIONS = ("uniform", "discrete", "logit_normal", "log_normal", "log_uniform")
@@ -108,8 +111,8 @@ class Process:
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
         """``x_t = alpha(t) x0 + sigma(t) eps``; ``t`` is a scalar or one value per sample."""
         t = _as_tensor(t).to(device=x0.device)
-        a = _broadcast(self.alpha(t).to(x0.dtype), x0)
-        s = _broadcast(self.sigma(t).to(x0.dtype), x0)
+        a = per_sample(self.alpha(t).to(x0.dtype), x0)
+        s = per_sample(self.sigma(t).to(x0.dtype), x0)
         return a * x0 + s * eps
 
     def sample_t(
@@ -179,18 +182,6 @@ class Process:
 
     def __hash__(self) -> int:
         return hash(repr(self))
-
-
-def _broadcast(v: Tensor, x: Tensor) -> Tensor:
-    """Shape a scalar or per-sample value ``v`` to broadcast against a batch ``x``."""
-    if v.ndim == 0:
-        return v
-    if v.ndim != 1 or v.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"t must be a scalar or hold one value per sample: got shape {tuple(v.shape)} "
-            f"for a batch of shape {tuple(x.shape)}"
-        )
-    return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -502,18 +493,15 @@ class VE(Process):
 class EDM(VE):
     """EDM process (Karras et al. 2022): VE with sigma in [0.002, 80], log-normal training
     sigma (P_mean = -1.2, P_std = 1.2) and ``model_time = c_noise = log(sigma) / 4``.
-    Use it with ``prediction="edm"`` for the paper's preconditioning.
+    Use it with ``prediction="edm"`` for the paper's preconditioning (whose ``sigma_data`` belongs to
+    the prediction, :class:`~difflab.predictions.EDMPrecond`).
     """
 
     name = "edm"
     default_t_distribution = "log_normal"
 
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
         super().__init__(sigma_min, sigma_max)
-        self.sigma_data = float(sigma_data)
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "sigma_data": self.sigma_data}
 
     def _model_time(self, t: Tensor) -> Tensor:
         return 0.25 * (self.sigma_max * t).log()
@@ -577,55 +565,59 @@ class Flow(Process):
 
 
 # ------------------------------------------------------------------------------------------
-# registry
+# registry: one namespace of process kinds, and named presets that are configs of those kinds
 # ------------------------------------------------------------------------------------------
-PROCESSES: dict[str, type[Process]] = {
-    cls.name: cls for cls in (DiscreteVP, ContinuousVP, VE, EDM, Flow)
-}
-REFERENCES = {
-    "discrete_vp": "Ho et al. 2020, Denoising Diffusion Probabilistic Models",
-    "continuous_vp": "Song et al. 2021, Score-Based Generative Modeling through SDEs",
-    "ve": "Song et al. 2021, Score-Based Generative Modeling through SDEs",
-    "edm": "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models",
-    "flow": "Liu et al. 2023 (rectified flow); Esser et al. 2024 (SD3 time shift)",
+REGISTRY: Registry[type[Process]] = Registry("process")
+REGISTRY.add("discrete_vp", DiscreteVP, "Ho et al. 2020, Denoising Diffusion Probabilistic Models")
+REGISTRY.add("continuous_vp", ContinuousVP, "Song et al. 2021, Score-Based Generative Modeling through SDEs")
+REGISTRY.add("ve", VE, "Song et al. 2021, Score-Based Generative Modeling through SDEs")
+REGISTRY.add("edm", EDM, "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models")
+REGISTRY.add("flow", Flow, "Liu et al. 2023 (rectified flow); Esser et al. 2024 (SD3 time shift)")
+
+#: short names for common settings; each is a config of a registered kind
+PRESETS: dict[str, dict[str, Any]] = {
+    "linear": {"kind": "discrete_vp", "beta_schedule": "linear"},
+    "scaled_linear": {"kind": "discrete_vp", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                      "beta_end": 0.012},  # Stable Diffusion's
+    "squaredcos_cap_v2": {"kind": "discrete_vp", "beta_schedule": "squaredcos_cap_v2"},
+    "vp_linear": {"kind": "continuous_vp", "schedule": "linear"},
+    "vp_cosine": {"kind": "continuous_vp", "schedule": "cosine"},
 }
 
 
 def available() -> list[str]:
-    return list(PROCESSES)
+    """The process kinds (see :data:`PRESETS` for the short names of common settings)."""
+    return REGISTRY.available()
 
 
 def from_config(config: dict[str, Any]) -> Process:
-    """Rebuild a process from :meth:`Process.to_config`."""
+    """Rebuild a process from :meth:`Process.to_config` (``kind`` plus that kind's settings; a
+    preset name may stand for the kind, and missing settings take their defaults)."""
     config = dict(config)
     kind = config.pop("kind", None)
-    if kind not in PROCESSES:
-        raise ValueError(f"unknown process kind {kind!r}; choose one of {', '.join(PROCESSES)}")
-    if kind == "discrete_vp":
-        if "alphas_cumprod" in config:
-            return DiscreteVP(torch.tensor(config.pop("alphas_cumprod"), dtype=torch.float64), **config)
-        return DiscreteVP.from_schedule(
-            config.pop("beta_schedule"), config.pop("num_train_steps", 1000), **config
-        )
-    return PROCESSES[kind](**config)
+    if kind in PRESETS:
+        config = {**PRESETS[kind], **config}
+        kind = config.pop("kind")
+    cls = REGISTRY.get(kind)
+    try:
+        if cls is DiscreteVP:
+            if "alphas_cumprod" in config:
+                return DiscreteVP(torch.tensor(config.pop("alphas_cumprod"), dtype=torch.float64), **config)
+            if "beta_schedule" not in config:  # the kind alone: Stable Diffusion's betas
+                config = {**PRESETS["scaled_linear"], **config}
+                config.pop("kind")
+            return DiscreteVP.from_schedule(config.pop("beta_schedule"), config.pop("num_train_steps", 1000), **config)
+        return cls(**config)
+    except TypeError as err:
+        raise ValueError(f"process {kind!r}: {err}; its settings are those of {cls.__name__}") from err
 
 
 def get(name: str | Process, **kwargs: Any) -> Process:
-    """A process by name (``"scaled_linear"``, ``"flow"``, ``"edm"``, ...) or passed through."""
+    """A process by kind or preset name (``"scaled_linear"``, ``"flow"``, ``"edm"``, ...) with
+    settings, or passed through."""
     if isinstance(name, Process):
         return name
-    shortcuts = {
-        "linear": DiscreteVP.linear,
-        "scaled_linear": DiscreteVP.scaled_linear,
-        "squaredcos_cap_v2": DiscreteVP.cosine,
-        "discrete_vp": DiscreteVP.scaled_linear,
-        "vp_linear": ContinuousVP.linear,
-        "vp_cosine": ContinuousVP.cosine,
-        "continuous_vp": ContinuousVP,
-        "ve": VE,
-        "edm": EDM,
-        "flow": Flow,
-    }
-    if name not in shortcuts:
-        raise ValueError(f"unknown process {name!r}; choose one of {', '.join(shortcuts)}")
-    return shortcuts[name](**kwargs)
+    if name not in REGISTRY and name not in PRESETS:
+        raise ValueError(f"unknown process {name!r}; choose a kind ({', '.join(REGISTRY)}) "
+                         f"or a preset ({', '.join(PRESETS)})")
+    return from_config({"kind": name, **kwargs})

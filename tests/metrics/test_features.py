@@ -59,3 +59,23 @@ def test_shapes_classifier_reads_every_attribute():
     hits = attribute_hits(model, x, attrs)
     assert hits.float().mean(0).min() > 0.95
     assert features.get("shapes")(x[:4]).shape == (4, 128)
+
+
+def test_helper_cache_is_keyed_by_the_settings_and_code_that_made_it(tmp_path, monkeypatch):
+    import dataclasses
+
+    from difflab.metrics import classifiers
+
+    helper = classifiers.HELPERS["digits"]
+    quick = dataclasses.replace(helper, settings={**helper.settings, "epochs": 1})
+    assert quick.key() != helper.key()
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
+    monkeypatch.setitem(classifiers.HELPERS, "digits", quick)
+    stale = tmp_path / f"digits_classifier_{helper.key()}.safetensors"
+    stale.write_bytes(b"not a classifier")  # another version's file must not be read
+    threads = torch.get_num_threads()
+    _, first = classifiers.load_classifier("digits")
+    assert torch.get_num_threads() == threads
+    assert (tmp_path / f"digits_classifier_{quick.key()}.safetensors").is_file()
+    _, again = classifiers.load_classifier("digits")  # from the cache: the same accuracy
+    assert again == first

@@ -10,14 +10,18 @@ from difflab.data.digits import Digits
 from difflab.data.folder import ImageFolder, hf_dataset
 from difflab.data.shapes import Shapes
 from difflab.data.toy import Toy2D
+from difflab.registry import Registry
 
-DATASETS = {"toy2d": Toy2D, "digits": Digits, "shapes": Shapes, "folder": ImageFolder, "hf": hf_dataset}
+REGISTRY: Registry = Registry("dataset")
+REGISTRY.add("toy2d", Toy2D, "2-D toy distributions (ring, moons, ...)")
+REGISTRY.add("digits", Digits, "scikit-learn's 8x8 digits (Alpaydin & Kaynak 1998)")
+REGISTRY.add("shapes", Shapes, "difflab's procedurally drawn shapes with captions, masks and edges")
+REGISTRY.add("folder", ImageFolder, "a folder of images, optional class subfolders and captions")
+REGISTRY.add("hf", hf_dataset, "a Hugging Face dataset from local files")
 
-__all__ = ["DATASETS", "Digits", "ImageFolder", "Shapes", "Toy2D", "build", "hf_dataset"]
+__all__ = ["REGISTRY", "Digits", "ImageFolder", "Shapes", "Toy2D", "build", "hf_dataset"]
 
 
 def build(name: str, **options: Any):
     """A dataset by name with its options (``toy2d``, ``digits``, ``shapes``, ``folder``, ``hf``)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[name](**options)
+    return REGISTRY.get(name)(**options)

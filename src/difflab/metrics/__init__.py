@@ -9,10 +9,14 @@ from typing import Any
 import torch
 
 from difflab.metrics.distances import MetricError, frechet_distance, kid, precision_recall
+from difflab.registry import Registry
 
-METRICS = {"fd": frechet_distance, "kid": kid, "pr": precision_recall}
+REGISTRY: Registry = Registry("metric")
+REGISTRY.add("fd", frechet_distance, "Heusel et al. 2017 (Frechet distance on chosen features)")
+REGISTRY.add("kid", kid, "Binkowski et al. 2018, Demystifying MMD GANs (kernel inception distance)")
+REGISTRY.add("pr", precision_recall, "Kynkaanniemi et al. 2019, Improved Precision and Recall")
 
-__all__ = ["METRICS", "MetricError", "compare", "frechet_distance", "kid", "precision_recall", "table"]
+__all__ = ["REGISTRY", "MetricError", "compare", "frechet_distance", "kid", "precision_recall", "table"]
 
 
 def compare(real: torch.Tensor, fake: torch.Tensor, metrics: tuple[str, ...] = ("fd", "kid", "pr"), *,
@@ -20,14 +24,13 @@ def compare(real: torch.Tensor, fake: torch.Tensor, metrics: tuple[str, ...] = (
     """The named metrics between two image sets (N, C, H, W) in [-1, 1], on the named features."""
     from difflab.metrics import features as feats
 
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    for name in metrics:
+        REGISTRY.get(name)
     extractor = feats.get(features, **feature_options)
     real_f, fake_f = feats.extract(extractor, real), feats.extract(extractor, fake)
     out: dict[str, Any] = {"features": features, "feature_dim": real_f.shape[1]}
     for name in metrics:
-        out[name] = METRICS[name](real_f, fake_f, seed=seed)
+        out[name] = REGISTRY.get(name)(real_f, fake_f, seed=seed)
     return out
 
 

@@ -154,3 +154,17 @@ def precision_recall(real: Any, fake: Any, *, k: int = 3, bootstrap: int = 200, 
             "precision_ci": boot(inside_real), "recall_ci": boot(inside_fake), "ci_level": level, "k": k,
             "ci_method": f"bootstrap of per-sample indicators, {bootstrap} resamples",
             "n_real": len(a), "n_fake": len(b)}
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, num_projections: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance between two equal-size point sets (Bonneel et al. 2015)."""
+    if a.shape != b.shape:
+        raise ValueError(f"point sets must have equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a = a.double().reshape(a.shape[0], -1)
+    b = b.double().reshape(b.shape[0], -1)
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], num_projections, generator=g, dtype=torch.float64)
+    dirs /= dirs.norm(dim=0, keepdim=True)
+    pa, _ = (a @ dirs).sort(0)
+    pb, _ = (b @ dirs).sort(0)
+    return float(((pa - pb) ** 2).mean().sqrt())

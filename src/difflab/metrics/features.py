@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from difflab.registry import Registry
+
 Tensor = torch.Tensor
 Extractor = Callable[[Tensor], Tensor]
 
@@ -59,19 +61,16 @@ def inception(path: str | os.PathLike | None = None) -> Extractor:
     return extract
 
 
-EXTRACTORS: dict[str, Callable[..., Extractor]] = {
-    "pixels": pixels,
-    "digits": lambda: classifier_features("digits"),
-    "shapes": lambda: classifier_features("shapes"),
-    "inception": inception,
-}
+REGISTRY: Registry[Callable[..., Extractor]] = Registry("feature extractor")
+REGISTRY.add("pixels", pixels, "raw pixels, flattened")
+REGISTRY.add("digits", lambda: classifier_features("digits"), "difflab's digits classifier, pooled features")
+REGISTRY.add("shapes", lambda: classifier_features("shapes"), "difflab's shapes classifier, pooled features")
+REGISTRY.add("inception", inception, "Szegedy et al. 2016 / Heusel et al. 2017 (FID's Inception-v3, local file)")
 
 
 def get(name: str, **options) -> Extractor:
     """A feature extractor by name; ``inception`` takes ``path``."""
-    if name not in EXTRACTORS:
-        raise ValueError(f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
-    return EXTRACTORS[name](**options)
+    return REGISTRY.get(name)(**options)
 
 
 @torch.no_grad()

@@ -9,12 +9,17 @@ from difflab.models.dit import DiT, DiTConfig
 from difflab.models.mlp import MLP, MLPConfig
 from difflab.models.unet import UNet, UNetConfig
 from difflab.models.vae import VAE, VAEConfig
+from difflab.registry import Registry
 
-NETWORKS: dict[str, type[Network]] = {cls.kind: cls for cls in (UNet, DiT, MLP, VAE)}
+REGISTRY: Registry[type[Network]] = Registry("network")
+REGISTRY.add("unet", UNet, "Ronneberger et al. 2015; Dhariwal & Nichol 2021 (ADM U-Net)")
+REGISTRY.add("dit", DiT, "Peebles & Xie 2023, Scalable Diffusion Models with Transformers")
+REGISTRY.add("mlp", MLP, "a residual MLP for low-dimensional data")
+REGISTRY.add("vae", VAE, "Kingma & Welling 2014; Rombach et al. 2022 (KL autoencoder)")
 
 __all__ = [
     "MLP",
-    "NETWORKS",
+    "REGISTRY",
     "VAE",
     "DiT",
     "DiTConfig",
@@ -29,7 +34,4 @@ __all__ = [
 
 def from_config(config: dict[str, Any]) -> Network:
     """Build any difflab network from ``net.to_config()``."""
-    kind = config.get("kind")
-    if kind not in NETWORKS:
-        raise ValueError(f"unknown network kind {kind!r}; choose one of {', '.join(NETWORKS)}")
-    return NETWORKS[kind].from_config(config)
+    return REGISTRY.get(config.get("kind")).from_config(config)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from difflab.models.layers import Attention, attention_layers, attention_processor
 
 
 class Network(nn.Module):
@@ -42,6 +46,95 @@ class Network(nn.Module):
 
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self.config)}
+
+    # --- the hook interface (difflab.hooks.Hookable) ----------------------------------------------
+    def named_blocks(self) -> list[tuple[str, nn.Module]]:
+        """The blocks in the order they run, under stable names; subclasses define them."""
+        return []
+
+    def block_names(self) -> list[str]:
+        return [name for name, _ in self.named_blocks()]
+
+    def run_block(self, name: str, compute: Callable[..., Any], *inputs: Any) -> Any:
+        """Run block ``name`` as ``compute(*inputs)``, through its hook when one is installed."""
+        hook = self.__dict__.get("_block_hooks", {}).get(name)
+        if hook is None:
+            return compute(*inputs)
+        return hook(name, lambda: compute(*inputs), inputs)
+
+    @contextmanager
+    def hook_blocks(self, hooks: dict[str, Callable]) -> Iterator[None]:
+        """Install ``{block name: hook(name, compute, inputs)}`` for the ``with``; see difflab.hooks."""
+        names = self.block_names()
+        unknown = sorted(set(hooks) - set(names))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no block(s) {', '.join(unknown)}; its blocks are: "
+                             f"{', '.join(names) or 'none'}")
+        saved = self.__dict__.get("_block_hooks", {})
+        if set(saved) & set(hooks):
+            raise ValueError(f"block(s) {', '.join(sorted(set(saved) & set(hooks)))} already have a hook installed")
+        self.__dict__["_block_hooks"] = {**saved, **hooks}
+        try:
+            yield
+        finally:
+            self.__dict__["_block_hooks"] = saved
+
+    def named_attention(self, kind: str = "all") -> list[tuple[str, Attention]]:
+        """``("<block>/<n>", layer)`` for each attention layer of ``kind`` (self, cross, all), in order."""
+        if kind not in ("all", "self", "cross"):
+            raise ValueError(f"attention kind must be 'all', 'self' or 'cross', got {kind!r}")
+        out = []
+        for block, module in self.named_blocks():
+            for i, layer in enumerate(attention_layers(module, "all")):
+                if kind == "all" or (kind == "cross") == layer.is_cross:
+                    out.append((f"{block}/{i}", layer))
+        return out
+
+    def attention_names(self, kind: str = "all") -> list[str]:
+        return [name for name, _ in self.named_attention(kind)]
+
+    @contextmanager
+    def hook_attention(self, processor: Callable[..., torch.Tensor], kind: str = "all",
+                       names: Sequence[str] | None = None) -> Iterator[int]:
+        """Swap the processor of the attention layers of ``kind`` (only ``names`` when given) for the
+        ``with``; yields how many layers were hooked."""
+        layers = dict(self.named_attention(kind))
+        if names is not None:
+            unknown = sorted(set(names) - set(layers))
+            if unknown:
+                raise ValueError(f"no {kind} attention layer(s) {', '.join(unknown)}; this network's are: "
+                                 f"{', '.join(layers) or 'none'}")
+            layers = {n: layers[n] for n in names}
+        if not layers:
+            raise ValueError(f"{type(self).__name__} has no {kind} attention layers to hook")
+        chosen = {id(layer) for layer in layers.values()}
+        with attention_processor(self, processor, kind, where=lambda a: id(a) in chosen) as count:
+            yield count
+
+    def residual_points(self) -> list[str]:
+        """Where ``forward(..., residuals={name: tensor})`` may add residuals; subclasses define them."""
+        return []
+
+    def check_residuals(self, residuals: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        residuals = dict(residuals or {})
+        unknown = sorted(set(residuals) - set(self.residual_points()))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} takes no residual(s) at {', '.join(unknown)}; its residual "
+                             f"points are: {', '.join(self.residual_points()) or 'none'}")
+        return residuals
+
+    def class_embedding_table(self) -> torch.Tensor | None:
+        """The label embedding table, (classes + 1) x width with the null class last, or None."""
+        embedder = getattr(self, "label_embed", None)
+        return None if embedder is None else embedder.table.weight
+
+    def embed_class_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The embedding the network gives ``labels`` (-1: the null class); it accepts these in place
+        of labels."""
+        embedder = getattr(self, "label_embed", None)
+        if embedder is None:
+            raise ValueError(f"this {type(self).__name__} is not class-conditional: it has no label embedding")
+        return embedder(labels)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -100,16 +193,6 @@ def load_checked(net: nn.Module, state: dict[str, Any], source: str) -> None:
             parts.append(f"wrong shapes {len(shapes)} (e.g. {'; '.join(shapes[:3])})")
         raise ValueError(f"the weights in {source} do not match the network's config: {', '.join(parts)}")
     net.load_state_dict(state)
-
-
-def batch_times(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """The model time as one value per sample of ``x``."""
-    t = torch.as_tensor(t, device=x.device)
-    if t.ndim == 0:
-        return t.expand(x.shape[0])
-    if t.shape != (x.shape[0],):
-        raise ValueError(f"time must be a scalar or one value per sample ({x.shape[0]}), got {tuple(t.shape)}")
-    return t
 
 
 def check_image(owner: str, x: torch.Tensor, channels: int, multiple: int, unit: str) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from difflab.registry import Registry
+
 Tensor = torch.Tensor
 
 
@@ -92,20 +94,20 @@ class MiniLM(TextEncoder):
         return out["token_embeddings"][keep], out["sentence_embedding"]
 
 
-ENCODERS: dict[str, Callable[..., TextEncoder]] = {"minilm": MiniLM}
+REGISTRY: Registry[Callable[..., TextEncoder]] = Registry("text encoder")
+REGISTRY.add("minilm", MiniLM, "Wang et al. 2020, MiniLM (all-MiniLM-L6-v2 sentence embeddings)")
 _LOADED: dict[tuple, TextEncoder] = {}
 
 
-def register(name: str, factory: Callable[..., TextEncoder]) -> None:
+def register(name: str, factory: Callable[..., TextEncoder], reference: str = "") -> None:
     """Make another text encoder available by name (e.g. in pipelines' configs)."""
-    ENCODERS[name] = factory
+    REGISTRY.add(name, factory, reference)
 
 
 def get(name: str = "minilm", **options: Any) -> TextEncoder:
     """A text encoder by name; loaded once per process and options, then shared (its cache too)."""
-    if name not in ENCODERS:
-        raise ValueError(f"unknown text encoder {name!r}; choose one of {', '.join(ENCODERS)} or register one")
+    factory = REGISTRY.get(name)
     key = (name, tuple(sorted(options.items())))
     if key not in _LOADED:
-        _LOADED[key] = ENCODERS[name](**options)
+        _LOADED[key] = factory(**options)
     return _LOADED[key]

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from difflab.models.base import Network, batch_times, check_conditioning, check_image
+from difflab.batch import batch_times
+from difflab.models.base import Network, check_conditioning, check_image
 from difflab.models.layers import (
     Attention,
     FeedForward,
@@ -139,9 +140,18 @@ class DiT(Network):
         check_image("DiT", x, self.config.in_channels, self.config.patch_size, "the patch size")
         check_conditioning("DiT", self.config, class_labels, context)
 
+    def named_blocks(self) -> list[tuple[str, nn.Module]]:
+        return [(f"block.{i}", b) for i, b in enumerate(self.blocks)]
+
+    def residual_points(self) -> list[str]:
+        """``block.i``: added to block i's output tokens (the PixArt ControlNet-Transformer's point)."""
+        return self.block_names()
+
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:
+                context_mask: Tensor | None = None, pooled: Tensor | None = None,
+                residuals: dict[str, Tensor] | None = None) -> Tensor:
         self._check(x, class_labels, context)
+        residuals = self.check_residuals(residuals)
         c = self.config
         b, _, height, width = x.shape
         gh, gw = height // c.patch_size, width // c.patch_size
@@ -168,8 +178,13 @@ class DiT(Network):
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             skip = skips.pop() if block.skip is not None else None
-            tokens = checkpointed(lambda h, s, blk=block: blk(h, block_cond, context, context_mask, rope, s),
-                                  c.gradient_checkpointing and self.training, tokens, skip)
+            tokens = self.run_block(
+                f"block.{i}", lambda h, s, blk=block: checkpointed(
+                    lambda h_, s_: blk(h_, block_cond, context, context_mask, rope, s_),
+                    c.gradient_checkpointing and self.training, h, s), tokens, skip)
+            if f"block.{i}" in residuals:
+                residual = residuals[f"block.{i}"]
+                tokens = tokens + (residual if n_prefix == 0 else nn.functional.pad(residual, (0, 0, n_prefix, 0)))
             if c.long_skip and i < c.depth // 2:
                 skips.append(tokens)
         tokens = tokens[:, n_prefix:]

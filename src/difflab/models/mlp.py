@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.models.base import Network, batch_times, check_conditioning
+from difflab.batch import batch_times
+from difflab.models.base import Network, check_conditioning
 from difflab.models.layers import LabelEmbedder, LayerNorm, TimestepEmbedder, checkpointed, zero_
 
 Tensor = torch.Tensor
@@ -46,8 +47,16 @@ class MLP(Network):
         self.norm_out = LayerNorm(c.hidden)
         self.out = zero_(nn.Linear(c.hidden, c.dim))
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def named_blocks(self) -> list[tuple[str, nn.Module]]:
+        return [(f"block.{i}", b) for i, b in enumerate(self.blocks)]
+
+    def residual_points(self) -> list[str]:
+        return self.block_names()
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None,
+                residuals: dict[str, Tensor] | None = None) -> Tensor:
         c = self.config
+        residuals = self.check_residuals(residuals)
         if x.ndim != 2 or x.shape[1] != c.dim:
             raise ValueError(f"MLP expects (batch, {c.dim}), got {tuple(x.shape)}")
         check_conditioning("MLP", c, class_labels)
@@ -55,10 +64,12 @@ class MLP(Network):
         if self.label_embed is not None:
             emb = emb + self.label_embed(class_labels)
         h = self.inp(x)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             def fn(h: Tensor, block=block) -> Tensor:
                 z = block["norm"](h) + block["emb"](F.silu(emb))
                 return h + block["fc2"](self.dropout(F.silu(block["fc1"](z))))
 
-            h = checkpointed(fn, c.gradient_checkpointing and self.training, h)
+            h = self.run_block(f"block.{i}", checkpointed, fn, c.gradient_checkpointing and self.training, h)
+            if f"block.{i}" in residuals:
+                h = h + residuals[f"block.{i}"]
         return self.out(self.norm_out(h))

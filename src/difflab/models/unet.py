@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.models.base import Network, batch_times, check_conditioning, check_image
+from difflab.batch import batch_times
+from difflab.models.base import Network, check_conditioning, check_image
 from difflab.models.conv_blocks import Downsample, ResBlock, SpatialTransformer, Upsample
 from difflab.models.layers import GroupNorm, LabelEmbedder, PooledEmbedder, TimestepEmbedder, checkpointed, zero_
 
@@ -100,9 +101,19 @@ class UNet(Network):
         check_image("UNet", x, self.config.in_channels, self.downsampling, "the downsampling factor")
         check_conditioning("UNet", self.config, class_labels, context)
 
+    def named_blocks(self) -> list[tuple[str, nn.Module]]:
+        return [*((f"down.{i}", b) for i, b in enumerate(self.down)), ("mid", self.mid),
+                *((f"up.{i}", b) for i, b in enumerate(self.up))]
+
+    def residual_points(self) -> list[str]:
+        """``skip.0`` (after the input convolution) .. ``skip.N`` (after each down block), ``middle``."""
+        return [*(f"skip.{i}" for i in range(len(self.down) + 1)), "middle"]
+
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:
+                context_mask: Tensor | None = None, pooled: Tensor | None = None,
+                residuals: dict[str, Tensor] | None = None) -> Tensor:
         self._check(x, class_labels, context)
+        residuals = self.check_residuals(residuals)
         emb = self.time_embed(batch_times(t, x))
         if self.label_embed is not None:
             emb = emb + self.label_embed(class_labels)
@@ -113,12 +124,16 @@ class UNet(Network):
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         hs = [h]
-        for block in self.down:
-            h = self._run(block, h, emb, context, context_mask)
+        for i, block in enumerate(self.down):
+            h = self.run_block(f"down.{i}", self._run, block, h, emb, context, context_mask)
             hs.append(h)
-        h = self._run(self.mid, h, emb, context, context_mask)
-        for block in self.up:
-            h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
+        h = self.run_block("mid", self._run, self.mid, h, emb, context, context_mask)
+        if residuals:  # ControlNet: added to the skip connections and the middle, after the down pass
+            hs = [s + residuals[f"skip.{i}"] if f"skip.{i}" in residuals else s for i, s in enumerate(hs)]
+            h = h + residuals["middle"] if "middle" in residuals else h
+        for i, block in enumerate(self.up):
+            h = self.run_block(f"up.{i}", self._run, block, torch.cat([h, hs.pop()], dim=1), emb, context,
+                               context_mask)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def _run(self, block: nn.ModuleList, h: Tensor, emb: Tensor, context, context_mask) -> Tensor:

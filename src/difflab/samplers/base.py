@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from difflab.processes import Process
+from difflab.registry import Registry
 
 Tensor = torch.Tensor
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
@@ -159,6 +160,36 @@ def level_point(grid: Grid, variable: str, level: float) -> tuple[float, float, 
     return grid.point_at_level(level)
 
 
+def churn_points(grid: Grid, s_churn: float, s_tmin: float, s_tmax: float
+                 ) -> list[tuple[float, float, float, float]]:
+    """EDM's stochastic churn (Karras et al. 2022, Algorithm 2): per step (t_hat, alpha_hat, sigma_hat,
+    std of the noise added in VE form), the noise level raised by gamma = min(s_churn / steps,
+    sqrt(2) - 1) on levels within [s_tmin, s_tmax]. Deviation from the algorithm, on purpose: no
+    churn on the final step to sigma = 0, nor where the raised level lies beyond the process's
+    t_max (a VP or flow process has no noise level above its t = 1)."""
+    gamma0 = min(s_churn / grid.steps, math.sqrt(2) - 1) if s_churn > 0 else 0.0
+    out = []
+    for i in range(grid.steps):
+        a, s = grid.alpha[i], grid.sigma[i]
+        level = s / a if a > 0 else math.inf
+        if gamma0 > 0 and math.isfinite(level) and s_tmin <= level <= s_tmax and grid.sigma[i + 1] > 0:
+            level_hat = level * (1 + gamma0)
+            t_hat, a_hat, s_hat = grid.point_at_level(level_hat)
+            if t_hat <= grid.process.t_max:
+                out.append((t_hat, a_hat, s_hat, math.sqrt(level_hat**2 - level**2)))
+                continue
+        out.append((grid.t[i], a, s, 0.0))
+    return out
+
+
+def churn(x: Tensor, alpha: float, alpha_hat: float, extra: float, s_noise: float,
+          generator: Generator) -> Tensor:
+    """Add noise to move x from its level to the raised level (in x-space: rescale alpha too)."""
+    if extra == 0.0:
+        return x
+    return (alpha_hat / alpha) * x + (alpha_hat * extra * s_noise) * noise_like(x, generator)
+
+
 # --- registry ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplerInfo:
@@ -169,7 +200,7 @@ class SamplerInfo:
     options: dict[str, Any]
 
 
-_REGISTRY: dict[str, SamplerInfo] = {}
+REGISTRY: Registry[SamplerInfo] = Registry("sampler")
 _CORE_ARGS = ("denoiser", "x", "ts", "grid", "generator", "callback")
 
 
@@ -179,20 +210,18 @@ def register(name: str, reference: str, *, stochastic: bool = False) -> Callable
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         params = inspect.signature(fn).parameters
         options = {k: p.default for k, p in params.items() if k not in _CORE_ARGS}
-        _REGISTRY[name] = SamplerInfo(name, fn, reference, stochastic, options)
+        REGISTRY.add(name, SamplerInfo(name, fn, reference, stochastic, options), reference)
         return fn
 
     return deco
 
 
 def get(name: str) -> SamplerInfo:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return REGISTRY.get(name)
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(REGISTRY)
 
 
 def check_options(name: str, opts: dict[str, Any]) -> None:

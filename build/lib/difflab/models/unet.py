@@ -1,0 +1,135 @@
+"""ADM / Stable-Diffusion style U-Net (Dhariwal & Nichol 2021; Rombach et al. 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflab.models.base import Network, batch_times, check_conditioning, check_image
+from difflab.models.conv_blocks import Downsample, ResBlock, SpatialTransformer, Upsample
+from difflab.models.layers import GroupNorm, LabelEmbedder, PooledEmbedder, TimestepEmbedder, checkpointed, zero_
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 3
+    out_channels: int | None = None  # default: in_channels
+    model_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (1, 2)  # indices into channel_mult that get attention
+    head_dim: int = 32
+    transformer_depth: int = 1
+    dropout: float = 0.0
+    num_classes: int | None = None
+    context_dim: int | None = None  # text tokens for cross-attention
+    pooled_dim: int | None = None  # pooled text embedding added to the time embedding
+    norm_groups: int = 32
+    qk_norm: bool = False
+    fp32_norm: bool = False
+    time_embedding: str = "sinusoidal"
+    channels_last: bool = True  # NHWC convolutions: faster with oneDNN and cuDNN
+    gradient_checkpointing: bool = False
+
+
+class UNet(Network):
+    """U-Net with scale-shift residual blocks, attention at chosen levels, optional class labels,
+    cross-attention to text tokens and a pooled embedding; zero-initialised output.
+
+    ``forward(x, t, class_labels=None, context=None, context_mask=None, pooled=None)``; use class
+    label -1 (or ``num_classes``) for the unconditional "null" class.
+    """
+
+    config_class = UNetConfig
+    kind = "unet"
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        c = config
+        out_ch = c.out_channels or c.in_channels
+        mc, emb_dim = c.model_channels, 4 * c.model_channels
+        self.time_embed = TimestepEmbedder(emb_dim, frequency_dim=mc, kind=c.time_embedding)
+        self.label_embed = LabelEmbedder(c.num_classes, emb_dim) if c.num_classes else None
+        self.pooled_embed = PooledEmbedder(c.pooled_dim, emb_dim) if c.pooled_dim else None
+        self.conv_in = nn.Conv2d(c.in_channels, mc, 3, padding=1)
+
+        def attn(ch: int, name: str) -> SpatialTransformer:
+            return SpatialTransformer(ch, max(1, ch // c.head_dim), context_dim=c.context_dim,
+                                      depth=c.transformer_depth, groups=c.norm_groups, qk_norm=c.qk_norm,
+                                      fp32_norm=c.fp32_norm, name=name)
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_dim, c.dropout, c.norm_groups, c.fp32_norm)
+
+        self.down = nn.ModuleList()
+        skips, ch = [mc], mc
+        for level, mult in enumerate(c.channel_mult):
+            for i in range(c.num_res_blocks):
+                block = nn.ModuleList([res(ch, mult * mc)])
+                ch = mult * mc
+                if level in c.attention_levels:
+                    block.append(attn(ch, f"down{level}.{i}"))
+                self.down.append(block)
+                skips.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                skips.append(ch)
+        self.mid = nn.ModuleList([res(ch, ch), attn(ch, "mid"), res(ch, ch)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                block = nn.ModuleList([res(ch + skips.pop(), mult * mc)])
+                ch = mult * mc
+                if level in c.attention_levels:
+                    block.append(attn(ch, f"up{level}.{i}"))
+                if level and i == c.num_res_blocks:
+                    block.append(Upsample(ch))
+                self.up.append(block)
+        self.norm_out = GroupNorm(c.norm_groups, ch, fp32=c.fp32_norm)
+        self.conv_out = zero_(nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.downsampling = 2 ** (len(c.channel_mult) - 1)
+        if c.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def _check(self, x: Tensor, class_labels, context) -> None:
+        check_image("UNet", x, self.config.in_channels, self.downsampling, "the downsampling factor")
+        check_conditioning("UNet", self.config, class_labels, context)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:
+        self._check(x, class_labels, context)
+        emb = self.time_embed(batch_times(t, x))
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(class_labels)
+        if self.pooled_embed is not None and pooled is not None:
+            emb = emb + self.pooled_embed(pooled)
+        emb = emb.to(x.dtype) if emb.dtype != x.dtype else emb
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        h = self.conv_in(x)
+        hs = [h]
+        for block in self.down:
+            h = self._run(block, h, emb, context, context_mask)
+            hs.append(h)
+        h = self._run(self.mid, h, emb, context, context_mask)
+        for block in self.up:
+            h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _run(self, block: nn.ModuleList, h: Tensor, emb: Tensor, context, context_mask) -> Tensor:
+        def fn(h: Tensor, emb: Tensor) -> Tensor:
+            for layer in block:
+                if isinstance(layer, ResBlock):
+                    h = layer(h, emb)
+                elif isinstance(layer, SpatialTransformer):
+                    h = layer(h, context, context_mask)
+                else:
+                    h = layer(h)
+            return h
+
+        return checkpointed(fn, self.config.gradient_checkpointing and self.training, h, emb)

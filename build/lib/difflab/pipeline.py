@@ -1,0 +1,288 @@
+"""Saved pipelines: everything needed to sample a trained model, in one folder.
+
+A pipeline folder holds ``pipeline.json`` (process, prediction, default sampler and schedule, sample
+shape, conditioning, text encoder, default guidance), ``network/`` (safetensors + config) and, for
+latent models, ``vae/``. ``Pipeline.from_pretrained(dir)(n=16, seed=0)`` returns the images and, per
+image, every setting needed to make it again bit for bit.
+
+Reproducibility: image ``i`` draws its noise, and a stochastic sampler its per-step noise, from a
+generator seeded with its own seed, so an image does not depend on the noise of the rest of its
+batch. A network's floating-point result can depend on the batch size, though (different kernels),
+so each image's settings also record its batch (``batch_seeds``, ``batch_index`` and the batch's
+labels or prompts), and :meth:`Pipeline.reproduce` reruns that batch to give the image bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab import predictions, processes
+from difflab.denoiser import Denoiser
+from difflab.models import Network
+from difflab.models.base import write_atomic
+
+Tensor = torch.Tensor
+FORMAT = "difflab-pipeline"
+VERSION = 1
+
+
+class PipelineError(ValueError):
+    """A folder is not a pipeline, or a pipeline cannot make what was asked."""
+
+
+@dataclass
+class Output:
+    """Images in [-1, 1] (N, C, H, W) on the CPU and the settings of each."""
+
+    images: Tensor
+    settings: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def pil(self) -> list:
+        from difflab.plotting import image_grid
+
+        return [image_grid(img[None], nrow=1, pad=0) for img in self.images]
+
+    def save(self, out: str | os.PathLike, grid_name: str = "grid.png") -> Path:
+        """Write ``grid.png``, ``NNNNN.png`` per image and ``NNNNN.json`` with its settings."""
+        from difflab.plotting import image_grid
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, (pil, settings) in enumerate(zip(self.pil, self.settings, strict=True)):
+            pil.save(out / f"{i:05d}.png")
+            write_atomic(out / f"{i:05d}.json", json.dumps(settings, indent=1).encode())
+        scale = max(1, 64 // self.images.shape[-1])
+        image_grid(self.images, scale=scale).save(out / grid_name)
+        return out / grid_name
+
+
+class Pipeline:
+    """A network with its process and prediction, sampling defaults, and conditioning.
+
+    ``num_classes``: class-conditional (``class_labels``); ``text_encoder``: a config like
+    ``{"name": "minilm", "max_tokens": 32}`` (``prompts``); ``vae``: sample latents of
+    ``sample_shape`` and decode them. ``cond_dropout``: the rate the model was trained with (0 means
+    it has no unconditional branch, so CFG-type guidance is refused in favour of ICG).
+    """
+
+    def __init__(self, network: Network, process: processes.Process, prediction: str, *,
+                 sample_shape: Sequence[int], sampler: str = "dpmpp_2m", steps: int = 20, schedule: str = "karras",
+                 num_classes: int | None = None, text_encoder: dict[str, Any] | None = None,
+                 vae: Network | None = None, guidance: dict[str, Any] | None = None,
+                 cond_dropout: float | None = None):
+        self.network, self.process, self.prediction = network.eval(), process, predictions.get(prediction).name
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.sampler, self.steps, self.schedule = sampler, int(steps), schedule
+        self.num_classes, self.text_encoder_config, self.vae = num_classes, text_encoder, vae
+        self.guidance, self.cond_dropout = dict(guidance or {}), cond_dropout
+        if vae is not None:
+            vae.eval()
+        self._encoder = None
+
+    # --- folder ---------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "process": self.process.to_config(),
+                "prediction": self.prediction, "sample_shape": list(self.sample_shape), "sampler": self.sampler,
+                "steps": self.steps, "schedule": self.schedule, "num_classes": self.num_classes,
+                "text_encoder": self.text_encoder_config, "latent": self.vae is not None, "guidance": self.guidance,
+                "cond_dropout": self.cond_dropout}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the folder; ``pipeline.json`` last, so a half-written folder is never a pipeline."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.network.save_pretrained(directory / "network")
+        if self.vae is not None:
+            self.vae.save_pretrained(directory / "vae")
+        write_atomic(directory / "pipeline.json", json.dumps(self.config(), indent=1).encode())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> Pipeline:
+        directory = Path(directory)
+        if not (directory / "pipeline.json").is_file():
+            hint = (" It holds a bare network (config.json): load it with difflab.models.Network.from_pretrained."
+                    if (directory / "config.json").is_file() else "")
+            raise PipelineError(f"{directory} is not a difflab pipeline: it has no pipeline.json.{hint} "
+                                "Pipelines are written by Pipeline.save_pretrained, by training "
+                                "(OUT_DIR/final) or by `difflab export`.")
+        cfg = json.loads((directory / "pipeline.json").read_text())
+        if cfg.get("format") != FORMAT or cfg.get("version", 0) > VERSION:
+            raise PipelineError(f"{directory}/pipeline.json is not a difflab pipeline of version <= {VERSION}")
+        network = Network.from_pretrained(directory / "network").to(device)
+        vae = Network.from_pretrained(directory / "vae").to(device) if cfg.get("latent") else None
+        return cls(network, processes.from_config(cfg["process"]), cfg["prediction"],
+                   sample_shape=cfg["sample_shape"], sampler=cfg["sampler"], steps=cfg["steps"],
+                   schedule=cfg["schedule"], num_classes=cfg.get("num_classes"),
+                   text_encoder=cfg.get("text_encoder"), vae=vae, guidance=cfg.get("guidance"),
+                   cond_dropout=cfg.get("cond_dropout"))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, use_ema: bool = True) -> Pipeline:
+        """A pipeline from a training run directory (its latest checkpoint) or one checkpoint."""
+        from difflab.training.config import complete
+        from difflab.training.trainer import Trainer
+
+        path = Path(path)
+        ckpt = path if (path / "trainer.json").is_file() else None
+        if ckpt is None:
+            from difflab.training import checkpoint
+
+            ckpt = checkpoint.latest(path)
+        if ckpt is None:
+            raise PipelineError(f"{path} is neither a training checkpoint nor a run directory with checkpoints")
+        config = complete(json.loads((ckpt / "trainer.json").read_text())["config"])
+        return Trainer(config).load_weights(ckpt).pipeline(use_ema=use_ema)
+
+    def to(self, device: str | torch.device) -> Pipeline:
+        self.network.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    # --- sampling ---------------------------------------------------------------------------------
+    def denoiser(self) -> Denoiser:
+        return Denoiser(self.network, self.process, self.prediction)
+
+    def text_encoder(self):
+        if self.text_encoder_config is None:
+            raise PipelineError("this pipeline's model is not text-conditional: it takes no prompts")
+        if self._encoder is None:
+            from difflab.models import conditioning
+
+            opts = {k: v for k, v in self.text_encoder_config.items() if k != "name"}
+            self._encoder = conditioning.get(self.text_encoder_config["name"], **opts)
+        return self._encoder
+
+    def _conditions(self, n: int, class_labels, prompts) -> tuple[list[dict[str, Any]], dict[str, Tensor] | None]:
+        """Per image: its condition settings; and the tensors for the network (or None)."""
+        if class_labels is not None and not self.num_classes:
+            raise PipelineError("this pipeline's model is not class-conditional: it takes no class_labels")
+        if prompts is not None and self.text_encoder_config is None:
+            raise PipelineError("this pipeline's model is not text-conditional: it takes no prompts")
+        if self.num_classes:
+            labels = torch.arange(n) % self.num_classes if class_labels is None else torch.as_tensor(class_labels)
+            labels = labels.reshape(-1).long().expand(n) if labels.numel() == 1 else labels.reshape(-1).long()
+            if len(labels) != n or bool(((labels < -1) | (labels >= self.num_classes)).any()):
+                raise PipelineError(f"class_labels must be {n} values in [0, {self.num_classes}) (or -1: none)")
+            return [{"class_label": int(c)} for c in labels], {"class_labels": labels}
+        if self.text_encoder_config is not None:
+            if prompts is None:
+                raise PipelineError("this pipeline's model is text-conditional: pass prompts")
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            prompts = prompts * n if len(prompts) == 1 else prompts
+            if len(prompts) != n:
+                raise PipelineError(f"{len(prompts)} prompts for {n} images; give one prompt or one per image")
+            if any(not p.strip() for p in prompts):
+                warnings.warn("an empty prompt is the null condition: those images are sampled unconditionally",
+                              stacklevel=3)
+            return [{"prompt": p} for p in prompts], self.text_encoder()(prompts)
+        return [{} for _ in range(n)], None
+
+    def _guided(self, den: Denoiser, method: str | None, options: dict[str, Any]):
+        if not method or method == "none":
+            return den
+        from difflab import guidance
+
+        needs_null = guidance.get(method).uses_null_condition(options)
+        if needs_null and self.cond_dropout == 0:
+            raise PipelineError(f"{method} guidance needs an unconditional branch, but this model was trained "
+                                "without condition dropout (cond_dropout = 0). Use guidance='icg', which needs "
+                                "no unconditional training, or retrain with loss.cond_dropout > 0.")
+        opts = dict(options)
+        if method == "icg" and self.num_classes:
+            opts.setdefault("num_classes", self.num_classes)
+        if needs_null and self.text_encoder_config is not None:
+            opts["uncond"] = {k: v.to(self.device) for k, v in self.text_encoder().null(1).items()}
+        return guidance.guide(den, method, **opts)
+
+    @torch.no_grad()
+    def __call__(self, n: int | None = None, *, seed: int = 0, seeds: Sequence[int] | None = None,
+                 steps: int | None = None, sampler: str | None = None, schedule: str | None = None,
+                 class_labels: Any = None, prompts: str | Sequence[str] | None = None,
+                 guidance: str | None = None, guidance_options: dict[str, Any] | None = None,
+                 batch_size: int = 64, callback: Callable | None = None, progress: bool = False,
+                 **sampler_options: Any) -> Output:
+        """Sample ``n`` images (seeds ``seed .. seed + n - 1``, or ``seeds``).
+
+        ``guidance`` names a method of :mod:`difflab.guidance` (``cfg``, ``apg``, ``icg``, ``pag``)
+        with ``guidance_options`` (``scale``, ``interval``, ``rescale``, ...); the pipeline's default
+        applies when it is None, ``"none"`` turns it off.
+        """
+        from tqdm import tqdm
+
+        from difflab.samplers import sample
+
+        if seeds is None:
+            if n is None:
+                n = len(prompts) if isinstance(prompts, list | tuple) else (
+                    len(class_labels) if isinstance(class_labels, list | tuple | Tensor) else 1)
+            seeds = list(range(seed, seed + n))
+        seeds = [int(s) for s in seeds]
+        n = len(seeds)
+        steps, sampler, schedule = steps or self.steps, sampler or self.sampler, schedule or self.schedule
+        if guidance is None:
+            guidance = self.guidance.get("method")
+            guidance_options = {**self.guidance.get("options", {}), **(guidance_options or {})}
+        guidance_options = dict(guidance_options or {})
+        cond_settings, cond = self._conditions(n, class_labels, prompts)
+        den = self.denoiser()
+        images, settings = [], []
+        starts = range(0, n, batch_size)
+        bar = tqdm(total=len(starts) * steps, desc=f"sampling {n} in {len(starts)} batch(es)", unit="step",
+                   disable=not progress, dynamic_ncols=True)
+
+        def step_callback(i, t, x, denoised):
+            bar.update()
+            if callback is not None:
+                callback(i, t, x, denoised)
+
+        for start in starts:
+            batch_seeds = seeds[start: start + batch_size]
+            gens = [torch.Generator(device=self.device).manual_seed(s) for s in batch_seeds]
+            noise = torch.stack([torch.randn(self.sample_shape, generator=g, device=self.device) for g in gens])
+            bcond = {k: v[start: start + batch_size].to(self.device) for k, v in (cond or {}).items()}
+            model = self._guided(den, guidance, guidance_options)
+            x, nfe = sample(model, noise, sampler, steps=steps, schedule=schedule, generator=gens, cond=bcond,
+                            callback=step_callback, return_nfe=True, **sampler_options)
+            if self.vae is not None:
+                x = self.vae.from_latent(x)
+            images.append(x.float().clamp(-1, 1).cpu())
+            batch_conds = cond_settings[start: start + batch_size]
+            batch_record = {f"batch_{key}s": [c[key] for c in batch_conds] for key in batch_conds[0]}
+            for i, s in enumerate(batch_seeds):
+                settings.append({
+                    "seed": s, **cond_settings[start + i], "steps": steps, "sampler": sampler, "schedule": schedule,
+                    "sampler_options": sampler_options, "guidance": guidance or "none",
+                    "guidance_options": {k: v for k, v in guidance_options.items() if k != "weak"},
+                    "denoiser_calls": nfe, "batch_seeds": batch_seeds, "batch_index": i, **batch_record,
+                    "device": str(self.device),
+                })
+        bar.close()
+        return Output(torch.cat(images), settings)
+
+    def reproduce(self, settings: dict[str, Any]) -> Tensor:
+        """The image a settings record describes, made again (its whole batch is rerun)."""
+        batch = settings["batch_seeds"]
+        cond: dict[str, Any] = {}
+        if "batch_class_labels" in settings:
+            cond["class_labels"] = settings["batch_class_labels"]
+        if "batch_prompts" in settings:
+            cond["prompts"] = settings["batch_prompts"]
+        out = self(seeds=batch, steps=settings["steps"], sampler=settings["sampler"], schedule=settings["schedule"],
+                   guidance=settings["guidance"], guidance_options=settings["guidance_options"],
+                   batch_size=len(batch), **cond, **settings["sampler_options"])
+        return out.images[settings["batch_index"]]

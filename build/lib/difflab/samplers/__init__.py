@@ -1,0 +1,86 @@
+"""Samplers: stateless functions ``sample_x(denoiser, x, ts, *, generator, callback, **opts)``.
+
+Each is registered by name (``available()``); :func:`sample` is the public entry point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from difflab import schedules
+from difflab.samplers import adaptive, dpm_solver, first_order, multistep, runge_kutta, unipc  # noqa: F401
+from difflab.samplers.base import (
+    Generator,
+    Grid,
+    SamplerInfo,
+    available,
+    check_options,
+    get,
+    noise_like,
+    register,
+)
+
+Tensor = torch.Tensor
+
+__all__ = ["Grid", "SamplerInfo", "available", "get", "noise_like", "reference", "register", "sample"]
+
+
+def reference(name: str) -> str:
+    """The paper a sampler implements."""
+    return get(name).reference
+
+
+class _Bound:
+    """A denoiser with conditioning bound and its evaluations counted (no host sync)."""
+
+    def __init__(self, denoiser: Any, cond: dict[str, Any]):
+        self.denoiser, self.cond, self.evals = denoiser, cond, 0
+        self.process = denoiser.process
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.evals += 1
+        return self.denoiser(x, t, **self.cond)
+
+
+def sample(
+    denoiser: Any,
+    noise: Tensor,
+    sampler: str = "dpmpp_2m",
+    steps: int = 10,
+    schedule: str | Tensor | Sequence[float] = "karras",
+    *,
+    generator: Generator = None,
+    callback: Any = None,
+    cond: dict[str, Any] | None = None,
+    schedule_options: dict[str, Any] | None = None,
+    return_nfe: bool = False,
+    **options: Any,
+) -> Tensor | tuple[Tensor, int]:
+    """Draw samples: ``x_T = sigma(t_max) * noise``, then the sampler walks the schedule to t = 0.
+
+    ``schedule`` is a schedule name (``difflab.schedules.available()``) or an explicit grid of t.
+    ``options`` go to the sampler (an unknown one raises, listing the valid ones); ``cond`` to
+    every denoiser call. ``generator`` may be a list with one generator per sample, which makes
+    stochastic samplers batch-invariant. With ``return_nfe`` the number of network evaluations
+    actually made is returned too.
+    """
+    info = get(sampler)
+    check_options(sampler, options)
+    process = getattr(denoiser, "process", None)
+    if process is None:
+        raise TypeError("sample() needs a difflab Denoiser (an object with .process); "
+                        "wrap a function with difflab.Denoiser.from_fn")
+    if not isinstance(noise, Tensor) or noise.ndim < 1:
+        raise ValueError("noise must be a tensor of shape (batch, ...)")
+    if isinstance(schedule, str):
+        ts = schedules.get(schedule, process, steps, **(schedule_options or {}))
+    else:
+        ts = schedules.validate(process, torch.as_tensor(schedule, dtype=torch.float64))
+    bound = _Bound(denoiser, cond or {})
+    x = float(process.sigma(torch.tensor(float(ts[0]), dtype=torch.float64))) * noise
+    with torch.no_grad():
+        out = info.fn(bound, x, ts, generator=generator, callback=callback, **options)
+    return (out, bound.evals) if return_nfe else out

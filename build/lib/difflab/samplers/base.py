@@ -1,0 +1,208 @@
+"""What every sampler shares: the grid's per-step constants, the registry, noise, small helpers.
+
+Semantics kept by every sampler: ``ts`` is a descending grid ending at 0; ``x`` is the state at
+``ts[0]``; a step between two non-zero points follows the sampler's method; the step onto 0 is the
+final denoise ``D(x, t_last)`` (one evaluation, no extrapolation). Per-step constants are computed
+once, in float64 on the host, before the loop, so the loop itself does no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from difflab.processes import Process
+
+Tensor = torch.Tensor
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+Callback = Callable[[int, Tensor, Tensor, Tensor], None] | None
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Host-side per-point constants of a grid of t: alpha, sigma, lambda = log(alpha / sigma)."""
+
+    process: Process
+    t: tuple[float, ...]
+    alpha: tuple[float, ...]
+    sigma: tuple[float, ...]
+    lam: tuple[float, ...]  # -inf where alpha = 0, +inf where sigma = 0
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def build(cls, process: Process, ts: Tensor | Sequence[float], like: Tensor) -> Grid:
+        t = torch.as_tensor(ts, dtype=torch.float64).detach().cpu().flatten()
+        if t.numel() < 2 or not bool((t[1:] < t[:-1]).all()) or float(t[-1]) != 0.0:
+            raise ValueError(
+                f"a sampling grid must be strictly decreasing and end at 0, got {t.tolist()[:8]}...; "
+                "build it with difflab.schedules"
+            )
+        a = process.alpha(t)
+        s = process.sigma(t)
+        return cls(process, tuple(t.tolist()), tuple(a.tolist()), tuple(s.tolist()),
+                   tuple(_lam(x, y) for x, y in zip(a.tolist(), s.tolist(), strict=True)),
+                   like.device, like.dtype)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    @property
+    def steps(self) -> int:
+        return len(self.t) - 1
+
+    def times(self, values: Sequence[float] | None = None) -> Tensor:
+        """Times as one device tensor, built once before the loop (indexing it does not sync)."""
+        return torch.tensor(self.t if values is None else list(values), device=self.device, dtype=self.dtype)
+
+    def point(self, lam: float) -> tuple[float, float, float]:
+        """(t, alpha, sigma) of the point with log(alpha / sigma) = lam."""
+        t = self.process.t_from_logsnr(torch.tensor(2.0 * lam, dtype=torch.float64))
+        return float(t), float(self.process.alpha(t)), float(self.process.sigma(t))
+
+    def point_at_level(self, level: float) -> tuple[float, float, float]:
+        """(t, alpha, sigma) of the point with noise level sigma / alpha = level."""
+        return self.point(-math.log(level))
+
+    def is_final(self, i: int) -> bool:
+        """Whether the step from i lands on clean data (the final denoise)."""
+        return self.sigma[i + 1] == 0.0
+
+    def finite_history(self, i: int, order: int) -> int:
+        """The order a multistep method can use at step i: history points at alpha = 0 have
+        lambda = -inf and drop out of any polynomial in lambda (their weight is zero)."""
+        k = 1
+        while k < order and i - k >= 0 and math.isfinite(self.lam[i - k]):
+            k += 1
+        return k
+
+
+def _lam(alpha: float, sigma: float) -> float:
+    if alpha == 0.0:
+        return -math.inf
+    if sigma == 0.0:
+        return math.inf
+    return math.log(alpha) - math.log(sigma)
+
+
+def ddim_coefficients(ai: float, si: float, aj: float, sj: float) -> tuple[float, float]:
+    """First-order step ``x_j = (sigma_j / sigma_i) x_i + (alpha_j - alpha_i sigma_j / sigma_i) D``:
+    DDIM (Song et al. 2021), equal to Euler in the noise level and to DPM-Solver(++)-1. Finite at
+    alpha = 0 and at sigma_j = 0 (where it returns D)."""
+    r = sj / si
+    return r, aj - ai * r
+
+
+def ancestral_split(ai: float, si: float, aj: float, sj: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, noise std) of an ancestral step i -> j for any process.
+
+    The DDPM posterior adds noise of std ``sigma_j sqrt(1 - exp(-2h))`` (h the logSNR/2 step);
+    ``eta`` scales it (DDIM's eta, k-diffusion's ancestral eta); the deterministic part steps to the
+    virtual point (alpha_j, sigma_down) with ``sigma_down^2 + noise^2 = sigma_j^2``.
+    """
+    if eta == 0.0 or sj == 0.0:
+        return sj, 0.0
+    ratio = (sj * ai) / (aj * si)  # exp(-h), 0 when alpha_i = 0
+    noise = min(sj, eta * sj * math.sqrt(max(0.0, 1.0 - ratio * ratio)))
+    return math.sqrt(max(0.0, sj * sj - noise * noise)), noise
+
+
+def noise_like(x: Tensor, generator: Generator) -> Tensor:
+    """Standard normal noise shaped like x. A list of generators draws sample i from generator i,
+    so a sample's noise depends on its own seed only (batch invariance)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; pass one per sample")
+        return torch.stack([
+            torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype).to(x.device)
+            for g in generator
+        ])
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def resolve_variable(grid: Grid, variable: str) -> str:
+    """The ODE form a Runge-Kutta or linear-multistep sampler integrates in.
+
+    ``noise_level``: y = x / alpha against k = sigma / alpha (Karras et al. 2022, the EDM form).
+    ``flow``: y = x / (alpha + sigma) against k = sigma / (alpha + sigma) (every process viewed as
+    a rectified flow; finite at alpha = 0). Both read ``dy/dk = (y - D) / k``. ``auto`` takes
+    ``noise_level`` unless the grid starts at alpha = 0.
+    """
+    if variable == "auto":
+        return "noise_level" if grid.alpha[0] > 0 else "flow"
+    if variable not in ("noise_level", "flow"):
+        raise ValueError(f"unknown ODE variable {variable!r}; choose 'auto', 'noise_level' or 'flow'")
+    if variable == "noise_level" and grid.alpha[0] == 0:
+        raise ValueError("the noise-level ODE form is infinite at alpha = 0; use variable='flow'")
+    return variable
+
+
+def coords(variable: str, alpha: float, sigma: float) -> tuple[float, float]:
+    """(scale c, level k) of the point (alpha, sigma) in the ODE form ``variable``."""
+    if variable == "flow":
+        c = 1.0 / (alpha + sigma)
+        return c, sigma * c
+    return 1.0 / alpha, sigma / alpha
+
+
+def level_point(grid: Grid, variable: str, level: float) -> tuple[float, float, float]:
+    """(t, alpha, sigma) of the point at ODE level ``level`` in the form ``variable``."""
+    if variable == "flow":
+        return grid.point_at_level(level / (1 - level))
+    return grid.point_at_level(level)
+
+
+# --- registry ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplerInfo:
+    name: str
+    fn: Callable[..., Tensor]
+    reference: str
+    stochastic: bool
+    options: dict[str, Any]
+
+
+_REGISTRY: dict[str, SamplerInfo] = {}
+_CORE_ARGS = ("denoiser", "x", "ts", "grid", "generator", "callback")
+
+
+def register(name: str, reference: str, *, stochastic: bool = False) -> Callable:
+    """Register a sampler function under ``name``; its keyword options become its valid options."""
+
+    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        params = inspect.signature(fn).parameters
+        options = {k: p.default for k, p in params.items() if k not in _CORE_ARGS}
+        _REGISTRY[name] = SamplerInfo(name, fn, reference, stochastic, options)
+        return fn
+
+    return deco
+
+
+def get(name: str) -> SamplerInfo:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def check_options(name: str, opts: dict[str, Any]) -> None:
+    info = get(name)
+    unknown = [k for k in opts if k not in info.options]
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in info.options.items()) or "none"
+        raise ValueError(f"sampler {name!r} takes no option(s) {', '.join(unknown)}; its options are: {valid}")
+
+
+def emit(callback: Callback, i: int, t: Tensor, x: Tensor, denoised: Tensor) -> None:
+    if callback is not None:
+        callback(i, t, x, denoised)

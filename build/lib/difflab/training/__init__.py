@@ -1,0 +1,1 @@
+"""Training: losses and weightings (``losses.py``); the trainer, checkpoints and recipes follow."""

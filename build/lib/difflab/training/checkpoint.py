@@ -1,0 +1,121 @@
+"""Training checkpoints: safetensors for model, EMA and optimizer tensors; JSON for the rest.
+
+A checkpoint is a directory ``step_NNNNNNNN`` written under a temporary name and renamed into place,
+so an interrupted write never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _flat_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for pid, st in state["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflat_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(out_dir: Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Module | None,
+         optimizer: torch.optim.Optimizer, scheduler: Any, config: dict, keep_last: int = 2,
+         extra: dict | None = None) -> Path:
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    if ema is not None:
+        save_file({k: v.detach().contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+    opt_tensors, opt_meta = _flat_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    trainer = {"step": step, "config": config, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+               "cpu_rng": torch.get_rng_state().tolist(), **(extra or {})}
+    (tmp / "trainer.json").write_text(json.dumps(trainer))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(out_dir: Path) -> Path | None:
+    found = sorted(p for p in (Path(out_dir) / "checkpoints").glob("step_*") if (p / "trainer.json").is_file())
+    return found[-1] if found else None
+
+
+def load_weights(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None) -> None:
+    """The model's (checked against its config) and, when saved, the EMA's weights of a checkpoint."""
+    from difflab.models.base import load_checked
+
+    load_checked(model, load_file(path / "model.safetensors"), str(path))
+    if ema is not None and (path / "ema.safetensors").is_file():
+        ema.load_state_dict(load_file(path / "ema.safetensors"))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                   source: str) -> None:
+    """Restore a saved optimizer state, each tensor checked against its parameter and put in the
+    parameter's memory layout.
+
+    The layout matters: fused AdamW walks a parameter and its moments element by element in memory
+    order, so a contiguous ``exp_avg`` beside a channels-last convolution weight pairs each moment
+    with the wrong weight (the state dict stores them contiguous)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = _unflat_optimizer(tensors, meta)
+    unknown = sorted(pid for pid in state["state"] if not 0 <= pid < len(params))
+    if unknown or len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"{source}: the optimizer state is for another model ({len(state['state'])} parameters with "
+                         f"state, ids up to {max(state['state'], default=-1)}; this model has {len(params)}). "
+                         "Resume with the config that made the checkpoint, or start a new run.")
+    for pid, entries in state["state"].items():
+        param = params[pid]
+        for key, value in entries.items():
+            if not isinstance(value, torch.Tensor) or value.ndim == 0:
+                continue  # step counters
+            if value.shape != param.shape:
+                raise ValueError(f"{source}: optimizer state {pid}.{key} has shape {tuple(value.shape)} but its "
+                                 f"parameter has {tuple(param.shape)}: the checkpoint is from another model.")
+            if not value.dtype.is_floating_point:
+                raise ValueError(f"{source}: optimizer state {pid}.{key} has dtype {value.dtype}, expected a float")
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def load(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+         scheduler: Any) -> dict:
+    """Everything a resumed run needs: weights, optimizer, LR schedule and the CPU RNG."""
+    trainer = json.loads((path / "trainer.json").read_text())
+    load_weights(path, model=model, ema=ema)
+    load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), trainer["optimizer"],
+                   str(path / "optimizer.safetensors"))
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(torch.tensor(trainer["cpu_rng"], dtype=torch.uint8))
+    return trainer
