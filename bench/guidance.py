@@ -27,6 +27,7 @@ from difflab.data.shapes import all_captions, parse_caption
 from difflab.metrics.prompt_accuracy import prompt_accuracy
 from difflab.metrics.reference import load_reference
 from difflab.pipeline import Pipeline
+from difflab.training.export import export
 
 RESULTS = Path(__file__).parent / "results"
 INTERVAL = [0.28, 5.42]  # EDM noise levels sigma / alpha of Kynkaanniemi et al. 2024 (EDM2, ImageNet-512)
@@ -59,7 +60,7 @@ def main() -> None:
     pipe = Pipeline.from_pretrained(args.pipeline)
     weak = None
     if args.weak:
-        weak = Pipeline.from_checkpoint(args.weak).denoiser()
+        weak = export(args.weak).denoiser()
     held = {tuple(p.split(":")) for p in args.holdout.split(",") if p}
     prompts = [c for c in all_captions() for _ in range(args.per_prompt)]
     unseen = [(a["shape"], a["colour"]) in held for a in map(parse_caption, prompts)]

@@ -71,6 +71,7 @@ def test_latent_dit_pipeline_round_trip(tmp_path):
 
 def test_export_of_a_training_run(tmp_path):
     from difflab.training import config as train_config
+    from difflab.training.export import export
     from difflab.training.trainer import Trainer
 
     cfg = train_config.load(None, [f"out_dir={tmp_path / 'run'}", "train.steps=3", "train.num_threads=1",
@@ -79,7 +80,7 @@ def test_export_of_a_training_run(tmp_path):
                                    "sample.steps=3"])
     trainer = Trainer(cfg)
     trainer.run(progress=False)
-    exported = Pipeline.from_checkpoint(tmp_path / "run")
+    exported = export(tmp_path / "run")
     final = Pipeline.from_pretrained(tmp_path / "run" / "final")
     assert torch.equal(exported(4).images, final(4).images)
     assert torch.equal(trainer.generate(4), final(4).images)

@@ -134,9 +134,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from difflab.pipeline import Pipeline
+    from difflab.training.export import export
 
-    pipe = Pipeline.from_checkpoint(args.run, use_ema=not args.no_ema)
+    pipe = export(args.run, use_ema=not args.no_ema)
     print(f"wrote {pipe.save_pretrained(args.out)}")
     return 0
 

@@ -38,6 +38,17 @@ class PipelineError(ValueError):
     """A folder is not a pipeline, or a pipeline cannot make what was asked."""
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A ``pipeline.json`` (of a pipeline folder or a training checkpoint), checked."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{path} is not valid JSON ({err}); the folder is damaged: export it again") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or cfg.get("version", 0) > VERSION:
+        raise PipelineError(f"{path} is not a difflab pipeline config of version <= {VERSION}")
+    return cfg
+
+
 @dataclass
 class Output:
     """Images in [-1, 1] (N, C, H, W) on the CPU and the settings of each."""
@@ -74,12 +85,13 @@ class Pipeline:
     it has no unconditional branch, so CFG-type guidance is refused in favour of ICG).
     """
 
-    def __init__(self, network: Network, process: processes.Process, prediction: str, *,
+    def __init__(self, network: Network, process: processes.Process,
+                 prediction: str | dict[str, Any] | predictions.Prediction, *,
                  sample_shape: Sequence[int], sampler: str = "dpmpp_2m", steps: int = 20, schedule: str = "karras",
                  num_classes: int | None = None, text_encoder: dict[str, Any] | None = None,
                  vae: Network | None = None, guidance: dict[str, Any] | None = None,
                  cond_dropout: float | None = None):
-        self.network, self.process, self.prediction = network.eval(), process, predictions.get(prediction).name
+        self.network, self.process, self.prediction = network.eval(), process, predictions.get(prediction)
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.sampler, self.steps, self.schedule = sampler, int(steps), schedule
         self.num_classes, self.text_encoder_config, self.vae = num_classes, text_encoder, vae
@@ -91,8 +103,8 @@ class Pipeline:
     # --- folder ---------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "process": self.process.to_config(),
-                "prediction": self.prediction, "sample_shape": list(self.sample_shape), "sampler": self.sampler,
-                "steps": self.steps, "schedule": self.schedule, "num_classes": self.num_classes,
+                "prediction": self.prediction.to_config(), "sample_shape": list(self.sample_shape),
+                "sampler": self.sampler, "steps": self.steps, "schedule": self.schedule, "num_classes": self.num_classes,
                 "text_encoder": self.text_encoder_config, "latent": self.vae is not None, "guidance": self.guidance,
                 "cond_dropout": self.cond_dropout}
 
@@ -115,33 +127,25 @@ class Pipeline:
             raise PipelineError(f"{directory} is not a difflab pipeline: it has no pipeline.json.{hint} "
                                 "Pipelines are written by Pipeline.save_pretrained, by training "
                                 "(OUT_DIR/final) or by `difflab export`.")
-        cfg = json.loads((directory / "pipeline.json").read_text())
-        if cfg.get("format") != FORMAT or cfg.get("version", 0) > VERSION:
-            raise PipelineError(f"{directory}/pipeline.json is not a difflab pipeline of version <= {VERSION}")
+        cfg = read_config(directory / "pipeline.json")
         network = Network.from_pretrained(directory / "network").to(device)
         vae = Network.from_pretrained(directory / "vae").to(device) if cfg.get("latent") else None
-        return cls(network, processes.from_config(cfg["process"]), cfg["prediction"],
-                   sample_shape=cfg["sample_shape"], sampler=cfg["sampler"], steps=cfg["steps"],
-                   schedule=cfg["schedule"], num_classes=cfg.get("num_classes"),
-                   text_encoder=cfg.get("text_encoder"), vae=vae, guidance=cfg.get("guidance"),
-                   cond_dropout=cfg.get("cond_dropout"))
+        return cls.from_parts(cfg, network, vae)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, use_ema: bool = True) -> Pipeline:
-        """A pipeline from a training run directory (its latest checkpoint) or one checkpoint."""
-        from difflab.training.config import complete
-        from difflab.training.trainer import Trainer
-
-        path = Path(path)
-        ckpt = path if (path / "trainer.json").is_file() else None
-        if ckpt is None:
-            from difflab.training import checkpoint
-
-            ckpt = checkpoint.latest(path)
-        if ckpt is None:
-            raise PipelineError(f"{path} is neither a training checkpoint nor a run directory with checkpoints")
-        config = complete(json.loads((ckpt / "trainer.json").read_text())["config"])
-        return Trainer(config).load_weights(ckpt).pipeline(use_ema=use_ema)
+    def from_parts(cls, config: dict[str, Any], network: Network, vae: Network | None = None) -> Pipeline:
+        """A pipeline from its ``pipeline.json`` config and its (loaded) networks. Training
+        checkpoints carry the same config, so export needs nothing else (``training/export.py``)."""
+        if bool(config.get("latent")) != (vae is not None):
+            raise PipelineError("the pipeline config says latent=" f"{bool(config.get('latent'))}, but a VAE was "
+                                f"{'not ' if vae is None else ''}given")
+        prediction = config["prediction"]  # a name in version-1 folders written before the config protocol
+        return cls(network, processes.from_config(config["process"]),
+                   predictions.get(prediction) if isinstance(prediction, str) else predictions.from_config(prediction),
+                   sample_shape=config["sample_shape"], sampler=config["sampler"], steps=config["steps"],
+                   schedule=config["schedule"], num_classes=config.get("num_classes"),
+                   text_encoder=config.get("text_encoder"), vae=vae, guidance=config.get("guidance"),
+                   cond_dropout=config.get("cond_dropout"))
 
     def to(self, device: str | torch.device) -> Pipeline:
         self.network.to(device)

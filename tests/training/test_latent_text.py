@@ -56,3 +56,30 @@ def test_text_encoder_pads_masks_and_caches():
     assert 0.5 < float(torch.cosine_similarity(red, blue)) < 0.999
     with pytest.raises(ValueError, match="unknown text encoder 'clip'"):
         conditioning.get("clip")
+
+
+def test_latent_export_from_another_directory_builds_no_dataset(tmp_path, monkeypatch):
+    from difflab import data
+    from difflab.training.export import export
+
+    run = tmp_path / "work" / "run"
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # a relative out_dir, as `difflab train` is usually run
+    cfg = train_config.load(None, ["out_dir=run", *TINY])
+    Trainer(cfg).run(progress=False)
+    prompts = ["a large blue square at the bottom right", "a small red circle at the top left"]
+    own = Pipeline.from_pretrained(run / "final")(prompts=prompts, seed=3).images
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where no run/vae is: a cwd-relative VAE path would fail or mismatch
+
+    def no_dataset(name, **options):
+        raise AssertionError(f"export built the {name!r} dataset")
+
+    monkeypatch.setattr(data, "build", no_dataset)
+    exported = export(run)
+    assert exported.vae is not None
+    assert torch.equal(exported(prompts=prompts, seed=3).images, own)
+    with pytest.raises(Exception, match="no ema.safetensors"):
+        (run / "checkpoints" / "step_00000003" / "ema.safetensors").unlink()
+        export(run)

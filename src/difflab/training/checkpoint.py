@@ -38,12 +38,19 @@ def _unflat_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def path_of(out_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives in a run directory."""
+    return Path(out_dir) / "checkpoints" / f"step_{step:08d}"
+
+
 def save(out_dir: Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Module | None,
          optimizer: torch.optim.Optimizer, scheduler: Any, config: dict, keep_last: int = 2,
-         extra: dict | None = None) -> Path:
-    root = Path(out_dir) / "checkpoints"
+         extra: dict | None = None, files: dict[str, bytes] | None = None) -> Path:
+    """Write checkpoint ``step`` (weights, EMA, optimizer, schedule, RNG; ``files`` beside them, such
+    as the ``pipeline.json`` that export reads) under a temporary name, then rename it into place."""
+    final = path_of(out_dir, step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -54,6 +61,8 @@ def save(out_dir: Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Modu
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     trainer = {"step": step, "config": config, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
                "cpu_rng": torch.get_rng_state().tolist(), **(extra or {})}
+    for name, data in (files or {}).items():
+        (tmp / name).write_bytes(data)
     (tmp / "trainer.json").write_text(json.dumps(trainer))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -107,6 +116,18 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
             for key, value in optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
                     optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def load_network(path: Path, network: torch.nn.Module, *, ema: bool = True) -> None:
+    """A checkpoint's EMA (or, with ``ema=False``, raw) weights onto a bare network, checked."""
+    from difflab.models.base import load_checked
+
+    if not ema:
+        load_checked(network, load_file(path / "model.safetensors"), str(path / "model.safetensors"))
+        return
+    averaged = load_file(path / "ema.safetensors")  # an AveragedModel: module.* and its update count
+    weights = {k[len("module."):]: v for k, v in averaged.items() if k.startswith("module.")}
+    load_checked(network, weights, str(path / "ema.safetensors"))
 
 
 def load(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None, optimizer: torch.optim.Optimizer,

@@ -114,8 +114,8 @@ class Trainer:
         self.vae = self._latents(progress=True)
         try:
             pcfg = config["process"]
-            self.process = processes.from_config(pcfg) if len(pcfg) > 1 else processes.get(pcfg["kind"])
-        except (TypeError, KeyError) as err:
+            self.process = processes.from_config(pcfg)
+        except (TypeError, KeyError, ValueError) as err:
             raise ConfigError(f"[process] section: {err}") from err
         self.prediction = predictions.get(config["prediction"])
         torch.manual_seed(config["seed"])
@@ -171,6 +171,7 @@ class Trainer:
         from difflab.models import Network
         from difflab.training.vae import encode_dataset, train_vae
 
+        self.vae_folder = Path(lcfg["vae"]) if lcfg["vae"] else self.out / "vae"
         if lcfg["vae"]:
             vae = Network.from_pretrained(lcfg["vae"]).eval()
         elif self.world > 1 and not (self.out / "vae" / "model.safetensors").is_file():
@@ -286,8 +287,10 @@ class Trainer:
                 log.flush()
                 bar.set_postfix(loss=f"{total_loss:.4f}")
             if main and (done % tcfg["checkpoint_every"] == 0 or done == total):
+                files = {"pipeline.json": json.dumps(self.pipeline_config(checkpoint.path_of(self.out, done)),
+                                                     indent=1).encode()}
                 checkpoint.save(self.out, done, model=self.model, ema=self.ema, optimizer=self.optimizer,
-                                scheduler=self.scheduler, config=cfg, keep_last=tcfg["keep_last"])
+                                scheduler=self.scheduler, config=cfg, keep_last=tcfg["keep_last"], files=files)
             if main and tcfg["sample_every"] and done % tcfg["sample_every"] == 0:
                 self.sample_grid(self.out / "samples" / f"step_{done:08d}.png")
         if log:
@@ -299,26 +302,32 @@ class Trainer:
         return last
 
     # --- export ---------------------------------------------------------------------------------------
-    def load_weights(self, path: Path) -> Trainer:
-        """Load the model and EMA weights of a checkpoint (not the optimizer): for export and sampling."""
-        checkpoint.load_weights(Path(path), model=self.model, ema=self.ema)
-        return self
-
-    def pipeline(self, use_ema: bool = True):
-        """The current (EMA) model as a :class:`~difflab.pipeline.Pipeline`."""
-        import copy
-
+    def _pipeline(self, network: nn.Module, vae: nn.Module | None):
         from difflab.pipeline import Pipeline
 
         s = self.config["sample"]
-        net = copy.deepcopy(self.ema.module if use_ema else self.model)
         guidance = {"method": s["guidance"], "options": dict(s["guidance_options"])} if s["guidance"] != "none" else {}
         dropout = self.config["loss"]["cond_dropout"] if self.num_classes or self.text is not None else None
         text = {"name": self.config["text"]["encoder"], "max_tokens": int(self.config["text"]["max_tokens"])} \
             if self.text is not None else None
-        return Pipeline(net, self.process, self.prediction.name, sample_shape=tuple(self.x.shape[1:]),
+        return Pipeline(network, self.process, self.prediction, sample_shape=tuple(self.x.shape[1:]),
                         sampler=s["sampler"], steps=s["steps"], schedule=s["schedule"], num_classes=self.num_classes,
-                        text_encoder=text, vae=copy.deepcopy(self.vae), guidance=guidance, cond_dropout=dropout)
+                        text_encoder=text, vae=vae, guidance=guidance, cond_dropout=dropout)
+
+    def pipeline_config(self, checkpoint_dir: Path) -> dict[str, Any]:
+        """What a checkpoint at ``checkpoint_dir`` carries for export: the pipeline's config, the
+        network's config and where the VAE folder is, relative to the checkpoint."""
+        config = {**self._pipeline(self.model, self.vae).config(), "network": self.model.to_config()}
+        if self.vae is not None:
+            config["vae_folder"] = os.path.relpath(self.vae_folder.resolve(), Path(checkpoint_dir).resolve())
+        return config
+
+    def pipeline(self, use_ema: bool = True):
+        """The current (EMA) model as a :class:`~difflab.pipeline.Pipeline` (copies of the networks)."""
+        import copy
+
+        net = copy.deepcopy(self.ema.module if use_ema else self.model)
+        return self._pipeline(net, copy.deepcopy(self.vae))
 
     # --- sampling -------------------------------------------------------------------------------------
     @torch.no_grad()
