@@ -10,6 +10,7 @@ SNR + 1 for VP v, 1 for x0, 1 / c_out^2 for EDM), the weight applied to the pred
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -101,3 +102,20 @@ def immiscible_noise(x0: Tensor, noise: Tensor) -> Tensor:
     cost = torch.cdist(x0.flatten(1).float(), noise.flatten(1).float()).cpu().numpy()
     _, cols = linear_sum_assignment(cost)
     return noise[torch.as_tensor(cols, device=noise.device)]
+
+
+@dataclass(frozen=True)
+class DiffusionObjective:
+    """The loss a trainer minimises: ``objective(net, batch, **cond)`` with ``batch`` holding ``x0``,
+    ``noise`` and ``t`` (a :class:`~difflab.training.batches.BatchPlan` draw) -> the mean
+    :func:`diffusion_loss`. Other recipes (distillation, adapters) pass their own callable of the same
+    form to the trainer."""
+
+    process: Process
+    prediction: predictions.Prediction
+    weighting: str = "none"
+    gamma: float = 5.0
+
+    def __call__(self, net: Callable[..., Tensor], batch: dict[str, Tensor], **cond: Any) -> Tensor:
+        return diffusion_loss(net, batch["x0"], self.process, self.prediction, t=batch["t"], noise=batch["noise"],
+                              weighting=self.weighting, gamma=self.gamma, **cond).mean()

@@ -1,9 +1,11 @@
 """The trainer: one loop for every network, process and prediction, resumable bit for bit.
 
-Exactness by construction: the data order of epoch e is a permutation seeded by (seed, e), and the
-noise, times and condition dropout of step s are drawn for the whole global batch from a generator
-seeded by (seed, s) and then split between ranks. So a resumed run, or a run on N processes, sees
-exactly the batches and noise of one uninterrupted single-process run.
+It composes the parts that each own one idea: the seeded batch plan (``batches.py``: what makes
+resume and DDP exact), the runtime (``setup.py``: device, DDP, mixed precision), the objective (a
+loss object, :class:`~difflab.training.losses.DiffusionObjective` by default) and the parameters
+it trains (all by default). :meth:`Trainer.steps` is the loop as a generator that hands each
+step's record to its caller; :meth:`Trainer.run` attaches the logs (``logs.py``) and writes
+``final/``. Distillation and adapter recipes reuse it with another objective and parameter choice.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import math
 import os
 import time
-import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,12 @@ from difflab import data as datasets
 from difflab import predictions, processes
 from difflab.models import from_config as network_from_config
 from difflab.training import checkpoint
+from difflab.training.batches import BatchPlan
 from difflab.training.config import ConfigError, differences
 from difflab.training.ema import ema_model
-from difflab.training.losses import diffusion_loss, drop_condition, immiscible_noise
+from difflab.training.losses import DiffusionObjective
 from difflab.training.optim import adamw
+from difflab.training.setup import setup
 
 Tensor = torch.Tensor
 
@@ -63,15 +67,6 @@ def build_model(config: dict, sample: Tensor, num_classes: int | None, text_dim:
         raise ConfigError(f"[model] section: {err}") from err
 
 
-def _tensorboard(directory: Path):
-    """A TensorBoard writer when the ``tensorboard`` package is installed (else None: JSON lines only)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(directory))
-
-
 def _lr_lambda(optim: dict, total: int):
     warmup, kind = int(optim["warmup_steps"]), optim["schedule"]
     if kind not in ("cosine", "constant", "linear"):
@@ -89,17 +84,17 @@ def _lr_lambda(optim: dict, total: int):
 
 
 class Trainer:
-    """``Trainer(config).run(resume=...)``; see :mod:`difflab.recipes` for the recipes."""
+    """``Trainer(config).run(resume=...)``; see :mod:`difflab.recipes` for the recipes.
 
-    def __init__(self, config: dict[str, Any]):
+    ``objective(net, batch, **cond) -> loss`` replaces the diffusion loss, and ``parameters(model)``
+    chooses what trains (the rest is frozen): the hooks for recipes that reuse this loop."""
+
+    def __init__(self, config: dict[str, Any], *,
+                 objective: Callable[..., Tensor] | None = None,
+                 parameters: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None):
         self.config = config
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-            else torch.device("cpu")
-        threads = int(config["train"]["num_threads"])
-        if threads > 0:
-            torch.set_num_threads(threads)
+        self.runtime = setup(config["train"])
+        self.rank, self.world, self.device = self.runtime.rank, self.runtime.world, self.runtime.device
         self.out = Path(config["out_dir"])
         data_cfg = config["data"]
         try:
@@ -113,38 +108,33 @@ class Trainer:
             self.num_classes, self.labels = None, None  # text replaces class labels
         self.vae = self._latents(progress=True)
         try:
-            pcfg = config["process"]
-            self.process = processes.from_config(pcfg)
+            self.process = processes.from_config(config["process"])
         except (TypeError, KeyError, ValueError) as err:
             raise ConfigError(f"[process] section: {err}") from err
         self.prediction = predictions.get(config["prediction"])
         torch.manual_seed(config["seed"])
         text_dim = self.text["context"].shape[-1] if self.text is not None else None
         self.model = build_model(config, self.x[0], self.num_classes, text_dim).to(self.device)
+        trained = list(parameters(self.model)) if parameters is not None else list(self.model.parameters())
+        chosen = {id(p) for p in trained}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in chosen)
+        self.trained = trained
         self.ema = ema_model(self.model, float(config["ema"]["decay"]), bool(config["ema"]["warmup"]))
         o = config["optim"]
-        self.optimizer = adamw(self.model.parameters(), o["lr"], betas=(o["beta1"], o["beta2"]),
-                               weight_decay=o["weight_decay"])
+        self.optimizer = adamw(trained, o["lr"], betas=(o["beta1"], o["beta2"]), weight_decay=o["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            _lr_lambda(o, int(config["train"]["steps"])))
-        self.batch = int(data_cfg["batch_size"])
-        if self.batch % self.world:
-            raise ConfigError(f"data.batch_size {self.batch} is not divisible by the {self.world} processes")
-        self.ddp = None
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            self.ddp = nn.parallel.DistributedDataParallel(self.model)
-        mp = config["train"]["mixed_precision"]
-        if mp not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {mp!r}")
-        if mp != "no" and self.device.type != "cuda":
-            warnings.warn("mixed precision is for CUDA; training in float32 on the CPU", stacklevel=2)
-            mp = "no"
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
-        self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" else None
+        lcfg = config["loss"]
+        try:
+            self.plan = BatchPlan(len(self.x), int(data_cfg["batch_size"]), int(config["seed"]), int(o["accumulate"]),
+                                  self.world, self.rank, lcfg["t_distribution"] or None, float(lcfg["cond_dropout"]),
+                                  bool(lcfg["immiscible"]))
+        except ValueError as err:
+            raise ConfigError(f"[data] / [optim]: {err}") from err
+        self.objective = objective or DiffusionObjective(self.process, self.prediction, lcfg["weighting"],
+                                                         float(lcfg["min_snr_gamma"]))
+        self.net = self.runtime.wrap(self.model)
 
     # --- conditioning and latents ------------------------------------------------------------------
     def _text_tables(self, captions: list[str] | None) -> dict[str, Any] | None:
@@ -184,75 +174,56 @@ class Trainer:
         self.x = encode_dataset(vae, self.x)
         return vae
 
-    # --- data and noise of one step ---------------------------------------------------------------
-    def _indices(self, step: int) -> Tensor:
-        n, b = len(self.x), self.batch
-        per_epoch = max(1, n // b)
-        epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config["seed"] * 100003 + epoch))
-        return perm[k * b: (k + 1) * b]
-
+    # --- one step's batch and loss ------------------------------------------------------------------
     def _batch(self, step: int, micro: int) -> dict[str, Tensor]:
-        """The global batch of (step, micro-step), its noise, t and labels; then this rank's slice."""
-        cfg = self.config
-        g = torch.Generator().manual_seed((cfg["seed"] * 1_000_003 + step) * 64 + micro)
-        idx = self._indices(step * cfg["optim"]["accumulate"] + micro)
-        x0 = self.x[idx]
-        noise = torch.randn(x0.shape, generator=g)
-        if cfg["loss"]["immiscible"]:
-            noise = immiscible_noise(x0, noise)
-        t = self.process.sample_t(len(idx), distribution=cfg["loss"]["t_distribution"] or None, generator=g)
-        out = {"x0": x0, "noise": noise, "t": t}
-        if self.labels is not None and self.num_classes:
-            out["labels"] = drop_condition(self.labels[idx], cfg["loss"]["cond_dropout"], g)
-        if self.text is not None:  # index -1 is the null (empty) caption
-            out["caption"] = drop_condition(self.text["index"][idx], cfg["loss"]["cond_dropout"], g)
-        share = len(idx) // self.world
-        return {k: v[self.rank * share: (self.rank + 1) * share].to(self.device) for k, v in out.items()}
+        """This rank's share of the batch of (step, micro-step), on the device."""
+        labels = self.labels if self.num_classes else None
+        captions = self.text["index"] if self.text is not None else None
+        batch = self.plan.draw(step, micro, self.process, self.x, labels, captions)
+        return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _loss(self, batch: dict[str, Tensor]) -> Tensor:
-        net = self.ddp or self.model
-        cond = {"class_labels": batch["labels"]} if "labels" in batch else {}
+    def _conditions(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The network's condition inputs for a batch: class labels, or the caption rows' text tables."""
         if "caption" in batch:
             cond = {key: self.text[key][batch["caption"]] for key in ("context", "context_mask")}
             if getattr(self.model.config, "pooled_dim", None):
                 cond["pooled"] = self.text["pooled"][batch["caption"]]
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            loss = diffusion_loss(net, batch["x0"], self.process, self.prediction, t=batch["t"],
-                                  noise=batch["noise"], weighting=self.config["loss"]["weighting"],
-                                  gamma=self.config["loss"]["min_snr_gamma"], **cond)
-        return loss.mean()
+            return cond
+        return {"class_labels": batch["labels"]} if "labels" in batch else {}
+
+    def _loss(self, batch: dict[str, Tensor]) -> Tensor:
+        with self.runtime.autocast():
+            return self.objective(self.net, batch, **self._conditions(batch))
 
     # --- the loop -----------------------------------------------------------------------------------
-    def run(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-        from tqdm import tqdm
+    def resume(self) -> int:
+        """Load the run's latest checkpoint (made with this config); returns its step."""
+        found = checkpoint.latest(self.out)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+        saved = json.loads((found / "trainer.json").read_text())
+        diff = differences(saved["config"], self.config)
+        if diff:
+            raise ConfigError(f"checkpoint {found} was made with another config; differing fields:\n  "
+                              + "\n  ".join(diff))
+        return checkpoint.load(found, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                               scheduler=self.scheduler)["step"]
 
+    def _open_run_directory(self) -> None:
+        if self.runtime.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.config, indent=1))
+
+    def steps(self, start: int = 0) -> Iterator[dict[str, Any]]:
+        """The training loop from step ``start`` (see :meth:`resume`) as a generator: one record per
+        optimizer step (step, loss, grad_norm, lr, seconds), after that step's checkpoint (if due) is
+        written. Stops on a non-finite loss."""
         cfg, tcfg = self.config, self.config["train"]
         total, accumulate = int(tcfg["steps"]), int(cfg["optim"]["accumulate"])
-        start = 0
-        if resume:
-            found = checkpoint.latest(self.out)
-            if found is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
-            saved = json.loads((found / "trainer.json").read_text())
-            diff = differences(saved["config"], cfg)
-            if diff:
-                raise ConfigError(f"checkpoint {found} was made with another config; differing fields:\n  "
-                                  + "\n  ".join(diff))
-            start = checkpoint.load(found, model=self.model, ema=self.ema, optimizer=self.optimizer,
-                                    scheduler=self.scheduler)["step"]
-        main = self.rank == 0
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg, indent=1))
-        log = open(self.out / "metrics.jsonl", "a") if main else None
-        board = _tensorboard(self.out / "tensorboard") if main and tcfg["tensorboard"] else None
-        last: dict[str, Any] = {}
-        bar = tqdm(range(start, total), initial=start, total=total, disable=not (progress and main),
-                   desc="train", dynamic_ncols=True)
-        t0 = time.time()
+        self._open_run_directory()
+        scaler, t0 = self.runtime.scaler, time.time()
         self.model.train()
-        for step in bar:
+        for step in range(start, total):
             torch.manual_seed(cfg["seed"] * 7919 + step)  # dropout and any other global draws
             self.optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
@@ -263,45 +234,65 @@ class Trainer:
                     raise TrainingError(
                         f"the loss is {float(loss.detach())} at step {step}; training stopped and nothing was "
                         f"overwritten. Last good checkpoint: {good or 'none'}. Lower optim.lr or set optim.grad_clip.")
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                (scaler.scale(loss) if scaler else loss).backward()
                 total_loss += float(loss.detach())
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
+            if scaler:
+                scaler.unscale_(self.optimizer)
             clip = float(cfg["optim"]["grad_clip"])
-            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf))
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            grad_norm = float(nn.utils.clip_grad_norm_(self.trained, clip if clip > 0 else math.inf))
+            if scaler:
+                scaler.step(self.optimizer)
+                scaler.update()
             else:
                 self.optimizer.step()
             self.scheduler.step()
             self.ema.update_parameters(self.model)
             done = step + 1
-            last = {"step": done, "loss": total_loss, "grad_norm": grad_norm,
-                    "lr": self.scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
-            if main and (done % tcfg["log_every"] == 0 or done == total):
-                log.write(json.dumps(last) + "\n")
-                if board is not None:
-                    for key in ("loss", "grad_norm", "lr"):
-                        board.add_scalar(f"train/{key}", last[key], done)
-                log.flush()
-                bar.set_postfix(loss=f"{total_loss:.4f}")
-            if main and (done % tcfg["checkpoint_every"] == 0 or done == total):
+            if self.runtime.main and (done % tcfg["checkpoint_every"] == 0 or done == total):
                 files = {"pipeline.json": json.dumps(self.pipeline_config(checkpoint.path_of(self.out, done)),
                                                      indent=1).encode()}
                 checkpoint.save(self.out, done, model=self.model, ema=self.ema, optimizer=self.optimizer,
                                 scheduler=self.scheduler, config=cfg, keep_last=tcfg["keep_last"], files=files)
-            if main and tcfg["sample_every"] and done % tcfg["sample_every"] == 0:
-                self.sample_grid(self.out / "samples" / f"step_{done:08d}.png")
-        if log:
-            log.close()
-        if board is not None:
-            board.close()
-        if main:
+            yield {"step": done, "loss": total_loss, "grad_norm": grad_norm,
+                   "lr": self.scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
+
+    def default_logs(self, start: int, progress: bool = True) -> list:
+        """The logs a recipe's ``[train]`` section asks for: JSON lines, TensorBoard, a progress bar,
+        preview grids. Only the main process logs."""
+        from difflab.training import logs
+
+        if not self.runtime.main:
+            return []
+        tcfg = self.config["train"]
+        total, every = int(tcfg["steps"]), int(tcfg["log_every"])
+        out = [logs.JsonLines(self.out / "metrics.jsonl", every, total)]
+        if tcfg["tensorboard"]:
+            out.append(logs.TensorBoard(self.out / "tensorboard", every, total))
+        out.append(logs.ProgressBar(start, total, every, enabled=progress))
+        if tcfg["sample_every"]:
+            out.append(logs.Every(int(tcfg["sample_every"]),
+                                  lambda step: self.sample_grid(self.out / "samples" / f"step_{step:08d}.png")))
+        return out
+
+    def run(self, resume: bool = False, progress: bool = True, logs: list | None = None) -> dict[str, Any]:
+        """Train to ``train.steps`` with ``logs`` (default: :meth:`default_logs`) watching, then write
+        ``final/`` (a pipeline of the EMA weights). Returns the last record."""
+        start = self.resume() if resume else 0
+        self._open_run_directory()
+        attached = self.default_logs(start, progress) if logs is None else logs
+        last: dict[str, Any] = {}
+        try:
+            for record in self.steps(start):
+                for log in attached:
+                    log(record)
+                last = record
+        finally:
+            for log in attached:
+                log.close()
+        if self.runtime.main:
             self.pipeline().save_pretrained(self.out / "final")
         return last
 
-    # --- export ---------------------------------------------------------------------------------------
     def _pipeline(self, network: nn.Module, vae: nn.Module | None):
         from difflab.pipeline import Pipeline
 
