@@ -2,6 +2,7 @@
 virtual environment (its dependencies borrowed from this one), and run the demos from elsewhere."""
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -15,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # a copy: setuptools writes build/ beside the sources it builds
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
+                            "-w", str(tmp / "dist"), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp / "dist").glob("difflab-*.whl"))
     env_dir = tmp / "venv"

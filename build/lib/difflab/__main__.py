@@ -1,5 +1,0 @@
-import sys
-
-from difflab.cli import main
-
-sys.exit(main())

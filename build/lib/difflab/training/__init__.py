@@ -1,1 +1,0 @@
-"""Training: losses and weightings (``losses.py``); the trainer, checkpoints and recipes follow."""
