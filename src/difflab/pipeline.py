@@ -105,8 +105,8 @@ class Pipeline:
         return {"format": FORMAT, "version": VERSION, "process": self.process.to_config(),
                 "prediction": self.prediction.to_config(), "sample_shape": list(self.sample_shape),
                 "sampler": self.sampler, "steps": self.steps, "schedule": self.schedule,
-                "num_classes": self.num_classes, "text_encoder": self.text_encoder_config, "latent": self.vae is not None, "guidance": self.guidance,
-                "cond_dropout": self.cond_dropout}
+                "num_classes": self.num_classes, "text_encoder": self.text_encoder_config,
+                "latent": self.vae is not None, "guidance": self.guidance, "cond_dropout": self.cond_dropout}
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write the folder; ``pipeline.json`` last, so a half-written folder is never a pipeline."""
