@@ -85,3 +85,34 @@ def test_every_network_config_round_trips_through_json(kind):
     config = _json(net.to_config())
     rebuilt = models.from_config(config)
     assert type(rebuilt) is cls and rebuilt.config == net.config and _json(rebuilt.to_config()) == config
+
+
+def test_sampler_specs_round_trip_and_are_checked_when_made():
+    spec = samplers.SamplerSpec("unipc", 7, "logsnr", options={"order": 3})
+    config = _json(spec.to_config())
+    assert samplers.SamplerSpec.from_config(config) == spec
+    explicit = samplers.SamplerSpec("ddim", 3, (0.9, 0.5, 0.1))
+    assert samplers.SamplerSpec.from_config(_json(explicit.to_config())) == explicit
+    den = Denoiser.from_fn(lambda x, t: 0.5 * x, processes.Flow(), "x0")
+    noise = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(spec(den, noise), samplers.sample(den, noise, "unipc", 7, "logsnr", order=3))
+    with pytest.raises(ValueError, match="unknown sampler"):
+        samplers.SamplerSpec("dpmpp_9m")
+    with pytest.raises(ValueError, match="takes no option"):
+        samplers.SamplerSpec("ddim", options={"order": 2})
+    with pytest.raises(ValueError, match="steps must be"):
+        samplers.SamplerSpec("ddim", 0)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        samplers.SamplerSpec("ddim", 4, "fancy")
+
+
+def test_an_unknown_sampler_in_a_recipe_fails_before_training(tmp_path):
+    from difflab import recipes
+    from difflab.training import config as train_config
+    from difflab.training.config import ConfigError
+    from difflab.training.trainer import Trainer
+
+    cfg = train_config.load(recipes.path("toy2d"), [f"out_dir={tmp_path}", "sample.sampler='dpmpp_9m'"])
+    with pytest.raises(ConfigError, match=r"\[sample\] section: unknown sampler 'dpmpp_9m'"):
+        Trainer(cfg)
+    assert not tmp_path.joinpath("final").exists()

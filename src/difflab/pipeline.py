@@ -93,6 +93,12 @@ class Pipeline:
                  cond_dropout: float | None = None):
         self.network, self.process, self.prediction = network.eval(), process, predictions.get(prediction)
         self.sample_shape = tuple(int(s) for s in sample_shape)
+        from difflab.samplers import SamplerSpec
+
+        try:
+            SamplerSpec(sampler, int(steps), schedule)  # the defaults are checked when the pipeline is made
+        except ValueError as err:
+            raise PipelineError(f"the pipeline's default sampling: {err}") from err
         self.sampler, self.steps, self.schedule = sampler, int(steps), schedule
         self.num_classes, self.text_encoder_config, self.vae = num_classes, text_encoder, vae
         self.guidance, self.cond_dropout = dict(guidance or {}), cond_dropout

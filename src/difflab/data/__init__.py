@@ -19,9 +19,15 @@ REGISTRY.add("shapes", Shapes, "difflab's procedurally drawn shapes with caption
 REGISTRY.add("folder", ImageFolder, "a folder of images, optional class subfolders and captions")
 REGISTRY.add("hf", hf_dataset, "a Hugging Face dataset from local files")
 
-__all__ = ["REGISTRY", "Digits", "ImageFolder", "Shapes", "Toy2D", "build", "hf_dataset"]
+__all__ = ["REGISTRY", "Digits", "ImageFolder", "Shapes", "Toy2D", "build", "from_config", "hf_dataset"]
 
 
 def build(name: str, **options: Any):
     """A dataset by name with its options (``toy2d``, ``digits``, ``shapes``, ``folder``, ``hf``)."""
     return REGISTRY.get(name)(**options)
+
+
+def from_config(config: dict[str, Any]):
+    """A dataset from ``{"name": ..., **options}`` (a recipe's ``[data]`` name and options)."""
+    config = dict(config)
+    return build(config.pop("name", None), **config)

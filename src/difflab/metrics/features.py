@@ -73,6 +73,12 @@ def get(name: str, **options) -> Extractor:
     return REGISTRY.get(name)(**options)
 
 
+def from_config(config: dict) -> Extractor:
+    """A feature extractor from ``{"name": ..., **options}`` (the config a metrics report records)."""
+    config = dict(config)
+    return get(config.pop("name", None), **config)
+
+
 @torch.no_grad()
 def extract(extractor: Extractor, images: Tensor, batch_size: int = 500) -> Tensor:
     """Features of many images, in batches, on the CPU."""

@@ -6,6 +6,7 @@ Each is registered by name (``available()``); :func:`sample` is the public entry
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from difflab.samplers.base import (
 
 Tensor = torch.Tensor
 
-__all__ = ["Grid", "SamplerInfo", "available", "get", "noise_like", "reference", "register", "sample"]
+__all__ = ["Grid", "SamplerInfo", "SamplerSpec", "available", "get", "noise_like", "reference", "register", "sample"]
 
 
 def reference(name: str) -> str:
@@ -84,3 +85,43 @@ def sample(
     with torch.no_grad():
         out = info.fn(bound, x, ts, generator=generator, callback=callback, **options)
     return (out, bound.evals) if return_nfe else out
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A way to sample, as data: sampler name, steps, schedule name (or an explicit grid of t) with
+    its options, and the sampler's options. Checked when made, so a recipe or pipeline with an
+    unknown sampler, option or schedule fails at once, not after training; ``to_config`` /
+    ``from_config`` round-trip it through JSON; ``spec(denoiser, noise, ...)`` samples."""
+
+    name: str = "dpmpp_2m"
+    steps: int = 20
+    schedule: str | tuple[float, ...] = "karras"
+    options: dict[str, Any] = field(default_factory=dict)
+    schedule_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_options(self.name, self.options)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
+        if isinstance(self.schedule, str):
+            schedules.REGISTRY.get(self.schedule)
+        else:
+            object.__setattr__(self, "schedule", tuple(float(v) for v in self.schedule))
+
+    def to_config(self) -> dict[str, Any]:
+        schedule = self.schedule if isinstance(self.schedule, str) else list(self.schedule)
+        return {"name": self.name, "steps": self.steps, "schedule": schedule, "options": dict(self.options),
+                "schedule_options": dict(self.schedule_options)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SamplerSpec:
+        unknown = sorted(set(config) - {"name", "steps", "schedule", "options", "schedule_options"})
+        if unknown:
+            raise ValueError(f"a sampler spec has no field(s) {', '.join(unknown)}; its fields are name, steps, "
+                             "schedule, options, schedule_options")
+        return cls(**config)
+
+    def __call__(self, denoiser: Any, noise: Tensor, **kw: Any) -> Tensor | tuple[Tensor, int]:
+        return sample(denoiser, noise, self.name, self.steps, self.schedule,
+                      schedule_options=self.schedule_options or None, **self.options, **kw)

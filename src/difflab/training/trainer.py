@@ -83,6 +83,19 @@ def _lr_lambda(optim: dict, total: int):
     return fn
 
 
+def _check_sampling(section: dict[str, Any]) -> None:
+    """A recipe's ``[sample]`` section, checked before training (its sampler is used at the end)."""
+    from difflab import guidance
+    from difflab.samplers import SamplerSpec
+
+    try:
+        SamplerSpec(section["sampler"], section["steps"], section["schedule"])
+        if section["guidance"] != "none":
+            guidance.get(section["guidance"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"[sample] section: {err}") from err
+
+
 class Trainer:
     """``Trainer(config).run(resume=...)``; see :mod:`difflab.recipes` for the recipes.
 
@@ -93,6 +106,7 @@ class Trainer:
                  objective: Callable[..., Tensor] | None = None,
                  parameters: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None):
         self.config = config
+        _check_sampling(config["sample"])  # before anything is built or trained
         self.runtime = setup(config["train"])
         self.rank, self.world, self.device = self.runtime.rank, self.runtime.world, self.runtime.device
         self.out = Path(config["out_dir"])
