@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +39,14 @@ def _tensors(ckpt: Path) -> dict:
     return out
 
 
+def assert_same_checkpoint(a_dir: Path, b_dir: Path) -> None:
+    """Every model, EMA and optimizer tensor of two checkpoints equal bit for bit."""
+    a, b = _tensors(a_dir), _tensors(b_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_killed_run_resumes_bit_identical(tmp_path):
     steps = ["train.steps=1500", "train.checkpoint_every=100"]
     ref = _cli(tmp_path / "ref", *steps)
@@ -53,11 +62,8 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     assert not (tmp_path / "cut" / "final").exists()
     resumed = _cli(tmp_path / "cut", *steps, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = _tensors(tmp_path / "ref" / "checkpoints" / "step_00001500")
-    b = _tensors(tmp_path / "cut" / "checkpoints" / "step_00001500")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_checkpoint(tmp_path / "ref" / "checkpoints" / "step_00001500",
+                           tmp_path / "cut" / "checkpoints" / "step_00001500")
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
@@ -146,16 +152,11 @@ def test_resume_is_bit_identical_for_every_network_kind(tmp_path, kind):
         conv = next(p for p in trainer.model.parameters() if p.ndim == 4 and p.shape[-1] > 1 and p.shape[1] > 1)
         assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     trainer.run(progress=False)
-    import shutil
-
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_00000006")  # as if killed after step 3
     shutil.rmtree(tmp_path / "cut" / "final")
     Trainer(cut).run(resume=True, progress=False)
-    a = _tensors(tmp_path / "full" / "checkpoints" / "step_00000006")
-    b = _tensors(tmp_path / "cut" / "checkpoints" / "step_00000006")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_checkpoint(tmp_path / "full" / "checkpoints" / "step_00000006",
+                           tmp_path / "cut" / "checkpoints" / "step_00000006")
 
 
 def test_optimizer_state_from_another_model_is_refused(tmp_path):

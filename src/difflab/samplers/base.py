@@ -190,6 +190,18 @@ def churn(x: Tensor, alpha: float, alpha_hat: float, extra: float, s_noise: floa
     return (alpha_hat / alpha) * x + (alpha_hat * extra * s_noise) * noise_like(x, generator)
 
 
+def churned_denoise(denoiser: Callable[[Tensor, Tensor], Tensor], x: Tensor, i: int, grid: Grid,
+                    hats: list[tuple[float, float, float, float]], t_hat: Tensor, s_noise: float,
+                    generator: Generator, callback: Callback) -> tuple[Tensor, Tensor]:
+    """Step ``i`` of a churned sampler: raise x to its step's churned level (:func:`churn_points`),
+    then denoise it there (reported to the callback). Returns (raised x, its denoised estimate)."""
+    _, a_hat, _, extra = hats[i]
+    x = churn(x, grid.alpha[i], a_hat, extra, s_noise, generator)
+    d = denoiser(x, t_hat[i])
+    emit(callback, i, t_hat[i], x, d)
+    return x, d
+
+
 # --- registry ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplerInfo:

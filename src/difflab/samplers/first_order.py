@@ -12,8 +12,8 @@ from difflab.samplers.base import (
     Generator,
     Grid,
     ancestral_split,
-    churn,
     churn_points,
+    churned_denoise,
     ddim_coefficients,
     emit,
     noise_like,
@@ -96,10 +96,8 @@ def sample_euler(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = N
     times = grid.times([h[0] for h in hats])
     for i in range(grid.steps):
         j = i + 1
-        _, a_hat, s_hat, extra = hats[i]
-        x = churn(x, grid.alpha[i], a_hat, extra, s_noise, generator)
-        d = denoiser(x, times[i])
-        emit(callback, i, times[i], x, d)
+        _, a_hat, s_hat, _ = hats[i]
+        x, d = churned_denoise(denoiser, x, i, grid, hats, times, s_noise, generator, callback)
         cx, cd = ddim_coefficients(a_hat, s_hat, grid.alpha[j], grid.sigma[j])
         x = cx * x + cd * d
     return x

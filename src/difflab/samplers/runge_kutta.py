@@ -11,10 +11,9 @@ from difflab.samplers.base import (
     DenoiseFn,
     Generator,
     Grid,
-    churn,
     churn_points,
+    churned_denoise,
     coords,
-    emit,
     level_point,
     register,
     resolve_variable,
@@ -39,10 +38,8 @@ def sample_heun(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = No
     times = grid.times()
     for i in range(grid.steps):
         j = i + 1
-        _, a_hat, s_hat, extra = hats[i]
-        x = churn(x, grid.alpha[i], a_hat, extra, s_noise, generator)
-        d = denoiser(x, t_hat[i])
-        emit(callback, i, t_hat[i], x, d)
+        _, a_hat, s_hat, _ = hats[i]
+        x, d = churned_denoise(denoiser, x, i, grid, hats, t_hat, s_noise, generator, callback)
         if grid.is_final(i):
             x = d
             continue
@@ -80,10 +77,8 @@ def sample_dpm_2(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = N
     t_mid = grid.times([m[0] for m in mids])
     for i in range(grid.steps):
         j = i + 1
-        _, a_hat, s_hat, extra = hats[i]
-        x = churn(x, grid.alpha[i], a_hat, extra, s_noise, generator)
-        d = denoiser(x, t_hat[i])
-        emit(callback, i, t_hat[i], x, d)
+        _, a_hat, s_hat, _ = hats[i]
+        x, d = churned_denoise(denoiser, x, i, grid, hats, t_hat, s_noise, generator, callback)
         if grid.is_final(i):
             x = d
             continue
