@@ -78,7 +78,7 @@ def _guidance_options(args: argparse.Namespace) -> dict:
 def _sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from difflab.models.base import write_atomic
+    from difflab.files import write_atomic
     from difflab.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.pipeline)
@@ -109,8 +109,8 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from difflab import metrics
+    from difflab.files import write_atomic
     from difflab.metrics.reference import load_reference
-    from difflab.models.base import write_atomic
     from difflab.pipeline import Pipeline
 
     names = tuple(m.strip() for m in args.metrics.split(",") if m.strip())

@@ -26,8 +26,8 @@ import torch
 
 from difflab import predictions, processes
 from difflab.denoiser import Denoiser
+from difflab.files import write_atomic
 from difflab.models import Network
-from difflab.models.base import write_atomic
 
 Tensor = torch.Tensor
 FORMAT = "difflab-pipeline"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from difflab.files import FileError, load_state, load_tensors, read_json, save_tensors, write_json
 from difflab.models.layers import Attention, attention_layers, attention_processor
 
 
@@ -141,58 +141,30 @@ class Network(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` (each atomically: temporary file, rename)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}  # channels-last too
-        write_atomic(directory / "config.json", json.dumps(self.to_config(), indent=1).encode())
-        tmp = directory / "model.safetensors.tmp"
-        save_file(tensors, tmp)
-        os.replace(tmp, directory / "model.safetensors")
+        write_json(directory / "config.json", self.to_config())
+        save_tensors(directory / "model.safetensors", self.state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> Network:
         """Rebuild from :meth:`save_pretrained`; weights that do not fit the config are named."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
             raise FileNotFoundError(f"{directory} holds no saved network (config.json and model.safetensors)")
-        config = json.loads((directory / "config.json").read_text())
+        config = read_json(directory / "config.json", "network config")
+        if not isinstance(config, dict):
+            raise FileError(f"{directory / 'config.json'} is not a network config (a JSON object with 'kind')")
         if cls is not Network and config.get("kind") != cls.kind:
             raise ValueError(f"{directory} holds a {config.get('kind')!r} network, not a {cls.kind!r}")
         from difflab.models import from_config
 
-        net = from_config(config)
-        load_checked(net, load_file(directory / "model.safetensors"), str(directory))
+        try:
+            net = from_config(config)
+        except (TypeError, ValueError) as err:
+            raise FileError(f"{directory / 'config.json'}: {err}") from None
+        load_state(net, load_tensors(directory / "model.safetensors", "network weights"), str(directory))
         return net
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to ``path`` through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def load_checked(net: nn.Module, state: dict[str, Any], source: str) -> None:
-    """``load_state_dict`` with an error that names missing, unexpected and mis-shaped weights."""
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"wrong shapes {len(shapes)} (e.g. {'; '.join(shapes[:3])})")
-        raise ValueError(f"the weights in {source} do not match the network's config: {', '.join(parts)}")
-    net.load_state_dict(state)
 
 
 def check_image(owner: str, x: torch.Tensor, channels: int, multiple: int, unit: str) -> None:

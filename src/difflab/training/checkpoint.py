@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from difflab.files import FileError, load_state, load_tensors, read_json, save_tensors
 
 
 def _flat_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -54,11 +55,11 @@ def save(out_dir: Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Modu
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_tensors(tmp / "model.safetensors", model.state_dict())
     if ema is not None:
-        save_file({k: v.detach().contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        save_tensors(tmp / "ema.safetensors", ema.state_dict())
     opt_tensors, opt_meta = _flat_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    save_tensors(tmp / "optimizer.safetensors", opt_tensors)
     trainer = {"step": step, "config": config, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
                "cpu_rng": torch.get_rng_state().tolist(), **(extra or {})}
     for name, data in (files or {}).items():
@@ -77,12 +78,13 @@ def latest(out_dir: Path) -> Path | None:
 
 
 def load_weights(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None) -> None:
-    """The model's (checked against its config) and, when saved, the EMA's weights of a checkpoint."""
-    from difflab.models.base import load_checked
-
-    load_checked(model, load_file(path / "model.safetensors"), str(path))
-    if ema is not None and (path / "ema.safetensors").is_file():
-        ema.load_state_dict(load_file(path / "ema.safetensors"))
+    """The model's and the EMA's weights of a checkpoint, each checked against its target (a
+    checkpoint without its EMA is refused: resuming would continue from the random initial EMA)."""
+    load_state(model, load_tensors(path / "model.safetensors", "checkpoint weights"), str(path / "model.safetensors"))
+    if ema is not None:
+        if not (path / "ema.safetensors").is_file():
+            raise FileError(f"{path} has no ema.safetensors: the checkpoint is incomplete; resume from the one before")
+        load_state(ema, load_tensors(path / "ema.safetensors", "checkpoint EMA weights"), str(path / "ema.safetensors"))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
@@ -120,22 +122,22 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
 
 def load_network(path: Path, network: torch.nn.Module, *, ema: bool = True) -> None:
     """A checkpoint's EMA (or, with ``ema=False``, raw) weights onto a bare network, checked."""
-    from difflab.models.base import load_checked
-
     if not ema:
-        load_checked(network, load_file(path / "model.safetensors"), str(path / "model.safetensors"))
+        weights = load_tensors(path / "model.safetensors", "checkpoint weights")
+        load_state(network, weights, str(path / "model.safetensors"))
         return
-    averaged = load_file(path / "ema.safetensors")  # an AveragedModel: module.* and its update count
+    # an AveragedModel's state: module.* and its update count
+    averaged = load_tensors(path / "ema.safetensors", "checkpoint EMA weights")
     weights = {k[len("module."):]: v for k, v in averaged.items() if k.startswith("module.")}
-    load_checked(network, weights, str(path / "ema.safetensors"))
+    load_state(network, weights, str(path / "ema.safetensors"))
 
 
 def load(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
          scheduler: Any) -> dict:
     """Everything a resumed run needs: weights, optimizer, LR schedule and the CPU RNG."""
-    trainer = json.loads((path / "trainer.json").read_text())
+    trainer = read_json(path / "trainer.json", "checkpoint record")
     load_weights(path, model=model, ema=ema)
-    load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), trainer["optimizer"],
+    load_optimizer(optimizer, load_tensors(path / "optimizer.safetensors", "optimizer state"), trainer["optimizer"],
                    str(path / "optimizer.safetensors"))
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(torch.tensor(trainer["cpu_rng"], dtype=torch.uint8))

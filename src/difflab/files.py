@@ -1,0 +1,95 @@
+"""Reading and writing difflab's files safely: atomic writes, and readers that name the file and
+say what is wrong with it (missing, empty, truncated, corrupt, not JSON) and what to do.
+
+Every file difflab writes goes through :func:`write_atomic` / :func:`save_tensors` (a temporary
+file, then a rename, so a crash never leaves half a file); every file it reads through
+:func:`read_json` / :func:`load_tensors`. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class FileError(ValueError):
+    """A file difflab needs is missing or damaged; the message names it."""
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    write_atomic(path, json.dumps(value, indent=1).encode())
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors, written atomically; channels-last and other strided tensors are saved contiguous."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _exists(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise FileError(f"{path} does not exist ({what} expected there)")
+    if path.stat().st_size == 0:
+        raise FileError(f"{path} is empty: the {what} was not written completely. Write it again (or, for a "
+                        "checkpoint, resume from the one before).")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """A JSON file, or a :class:`FileError` naming it and what is wrong."""
+    path = Path(path)
+    _exists(path, what)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FileError(f"{path} is not valid JSON ({err}); the {what} is damaged: write it again") from None
+
+
+def load_tensors(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
+    """A safetensors file, or a :class:`FileError` that says whether it is truncated or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    _exists(path, what)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        size = path.stat().st_size
+        kind = "truncated" if "incomplete" in str(err).lower() or "size" in str(err).lower() else "corrupt"
+        raise FileError(f"{path} ({size} bytes) is {kind}: not a readable safetensors file ({err}). The {what} "
+                        "must be written again (or, for a checkpoint, resume from the one before).") from None
+
+
+def load_state(net: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` with an error that names missing, unexpected and mis-shaped weights."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"wrong shapes {len(shapes)} (e.g. {'; '.join(shapes[:3])})")
+        raise ValueError(f"the weights in {source} do not match the network's config: {', '.join(parts)}")
+    net.load_state_dict(state)
