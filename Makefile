@@ -21,7 +21,7 @@ $(BIN)/.installed-dev: $(BIN)/.installed
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/difflab demo --out outputs/demo
+	$(BIN)/difflab demo --out outputs/demo --overwrite
 
 test: $(BIN)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest

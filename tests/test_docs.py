@@ -12,5 +12,6 @@ BLOCKS = [(page, i, code) for page in PAGES
 
 
 @pytest.mark.parametrize(("page", "index", "code"), BLOCKS, ids=[f"{p.name}-{i}" for p, i, _ in BLOCKS])
-def test_doc_example_runs(page, index, code):
+def test_doc_example_runs(page, index, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what an example writes (outputs/...) goes to a fresh folder
     exec(compile(code, f"{page.name}[{index}]", "exec"), {})

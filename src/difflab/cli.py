@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -36,7 +39,8 @@ def _demo(args: argparse.Namespace) -> int:
     from difflab import demo
 
     if args.kind == "digits":
-        metrics = demo.run_digits(args.out, overrides=args.set, steps=args.steps or 20, progress=not args.no_progress)
+        metrics = demo.run_digits(args.out, overrides=args.set, steps=args.steps or 20, progress=not args.no_progress,
+                                  overwrite=args.overwrite)
         print(json.dumps(metrics, indent=1))
         print(f"wrote {args.out}/samples.png and {args.out}/metrics.json")
         return 0
@@ -54,7 +58,7 @@ def _train(args: argparse.Namespace) -> int:
     from difflab.training.trainer import Trainer
 
     cfg = train_config.load(args.config, args.set)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=args.overwrite)
     last = trainer.run(resume=args.resume, progress=not args.no_progress)
     if trainer.rank == 0:
         grid = trainer.sample_grid(trainer.out / "samples" / "final.png")
@@ -75,14 +79,17 @@ def _guidance_options(args: argparse.Namespace) -> dict:
     return opts
 
 
+SAMPLE_OUTPUTS = ("grid.png", "[0-9][0-9][0-9][0-9][0-9].png", "[0-9][0-9][0-9][0-9][0-9].json", "reproduced.*")
+
+
 def _sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from difflab.files import write_atomic
+    from difflab.files import claim_output, write_atomic
     from difflab.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.pipeline)
-    out = Path(args.out)
+    out = claim_output(args.out, SAMPLE_OUTPUTS, overwrite=args.overwrite, what="samples")
     if args.settings:
         settings = json.loads(Path(args.settings).read_text())
         image = pipe.reproduce(settings)
@@ -106,10 +113,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from difflab import metrics
-    from difflab.files import write_atomic
+    from difflab.files import claim_output, write_atomic
     from difflab.metrics.reference import load_reference
     from difflab.pipeline import Pipeline
 
@@ -123,8 +129,7 @@ def _eval(args: argparse.Namespace) -> int:
     result = metrics.compare(reference, fake, names, features=args.features, seed=args.seed, **options)
     result.update({"pipeline": str(args.pipeline), "reference": args.reference, "steps": args.steps or pipe.steps,
                    "sampler": args.sampler or pipe.sampler, "guidance": args.guidance or "default"})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(args.out, ("metrics.json", "metrics.md"), overwrite=args.overwrite, what="evaluation")
     write_atomic(out / "metrics.json", json.dumps(result, indent=1).encode())
     text = metrics.table([{**result, "features": args.features}], ["sampler", "steps", "features"])
     write_atomic(out / "metrics.md", (text + "\n").encode())
@@ -134,10 +139,20 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from difflab.files import claim_output
     from difflab.training.export import export
 
     pipe = export(args.run, use_ema=not args.no_ema)
-    print(f"wrote {pipe.save_pretrained(args.out)}")
+    out = Path(args.out)
+    if out.exists():  # checked before anything is written; the new pipeline replaces the old whole
+        claim_output(out, (), overwrite=args.overwrite, what="pipeline")
+    tmp = out.with_name(f".{out.name}.exporting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -157,6 +172,7 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflab", description="Diffusion and flow-matching toolkit.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="list processes, predictions, samplers, schedules and guidance with references")
     p.set_defaults(func=_info)
@@ -169,12 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--steps", type=int, help="sampling steps (default: 20 for digits, 10 for analytic)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out (default: refuse)")
     p.set_defaults(func=_demo)
     p = sub.add_parser("train", help="train a model from a TOML recipe (a file or a built-in recipe name)")
     p.add_argument("config", nargs="?", help="TOML recipe; defaults apply to what it leaves out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=200 --set optim.lr=1e-3")
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in out_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in out_dir (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
     p = sub.add_parser("sample", help="sample a pipeline: a grid, the images, and per image a JSON of its settings")
@@ -184,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="text prompt (repeat for one per image)")
     p.add_argument("--settings", help="an image's JSON: make exactly that image again")
     p.add_argument("--out", default="outputs/samples")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out (default: refuse)")
     p.set_defaults(func=_sample)
     p = sub.add_parser("eval", help="FD / KID / precision-recall of a pipeline's samples against reference images")
     _add_sampling_options(p)
@@ -194,18 +213,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="digits:test", help="digits:train, digits:test, shapes, or an image folder")
     p.add_argument("--n-reference", type=int, help="at most this many reference images")
     p.add_argument("--out", default="outputs/eval")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     p.set_defaults(func=_eval)
     p = sub.add_parser("export", help="turn a training run (latest checkpoint) or one checkpoint into a pipeline")
     p.add_argument("run", help="a run directory (OUT_DIR) or a checkpoint (OUT_DIR/checkpoints/step_N)")
     p.add_argument("--out", required=True, help="pipeline folder to write")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
     p.set_defaults(func=_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run a command; an error prints one line (what, where, what to do) and exits 1. ``--debug`` or
+    ``DIFFLAB_DEBUG=1`` shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = build_parser().parse_args((["--debug"] if debug else []) + [a for a in argv if a != "--debug"])
+    if args.debug or os.environ.get("DIFFLAB_DEBUG", "") not in ("", "0"):
+        return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("difflab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every error reaches the user as its message, not a traceback
+        message = str(err) or type(err).__name__
+        print(f"difflab {args.command}: error: {message}", file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -59,16 +59,18 @@ def run_analytic(out: str | os.PathLike = "outputs/demo", *, n: int = 2000, step
 
 def run_digits(out: str | os.PathLike = "outputs/demo", *, config: str | os.PathLike | None = None,
                overrides: list[str] | None = None, n_per_class: int = 100, steps: int = 20,
-               progress: bool = True) -> dict[str, Any]:
-    """Train the digits recipe into ``out``, then write ``samples.png`` and ``metrics.json``."""
+               progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train the digits recipe into ``out``, then write ``samples.png`` and ``metrics.json``; an
+    earlier demo in ``out`` is replaced only with ``overwrite``."""
     import time
 
+    from difflab.files import claim_output
     from difflab.metrics.classifiers import accuracy, load_classifier
     from difflab.plotting import image_grid
     from difflab.training import config as train_config
     from difflab.training.trainer import Trainer
 
-    out = Path(out)
+    out = claim_output(out, ("run", "samples.png", "metrics.json"), overwrite=overwrite, what="demo")
     config = config or recipes.path("digits")
     cfg = train_config.load(config, [*(overrides or []), f"out_dir={out / 'run'}", f"sample.steps={steps}"])
     start = time.time()

@@ -93,3 +93,29 @@ def load_state(net: torch.nn.Module, state: dict[str, torch.Tensor], source: str
             parts.append(f"wrong shapes {len(shapes)} (e.g. {'; '.join(shapes[:3])})")
         raise ValueError(f"the weights in {source} do not match the network's config: {', '.join(parts)}")
     net.load_state_dict(state)
+
+
+class OutputExistsError(FileError):
+    """An output folder already holds results; difflab does not overwrite them unasked."""
+
+
+def claim_output(directory: str | os.PathLike, patterns: tuple[str, ...], *, overwrite: bool, what: str,
+                 how: str = "--overwrite") -> Path:
+    """Make ``directory`` ready for new results: refuse one that is not empty unless ``overwrite``;
+    then remove what an earlier run wrote there (the entries matching ``patterns``), so results of
+    two runs never mix. Other files are left alone."""
+    import shutil
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OutputExistsError(f"{directory} is a file, not a folder for the {what}")
+    entries = sorted(directory.iterdir()) if directory.is_dir() else []
+    if entries and not overwrite:
+        names = ", ".join(e.name for e in entries[:5]) + (" ..." if len(entries) > 5 else "")
+        raise OutputExistsError(f"{directory} already holds files ({names}); the {what} would mix with or replace "
+                                f"them. Choose another folder, or pass {how} to replace earlier results.")
+    for pattern in patterns:
+        for entry in directory.glob(pattern) if directory.is_dir() else []:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory

@@ -23,6 +23,7 @@ from torch import nn
 
 from difflab import data as datasets
 from difflab import predictions, processes
+from difflab.files import claim_output
 from difflab.models import from_config as network_from_config
 from difflab.training import checkpoint
 from difflab.training.batches import BatchPlan
@@ -96,6 +97,10 @@ def _check_sampling(section: dict[str, Any]) -> None:
         raise ConfigError(f"[sample] section: {err}") from err
 
 
+#: what a run writes into its out_dir (removed first when a run is overwritten)
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoints", "final", "samples", "tensorboard", "vae")
+
+
 class Trainer:
     """``Trainer(config).run(resume=...)``; see :mod:`difflab.recipes` for the recipes.
 
@@ -104,12 +109,15 @@ class Trainer:
 
     def __init__(self, config: dict[str, Any], *,
                  objective: Callable[..., Tensor] | None = None,
-                 parameters: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None):
+                 parameters: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None,
+                 overwrite: bool = False):
         self.config = config
         _check_sampling(config["sample"])  # before anything is built or trained
         self.runtime = setup(config["train"])
         self.rank, self.world, self.device = self.runtime.rank, self.runtime.world, self.runtime.device
         self.out = Path(config["out_dir"])
+        if overwrite and self.runtime.main:  # an earlier run's files go before this one writes any
+            claim_output(self.out, RUN_OUTPUTS, overwrite=True, what="run")
         data_cfg = config["data"]
         try:
             self.dataset = datasets.build(data_cfg["name"], **data_cfg["options"])
@@ -223,7 +231,18 @@ class Trainer:
         return checkpoint.load(found, model=self.model, ema=self.ema, optimizer=self.optimizer,
                                scheduler=self.scheduler)["step"]
 
-    def _open_run_directory(self) -> None:
+    def _open_run_directory(self, start: int) -> None:
+        """Claim out_dir for this run, once: a new run (start 0) refuses a folder holding an earlier
+        one, so two runs never mix."""
+        if getattr(self, "_claimed", False):
+            return
+        earlier = [name for name in ("config.json", "metrics.jsonl", "checkpoints", "final")
+                   if (self.out / name).exists()]
+        if start == 0 and earlier:
+            raise ConfigError(f"{self.out} holds an earlier run ({', '.join(earlier)}); a new run would mix with it. "
+                              "Continue it with --resume (resume=True), replace it with --overwrite "
+                              "(Trainer(config, overwrite=True)), or choose another out_dir.")
+        self._claimed = True
         if self.runtime.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.config, indent=1))
@@ -234,7 +253,7 @@ class Trainer:
         written. Stops on a non-finite loss."""
         cfg, tcfg = self.config, self.config["train"]
         total, accumulate = int(tcfg["steps"]), int(cfg["optim"]["accumulate"])
-        self._open_run_directory()
+        self._open_run_directory(start)
         scaler, t0 = self.runtime.scaler, time.time()
         self.model.train()
         for step in range(start, total):
@@ -292,7 +311,7 @@ class Trainer:
         """Train to ``train.steps`` with ``logs`` (default: :meth:`default_logs`) watching, then write
         ``final/`` (a pipeline of the EMA weights). Returns the last record."""
         start = self.resume() if resume else 0
-        self._open_run_directory()
+        self._open_run_directory(start)
         attached = self.default_logs(start, progress) if logs is None else logs
         last: dict[str, Any] = {}
         try:

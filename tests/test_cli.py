@@ -1,0 +1,56 @@
+"""The command line as a user meets it: one clear line per error, and no silent overwrite."""
+
+import json
+
+import pytest
+import torch
+
+from difflab.cli import main
+from difflab.models import UNet, UNetConfig
+from difflab.pipeline import Pipeline
+from difflab.processes import Flow
+
+
+@pytest.fixture
+def pipe_dir(tmp_path):
+    net = UNet(UNetConfig(in_channels=1, model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(),
+                          norm_groups=4))
+    Pipeline(net, Flow(), "flow", sample_shape=(1, 8, 8), steps=2).save_pretrained(tmp_path / "pipe")
+    return tmp_path / "pipe"
+
+
+def test_errors_are_one_line_without_a_traceback(tmp_path, capsys, pipe_dir):
+    assert main(["sample", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is not a difflab pipeline" in err and "--debug" in err
+    assert main(["sample", str(pipe_dir), "--sampler", "dpmpp_9m", "--out", str(tmp_path / "o2")]) == 1
+    assert "unknown sampler 'dpmpp_9m'" in capsys.readouterr().err
+    with pytest.raises(Exception, match="not a difflab pipeline"):  # --debug: the exception itself
+        main(["sample", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o3"), "--debug"])
+
+
+def test_sample_refuses_a_folder_with_results_unless_asked(tmp_path, capsys, pipe_dir):
+    out = tmp_path / "out"
+    assert main(["sample", str(pipe_dir), "--n", "3", "--out", str(out), "--no-progress"]) == 0
+    assert main(["sample", str(pipe_dir), "--n", "2", "--out", str(out), "--no-progress"]) == 1
+    assert "already holds files" in capsys.readouterr().err and (out / "00002.png").is_file()
+    assert main(["sample", str(pipe_dir), "--n", "2", "--out", str(out), "--no-progress", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("0*.png")) == ["00000.png", "00001.png"]  # no image of the first run
+
+
+def test_export_and_train_refuse_to_replace_earlier_results(tmp_path, capsys):
+    sets = ["--set", "model.hidden=16", "--set", "model.depth=1", "--set", "train.steps=2",
+            "--set", "train.checkpoint_every=2", "--set", "train.num_threads=1", "--set", f"out_dir={tmp_path / 'run'}"]
+    assert main(["train", "toy2d", "--no-progress", *sets]) == 0
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert main(["train", "toy2d", "--no-progress", *sets]) == 1
+    assert "holds an earlier run" in capsys.readouterr().err
+    assert main(["train", "toy2d", "--no-progress", *sets, "--overwrite"]) == 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["loss"] == first["loss"]  # replaced, not appended
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")]) == 1
+    assert "already holds files" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"), "--overwrite"]) == 0
+    assert torch.equal(Pipeline.from_pretrained(tmp_path / "pipe")(2).images,
+                       Pipeline.from_pretrained(tmp_path / "run" / "final")(2).images)
