@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 DEFAULTS: dict[str, Any] = {
@@ -21,7 +23,8 @@ DEFAULTS: dict[str, Any] = {
               "schedule": "cosine", "grad_clip": 1.0, "accumulate": 1},
     "ema": {"decay": 0.999, "warmup": True},
     "train": {"steps": 1000, "checkpoint_every": 500, "keep_last": 2, "log_every": 50, "sample_every": 0,
-              "mixed_precision": "no", "num_threads": 0, "tensorboard": True},
+              "mixed_precision": "no", "num_threads": 0, "tensorboard": True,
+              "divergence": "stop", "divergence_factor": 100.0, "divergence_patience": 20},
     "text": {"encoder": "", "max_tokens": 16},
     "latent": {"vae": "", "train_steps": 0, "batch_size": 32, "lr": 1e-3, "kl_weight": 1e-6, "model": {}},
     "sample": {"sampler": "dpmpp_2m", "steps": 20, "schedule": "karras", "n": 64, "guidance": "none",
@@ -31,11 +34,93 @@ DEFAULTS: dict[str, Any] = {
 OPEN_SECTIONS = ("data.options", "model", "process", "sample.guidance_options", "latent.model")
 #: keys a resumed run may change without breaking exactness (and every sample.* key)
 RESUMABLE_CHANGES = ("out_dir", "train.checkpoint_every", "train.keep_last", "train.log_every",
-                     "train.sample_every", "train.num_threads", "train.tensorboard")
+                     "train.sample_every", "train.num_threads", "train.tensorboard", "train.divergence",
+                     "train.divergence_factor", "train.divergence_patience")
 
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a config key may hold: its type (from its default), an optional range and choices."""
+
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False
+    low_open: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts)
+
+    def allows(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+
+POSITIVE, AT_LEAST_ONE, NON_NEGATIVE = Rule(0, low_open=True), Rule(1), Rule(0)
+UNIT_OPEN = Rule(0, 1, high_open=True)
+#: ranges and choices beyond each key's type (the type is its default's)
+RULES: dict[str, Rule] = {
+    "seed": NON_NEGATIVE, "data.batch_size": AT_LEAST_ONE,
+    "loss.weighting": Rule(choices=("none", "min_snr", "edm")),
+    "loss.t_distribution": Rule(choices=("", "uniform", "discrete", "logit_normal", "log_normal", "log_uniform")),
+    "loss.cond_dropout": UNIT_OPEN, "loss.min_snr_gamma": POSITIVE,
+    "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.beta1": UNIT_OPEN, "optim.beta2": UNIT_OPEN,
+    "optim.warmup_steps": NON_NEGATIVE, "optim.schedule": Rule(choices=("cosine", "constant", "linear")),
+    "optim.grad_clip": NON_NEGATIVE, "optim.accumulate": AT_LEAST_ONE, "ema.decay": UNIT_OPEN,
+    "train.steps": AT_LEAST_ONE, "train.checkpoint_every": AT_LEAST_ONE, "train.keep_last": AT_LEAST_ONE,
+    "train.log_every": AT_LEAST_ONE, "train.sample_every": NON_NEGATIVE,
+    "train.mixed_precision": Rule(choices=("no", "bf16", "fp16")), "train.num_threads": NON_NEGATIVE,
+    "train.divergence": Rule(choices=("stop", "warn", "off")), "train.divergence_factor": Rule(1, low_open=True),
+    "train.divergence_patience": AT_LEAST_ONE,
+    "text.max_tokens": AT_LEAST_ONE, "latent.train_steps": NON_NEGATIVE, "latent.batch_size": AT_LEAST_ONE,
+    "latent.lr": POSITIVE, "latent.kl_weight": NON_NEGATIVE, "sample.steps": AT_LEAST_ONE, "sample.n": AT_LEAST_ONE,
+}
+TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", list: "a list"}
+
+
+def schema() -> dict[str, tuple[type, Rule | None]]:
+    """Every checked key with its type and rule (open sections are passed on and checked there)."""
+    out = {}
+    for key, default in flatten(DEFAULTS).items():
+        if any(key == s or key.startswith(s + ".") for s in OPEN_SECTIONS) or key == "prediction":
+            continue
+        out[key] = (type(default), RULES.get(key))
+    return out
+
+
+def validate(config: dict, origins: dict[str, str] | None = None) -> dict:
+    """Check every key's type, range and allowed values; the error names the key, where its value
+    came from (the file, --set or the defaults), what was given and what is allowed."""
+    flat = flatten(config)
+    for key, (kind, rule) in schema().items():
+        if key not in flat:
+            continue
+        value, where = flat[key], (origins or {}).get(key, "the config")
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok:
+            raise ConfigError(f"{key} must be {TYPE_NAMES.get(kind, kind.__name__)}, got {value!r} ({where})")
+        if rule is not None and not rule.allows(value):
+            raise ConfigError(f"{key} must be {rule.describe()}, got {value!r} ({where})")
+    prediction = config.get("prediction")
+    if not isinstance(prediction, str | dict):
+        raise ConfigError(f"prediction must be a name or a table, got {prediction!r}")
+    return config
 
 
 def _merge(base: dict, update: dict, prefix: str = "") -> dict:
@@ -83,6 +168,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
     tomllib = _toml()
 
     update: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if path is not None:
         from difflab import recipes
 
@@ -92,6 +178,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path} is not valid TOML: {err}") from err
     config = _merge(DEFAULTS, update)
+    origins.update(dict.fromkeys(flatten(update), f"in {path}"))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set takes key=value, got {item!r}")
@@ -103,12 +190,13 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
             cur = cur.setdefault(part, {})
         cur[parts[-1]] = parse_value(text.strip())
         config = _merge(config, nested)
-    return config
+        origins[key.strip()] = f"from --set {item}"
+    return validate(config, origins)
 
 
 def complete(config: dict) -> dict:
-    """A saved config with the defaults of keys added since it was written."""
-    return _merge(DEFAULTS, config)
+    """A saved config with the defaults of keys added since it was written, checked."""
+    return validate(_merge(DEFAULTS, config), dict.fromkeys(flatten(config), "in the saved config"))
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

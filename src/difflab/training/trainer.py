@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from difflab.files import claim_output
 from difflab.models import from_config as network_from_config
 from difflab.training import checkpoint
 from difflab.training.batches import BatchPlan
-from difflab.training.config import ConfigError, differences
+from difflab.training.config import ConfigError, differences, validate
 from difflab.training.ema import ema_model
 from difflab.training.losses import DiffusionObjective
 from difflab.training.optim import adamw
@@ -38,6 +39,39 @@ Tensor = torch.Tensor
 
 class TrainingError(RuntimeError):
     pass
+
+
+class DivergenceGuard:
+    """Notices a run that is blowing up before its loss turns NaN: a step is "bad" when its gradient
+    norm is not finite, or its loss or gradient norm exceeds ``factor`` times their running median
+    (over the last 200 good steps, after 20 of them); ``patience`` bad steps in a row stop the run
+    (``mode="stop"``) or warn once (``"warn"``)."""
+
+    def __init__(self, mode: str, factor: float, patience: int):
+        self.mode, self.factor, self.patience = mode, factor, patience
+        self.history: list[tuple[float, float]] = []
+        self.bad, self.warned = 0, False
+
+    def check(self, step: int, loss: float, grad_norm: float) -> str | None:
+        """A message when the run has diverged, else None."""
+        if self.mode == "off":
+            return None
+        level = None
+        if len(self.history) >= 20:
+            losses, norms = zip(*self.history[-200:], strict=True)
+            level = (sorted(losses)[len(losses) // 2], sorted(norms)[len(norms) // 2])
+        bad = not math.isfinite(grad_norm) or (level is not None and (
+            loss > self.factor * max(level[0], 1e-12) or grad_norm > self.factor * max(level[1], 1e-12)))
+        if not bad:
+            self.bad = 0
+            self.history.append((loss, grad_norm))
+            return None
+        self.bad += 1
+        if self.bad < self.patience:
+            return None
+        typical = f" (typical: loss {level[0]:.3g}, gradient norm {level[1]:.3g})" if level else ""
+        return (f"training diverged at step {step}: {self.bad} steps in a row with loss {loss:.3g} and gradient "
+                f"norm {grad_norm:.3g}{typical}")
 
 
 def _stack(dataset) -> tuple[Tensor, Tensor | None, list[str] | None]:
@@ -111,7 +145,7 @@ class Trainer:
                  objective: Callable[..., Tensor] | None = None,
                  parameters: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None,
                  overwrite: bool = False):
-        self.config = config
+        self.config = validate(config)
         _check_sampling(config["sample"])  # before anything is built or trained
         self.runtime = setup(config["train"])
         self.rank, self.world, self.device = self.runtime.rank, self.runtime.world, self.runtime.device
@@ -255,6 +289,7 @@ class Trainer:
         total, accumulate = int(tcfg["steps"]), int(cfg["optim"]["accumulate"])
         self._open_run_directory(start)
         scaler, t0 = self.runtime.scaler, time.time()
+        guard = DivergenceGuard(tcfg["divergence"], float(tcfg["divergence_factor"]), int(tcfg["divergence_patience"]))
         self.model.train()
         for step in range(start, total):
             torch.manual_seed(cfg["seed"] * 7919 + step)  # dropout and any other global draws
@@ -281,6 +316,15 @@ class Trainer:
             self.scheduler.step()
             self.ema.update_parameters(self.model)
             done = step + 1
+            diverged = guard.check(done, total_loss, grad_norm)
+            if diverged and guard.mode == "stop":
+                good = checkpoint.latest(self.out)
+                raise TrainingError(f"{diverged}; training stopped and nothing was overwritten. Last good checkpoint: "
+                                    f"{good or 'none'}. Lower optim.lr, set optim.grad_clip, or set "
+                                    "train.divergence='warn' to go on.")
+            if diverged and not guard.warned:
+                guard.warned = True
+                warnings.warn(diverged, stacklevel=2)
             if self.runtime.main and (done % tcfg["checkpoint_every"] == 0 or done == total):
                 files = {"pipeline.json": json.dumps(self.pipeline_config(checkpoint.path_of(self.out, done)),
                                                      indent=1).encode()}
