@@ -83,15 +83,13 @@ SAMPLE_OUTPUTS = ("grid.png", "[0-9][0-9][0-9][0-9][0-9].png", "[0-9][0-9][0-9][
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from difflab.files import claim_output, write_atomic
+    from difflab.files import claim_output, read_json, write_atomic
     from difflab.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.pipeline)
     out = claim_output(args.out, SAMPLE_OUTPUTS, overwrite=args.overwrite, what="samples")
     if args.settings:
-        settings = json.loads(Path(args.settings).read_text())
+        settings = read_json(args.settings, "settings record")
         image = pipe.reproduce(settings)
         out.mkdir(parents=True, exist_ok=True)
         from difflab.pipeline import Output

@@ -16,6 +16,7 @@ conditioning needs ``uncond=`` (the null prompt's encoding, which pipelines pass
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -96,6 +97,8 @@ class Guidance(nn.Module):
         super().__init__()
         if not hasattr(denoiser, "process"):
             raise TypeError("guidance wraps a difflab Denoiser (an object with .process)")
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+            raise ValueError(f"the guidance scale must be a finite number, got {scale!r}")
         if interval is not None and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
             raise ValueError(f"interval must be (lo, hi) noise levels with 0 <= lo < hi, got {interval!r}")
         self.denoiser, self.process, self.scale = denoiser, denoiser.process, float(scale)

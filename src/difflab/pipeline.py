@@ -240,10 +240,20 @@ class Pipeline:
             if n is None:
                 n = len(prompts) if isinstance(prompts, list | tuple) else (
                     len(class_labels) if isinstance(class_labels, list | tuple | Tensor) else 1)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise PipelineError(f"n must be a whole number >= 1 (images to make), got {n!r}")
             seeds = list(range(seed, seed + n))
         seeds = [int(s) for s in seeds]
         n = len(seeds)
-        steps, sampler, schedule = steps or self.steps, sampler or self.sampler, schedule or self.schedule
+        if n == 0:
+            raise PipelineError("seeds is empty: give at least one seed")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise PipelineError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise PipelineError(f"steps must be a whole number >= 1, got {steps!r} (leave it out for the pipeline's "
+                                f"default of {self.steps})")
+        steps = self.steps if steps is None else steps
+        sampler, schedule = sampler or self.sampler, schedule or self.schedule
         if guidance is None:
             guidance = self.guidance.get("method")
             guidance_options = {**self.guidance.get("options", {}), **(guidance_options or {})}
@@ -279,14 +289,44 @@ class Pipeline:
                     "sampler_options": sampler_options, "guidance": guidance or "none",
                     "guidance_options": {k: v for k, v in guidance_options.items() if k != "weak"},
                     "denoiser_calls": nfe, "batch_seeds": batch_seeds, "batch_index": i, **batch_record,
-                    "device": str(self.device),
+                    "device": str(self.device), "model": self.identity(),
                 })
         bar.close()
         return Output(torch.cat(images), settings)
 
+    def identity(self) -> str:
+        """A short hash of the weights (network and VAE): which model made an image."""
+        if getattr(self, "_identity", None) is None:
+            import hashlib
+
+            digest = hashlib.sha256()
+            for net in (self.network, self.vae):
+                for key, value in (net.state_dict().items() if net is not None else ()):
+                    digest.update(key.encode())
+                    digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+            self._identity = digest.hexdigest()[:16]
+        return self._identity
+
+    SETTINGS_KEYS = ("seed", "steps", "sampler", "schedule", "sampler_options", "guidance", "guidance_options",
+                     "batch_seeds", "batch_index")
+
     def reproduce(self, settings: dict[str, Any]) -> Tensor:
-        """The image a settings record describes, made again (its whole batch is rerun)."""
+        """The image a settings record describes, made again (its whole batch is rerun). Settings
+        made by another model are refused."""
+        if not isinstance(settings, dict):
+            raise PipelineError("a settings record is a JSON object written beside each image (NNNNN.json)")
+        missing = [k for k in self.SETTINGS_KEYS if k not in settings]
+        if missing:
+            raise PipelineError(f"the settings record lacks {', '.join(missing)}: it is not an image's settings "
+                                "as `difflab sample` writes them (NNNNN.json)")
+        made_by = settings.get("model")
+        if made_by is not None and made_by != self.identity():
+            raise PipelineError(f"these settings were made by another model (weights {made_by}); this pipeline's are "
+                                f"{self.identity()}. Pass the pipeline that made the image.")
         batch = settings["batch_seeds"]
+        if not isinstance(batch, list) or not batch or not isinstance(settings["batch_index"], int) \
+                or not 0 <= settings["batch_index"] < len(batch):
+            raise PipelineError("the settings record's batch_seeds / batch_index do not describe an image of a batch")
         cond: dict[str, Any] = {}
         if "batch_class_labels" in settings:
             cond["class_labels"] = settings["batch_class_labels"]
