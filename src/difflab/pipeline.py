@@ -40,10 +40,9 @@ class PipelineError(ValueError):
 
 def read_config(path: Path) -> dict[str, Any]:
     """A ``pipeline.json`` (of a pipeline folder or a training checkpoint), checked."""
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise PipelineError(f"{path} is not valid JSON ({err}); the folder is damaged: export it again") from None
+    from difflab.files import read_json
+
+    cfg = read_json(path, "pipeline config")
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or cfg.get("version", 0) > VERSION:
         raise PipelineError(f"{path} is not a difflab pipeline config of version <= {VERSION}")
     return cfg

@@ -207,10 +207,11 @@ def save(path: str | os.PathLike, grid: Tensor, process: Process, **meta: Any) -
 
 def load(path: str | os.PathLike, process: Process | None = None, steps: int | None = None) -> Tensor:
     """Read a grid saved by :func:`save`; refuses one made for another process."""
-    try:
-        payload = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no schedule file at {path}") from None
+    from difflab.files import read_json
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no schedule file at {path}")
+    payload = read_json(path, "schedule")
     if process is not None and payload.get("process") != process.to_config():
         raise ValueError(
             f"the schedule in {path} was made for {payload.get('process')}, not for {process.to_config()}"

@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,18 +191,21 @@ def load_classifier(name: str = "digits") -> tuple[nn.Module, float]:
     """The cached classifier ``name`` with its held-out accuracy. Trained on first use (~10 s for
     digits, ~1 min for shapes) on one thread, so every machine trains the same weights; the cache
     file is keyed by the training settings and the code that produced it, so a change rebuilds it."""
-    from safetensors.torch import load_file, save_file
+    from difflab.files import FileError, load_tensors, save_tensors
 
     if name not in HELPERS:
         raise ValueError(f"unknown classifier {name!r}; choose one of {', '.join(HELPERS)}")
     helper = HELPERS[name]
     path = cache_dir() / f"{name}_classifier_{helper.key()}.safetensors"
     if path.is_file():
-        state = load_file(path)
-        acc = float(state.pop("test_accuracy"))
-        model = helper.build()
-        model.load_state_dict(state)
-        return model.eval(), acc
+        try:
+            state = load_tensors(path, f"cached {name} classifier")
+            acc = float(state.pop("test_accuracy"))
+            model = helper.build()
+            model.load_state_dict(state)
+            return model.eval(), acc
+        except (FileError, KeyError, RuntimeError) as err:  # a damaged cache is rebuilt, not fatal
+            warnings.warn(f"{path} is damaged ({err}); training the {name} classifier again", stacklevel=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # float sums in another order would train other weights
     try:
@@ -209,7 +213,5 @@ def load_classifier(name: str = "digits") -> tuple[nn.Module, float]:
     finally:
         torch.set_num_threads(threads)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({**model.state_dict(), "test_accuracy": torch.tensor(acc)}, tmp)
-    os.replace(tmp, path)
+    save_tensors(path, {**model.state_dict(), "test_accuracy": torch.tensor(acc)})
     return model, acc

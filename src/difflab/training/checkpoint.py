@@ -72,9 +72,23 @@ def save(out_dir: Path, step: int, *, model: torch.nn.Module, ema: torch.nn.Modu
     return final
 
 
+def all_checkpoints(out_dir: Path) -> list[Path]:
+    """The run's complete-looking checkpoints (they have a trainer.json), oldest first."""
+    return sorted(p for p in (Path(out_dir) / "checkpoints").glob("step_*") if (p / "trainer.json").is_file())
+
+
 def latest(out_dir: Path) -> Path | None:
-    found = sorted(p for p in (Path(out_dir) / "checkpoints").glob("step_*") if (p / "trainer.json").is_file())
+    found = all_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+def read_record(path: Path) -> dict:
+    """A checkpoint's ``trainer.json`` (step, config, optimizer and scheduler state, RNG), checked."""
+    record = read_json(path / "trainer.json", "checkpoint record")
+    missing = [k for k in ("step", "config", "optimizer", "scheduler", "cpu_rng") if k not in record]
+    if missing:
+        raise FileError(f"{path / 'trainer.json'} lacks {', '.join(missing)}: the checkpoint is damaged")
+    return record
 
 
 def load_weights(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None) -> None:
@@ -135,7 +149,7 @@ def load_network(path: Path, network: torch.nn.Module, *, ema: bool = True) -> N
 def load(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
          scheduler: Any) -> dict:
     """Everything a resumed run needs: weights, optimizer, LR schedule and the CPU RNG."""
-    trainer = read_json(path / "trainer.json", "checkpoint record")
+    trainer = read_record(path)
     load_weights(path, model=model, ema=ema)
     load_optimizer(optimizer, load_tensors(path / "optimizer.safetensors", "optimizer state"), trainer["optimizer"],
                    str(path / "optimizer.safetensors"))

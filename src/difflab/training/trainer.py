@@ -253,17 +253,31 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------------
     def resume(self) -> int:
-        """Load the run's latest checkpoint (made with this config); returns its step."""
-        found = checkpoint.latest(self.out)
-        if found is None:
+        """Load the run's latest readable checkpoint (made with this config); returns its step. A
+        damaged latest checkpoint (truncated, corrupt, incomplete) is passed over, with a warning,
+        for the one before it."""
+        from difflab.files import FileError
+
+        found = checkpoint.all_checkpoints(self.out)
+        if not found:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
-        saved = json.loads((found / "trainer.json").read_text())
-        diff = differences(saved["config"], self.config)
-        if diff:
-            raise ConfigError(f"checkpoint {found} was made with another config; differing fields:\n  "
-                              + "\n  ".join(diff))
-        return checkpoint.load(found, model=self.model, ema=self.ema, optimizer=self.optimizer,
-                               scheduler=self.scheduler)["step"]
+        problems = []
+        for ckpt in reversed(found):
+            try:
+                saved = checkpoint.read_record(ckpt)
+                diff = differences(saved["config"], self.config)
+                if diff:
+                    raise ConfigError(f"checkpoint {ckpt} was made with another config; differing fields:\n  "
+                                      + "\n  ".join(diff))
+                step = checkpoint.load(ckpt, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                                       scheduler=self.scheduler)["step"]
+            except (FileError, KeyError) as err:
+                problems.append(f"{ckpt.name}: {err}")
+                warnings.warn(f"checkpoint {ckpt} cannot be read ({err}); trying the one before", stacklevel=2)
+                continue
+            return step
+        raise FileError(f"--resume: no readable checkpoint under {self.out / 'checkpoints'}:\n  "
+                        + "\n  ".join(problems))
 
     def _open_run_directory(self, start: int) -> None:
         """Claim out_dir for this run, once: a new run (start 0) refuses a folder holding an earlier
