@@ -60,3 +60,13 @@ def test_no_private_name_is_imported_across_modules():
 def test_the_checker_sees_imports_inside_functions(tmp_path):
     probe = SRC / "samplers" / "__init__.py"  # imports at module level: the walker must find them
     assert any(m.startswith("difflab.samplers") for m, _ in _imports(probe))
+
+
+def test_nothing_unpickles():
+    """No torch.load, no pickle: weights are safetensors, configs JSON (DESIGN: no pickle by default)."""
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "load" and isinstance(node.value, ast.Name):
+                assert node.value.id not in ("torch", "pickle"), f"{path.relative_to(SRC)} calls {node.value.id}.load"
+        assert not any(m in ("pickle", "dill", "cloudpickle") for m, _ in _imports(path)), path
