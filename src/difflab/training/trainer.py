@@ -24,7 +24,7 @@ from torch import nn
 
 from difflab import data as datasets
 from difflab import predictions, processes
-from difflab.files import claim_output
+from difflab.files import claim_output, read_json, write_atomic
 from difflab.models import from_config as network_from_config
 from difflab.training import checkpoint
 from difflab.training.batches import BatchPlan
@@ -259,8 +259,14 @@ class Trainer:
         from difflab.files import FileError
 
         found = checkpoint.all_checkpoints(self.out)
-        if not found:
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+        if not found:  # killed before its first checkpoint (e.g. while training its VAE): start again
+            saved = self.out / "config.json"
+            if saved.is_file() and differences(read_json(saved, "run config"), self.config):
+                raise ConfigError(f"--resume: {self.out} holds a run with another config and no checkpoint")
+            warnings.warn(f"--resume: no checkpoint under {self.out / 'checkpoints'} yet; starting from step 0",
+                          stacklevel=2)
+            self._restarting = True
+            return 0
         problems = []
         for ckpt in reversed(found):
             try:
@@ -286,11 +292,16 @@ class Trainer:
             return
         earlier = [name for name in ("config.json", "metrics.jsonl", "checkpoints", "final")
                    if (self.out / name).exists()]
-        if start == 0 and earlier:
+        # only the main process looks: the others would see the config.json it has just written
+        if self.runtime.main and start == 0 and earlier and not getattr(self, "_restarting", False):
             raise ConfigError(f"{self.out} holds an earlier run ({', '.join(earlier)}); a new run would mix with it. "
                               "Continue it with --resume (resume=True), replace it with --overwrite "
                               "(Trainer(config, overwrite=True)), or choose another out_dir.")
         self._claimed = True
+        if self.runtime.main and (self.out / "metrics.jsonl").is_file():  # records past the resumed step go
+            lines = (self.out / "metrics.jsonl").read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start]
+            write_atomic(self.out / "metrics.jsonl", "".join(line + "\n" for line in kept).encode())
         if self.runtime.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.config, indent=1))
