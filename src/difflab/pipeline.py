@@ -45,7 +45,31 @@ def read_config(path: Path) -> dict[str, Any]:
     cfg = read_json(path, "pipeline config")
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or cfg.get("version", 0) > VERSION:
         raise PipelineError(f"{path} is not a difflab pipeline config of version <= {VERSION}")
+    for key, (kinds, required) in CONFIG_FIELDS.items():
+        if key not in cfg:
+            if required:
+                raise PipelineError(f"{path} lacks {key!r}: the pipeline config is damaged; export it again")
+            continue
+        value = cfg[key]
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if key == "sample_shape":
+            ok = ok and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        if key == "steps":
+            ok = ok and value >= 1
+        if not ok:
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise PipelineError(f"{path}: {key} must be {names}"
+                                f"{' of positive whole numbers' if key == 'sample_shape' else ''}, got {value!r}")
     return cfg
+
+
+#: pipeline.json's fields: the JSON types each may have, and whether it must be there
+CONFIG_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "process": ((dict,), True), "prediction": ((dict, str), True), "sample_shape": ((list,), True),
+    "sampler": ((str,), True), "steps": ((int,), True), "schedule": ((str,), True),
+    "num_classes": ((int, type(None)), False), "text_encoder": ((dict, type(None)), False),
+    "latent": ((bool,), False), "guidance": ((dict,), False), "cond_dropout": ((float, int, type(None)), False),
+}
 
 
 @dataclass

@@ -131,3 +131,16 @@ def test_a_damaged_classifier_cache_is_rebuilt(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="is damaged"):
         _, again = classifiers.load_classifier("digits")
     assert again == acc  # trained again, the same (deterministic) result
+
+
+@pytest.mark.parametrize(("key", "value"), [("steps", "abc"), ("steps", 0), ("sample_shape", [2, "x"]),
+                                            ("sampler", 3), ("latent", "yes"), ("num_classes", 2.5),
+                                            ("process", "flow"), ("sample_shape", [])])
+def test_wrong_types_in_pipeline_json_are_named(pipeline_dir, key, value):
+    config = read_json(pipeline_dir / "pipeline.json")
+    (pipeline_dir / "pipeline.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(PipelineError, match=rf"pipeline\.json: {key} must be"):
+        Pipeline.from_pretrained(pipeline_dir)
+    (pipeline_dir / "pipeline.json").write_text(json.dumps({k: v for k, v in config.items() if k != "sampler"}))
+    with pytest.raises(PipelineError, match="lacks 'sampler'"):
+        Pipeline.from_pretrained(pipeline_dir)
