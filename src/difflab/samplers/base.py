@@ -197,8 +197,7 @@ def churned_denoise(denoiser: Callable[[Tensor, Tensor], Tensor], x: Tensor, i: 
     then denoise it there (reported to the callback). Returns (raised x, its denoised estimate)."""
     _, a_hat, _, extra = hats[i]
     x = churn(x, grid.alpha[i], a_hat, extra, s_noise, generator)
-    d = denoiser(x, t_hat[i])
-    emit(callback, i, t_hat[i], x, d)
+    d = evaluate(denoiser, x, t_hat[i], i, callback)
     return x, d
 
 
@@ -247,3 +246,11 @@ def check_options(name: str, opts: dict[str, Any]) -> None:
 def emit(callback: Callback, i: int, t: Tensor, x: Tensor, denoised: Tensor) -> None:
     if callback is not None:
         callback(i, t, x, denoised)
+
+
+def evaluate(denoiser: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, i: int,
+             callback: Callback) -> Tensor:
+    """The denoised estimate at step ``i`` (state x at time t), reported to the callback."""
+    d = denoiser(x, t)
+    emit(callback, i, t, x, d)
+    return d

@@ -19,7 +19,7 @@ from difflab.samplers.base import (
     Grid,
     ancestral_split,
     ddim_coefficients,
-    emit,
+    evaluate,
     noise_like,
     register,
 )
@@ -58,8 +58,7 @@ def sample_dpm_solver(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generato
     for i in range(grid.steps):
         j = i + 1
         ai, si, aj, sj = grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j]
-        d = denoiser(x, times[i])
-        emit(callback, i, times[i], x, d)
+        d = evaluate(denoiser, x, times[i], i, callback)
         cx, cd = ddim_coefficients(ai, si, aj, sj)
         if plan[i] is None:
             x = cx * x + cd * d
@@ -110,8 +109,7 @@ def sample_dpmpp_2s(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator 
         j = i + 1
         ai, si, aj = grid.alpha[i], grid.sigma[i], grid.alpha[j]
         sigma_down, noise, mid = plan[i]
-        d = denoiser(x, times[i])
-        emit(callback, i, times[i], x, d)
+        d = evaluate(denoiser, x, times[i], i, callback)
         if mid is not None:
             _, am, sm = mid
             cmx, cmd = ddim_coefficients(ai, si, am, sm)
@@ -136,8 +134,7 @@ def _multistep(denoiser: DenoiseFn, x: Tensor, ts, *, order: int, eta: float, s_
     for i in range(grid.steps):
         j = i + 1
         ai, si, aj, sj = grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j]
-        d = denoiser(x, times[i])
-        emit(callback, i, times[i], x, d)
+        d = evaluate(denoiser, x, times[i], i, callback)
         history = [d, *history][:order]
         if grid.is_final(i):
             x = d

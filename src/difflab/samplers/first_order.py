@@ -15,7 +15,7 @@ from difflab.samplers.base import (
     churn_points,
     churned_denoise,
     ddim_coefficients,
-    emit,
+    evaluate,
     noise_like,
     register,
 )
@@ -35,8 +35,7 @@ def sample_ddim(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = No
     times = grid.times()
     for i in range(grid.steps):
         j = i + 1
-        d = denoiser(x, times[i])
-        emit(callback, i, times[i], x, d)
+        d = evaluate(denoiser, x, times[i], i, callback)
         sigma_down, noise = ancestral_split(grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j], eta)
         cx, cd = ddim_coefficients(grid.alpha[i], grid.sigma[i], grid.alpha[j], sigma_down)
         x = cx * x + cd * d
@@ -70,8 +69,7 @@ def sample_ddpm(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = No
     for i in range(grid.steps):
         j = i + 1
         ai, si, aj, sj = grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j]
-        d = denoiser(x, times[i])
-        emit(callback, i, times[i], x, d)
+        d = evaluate(denoiser, x, times[i], i, callback)
         a_ij = ai / aj
         beta = si * si - a_ij * a_ij * sj * sj
         x = (aj * beta / (si * si)) * d + (a_ij * sj * sj / (si * si)) * x

@@ -13,7 +13,7 @@ from difflab.samplers.base import (
     Grid,
     coords,
     ddim_coefficients,
-    emit,
+    evaluate,
     register,
     resolve_variable,
 )
@@ -45,6 +45,26 @@ def lagrange_integrals(nodes: list[float], a: float, b: float) -> list[float]:
     return out
 
 
+def _adams_bashforth(denoiser: DenoiseFn, x: Tensor, grid: Grid, cs: list[tuple[float, float]],
+                     weights: list[list[float]], order: int, callback: Callback) -> Tensor:
+    """Linear multistep on ``dy/dk = (y - D) / k`` in the coordinates ``cs`` = (c, k) per grid point
+    (``y = c x``): step i adds ``sum_m weights[i][m] * slope_{i-m}`` over the last ``order`` slopes."""
+    times = grid.times()
+    slopes: list[Tensor] = []
+    for i in range(grid.steps):
+        d = evaluate(denoiser, x, times[i], i, callback)
+        if grid.is_final(i):
+            x = d
+            continue
+        ci, ki = cs[i]
+        y = ci * x
+        slopes = [(y - d) / ki, *slopes][:order]
+        for w, slope in zip(weights[i], slopes, strict=False):
+            y = y + w * slope
+        x = y / cs[i + 1][0]
+    return x
+
+
 @register("lms", "Crowson 2022, k-diffusion (linear multistep, coefficients integrated exactly)")
 def sample_lms(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = None,
                callback: Callback = None, order: int = 4, variable: str = "auto") -> Tensor:
@@ -52,31 +72,11 @@ def sample_lms(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = Non
     interpolated by a polynomial in k and integrated exactly over each step."""
     _check_order("lms", order, 4)
     grid = Grid.build(denoiser.process, ts, x)
-    variable = resolve_variable(grid, variable)
-    cs = [coords(variable, a, s) for a, s in zip(grid.alpha, grid.sigma, strict=True)]
-    plan = []
-    for i in range(grid.steps):
-        if grid.is_final(i):
-            plan.append([])
-            continue
-        p = min(order, i + 1)
-        nodes = [cs[i - k][1] for k in range(p)]
-        plan.append(lagrange_integrals(nodes, cs[i][1], cs[i + 1][1]))
-    times = grid.times()
-    slopes: list[Tensor] = []
-    for i in range(grid.steps):
-        d = denoiser(x, times[i])
-        emit(callback, i, times[i], x, d)
-        if grid.is_final(i):
-            x = d
-            continue
-        ci, ki = cs[i]
-        y = ci * x
-        slopes = [(y - d) / ki, *slopes][:order]
-        for w, slope in zip(plan[i], slopes, strict=False):
-            y = y + w * slope
-        x = y / cs[i + 1][0]
-    return x
+    cs = [coords(resolve_variable(grid, variable), a, s) for a, s in zip(grid.alpha, grid.sigma, strict=True)]
+    weights = [[] if grid.is_final(i) else
+               lagrange_integrals([cs[i - k][1] for k in range(min(order, i + 1))], cs[i][1], cs[i + 1][1])
+               for i in range(grid.steps)]
+    return _adams_bashforth(denoiser, x, grid, cs, weights, order, callback)
 
 
 @register("ipndm", "Zhang & Chen 2023, DEIS (improved PNDM, Sec. 4); k-diffusion's sample_ipndm")
@@ -85,23 +85,11 @@ def sample_ipndm(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = N
     """Fixed-coefficient Adams-Bashforth on ``dy/dk = (y - D) / k`` with lower-order warm-up."""
     _check_order("ipndm", order, 4)
     grid = Grid.build(denoiser.process, ts, x)
-    variable = resolve_variable(grid, variable)
-    cs = [coords(variable, a, s) for a, s in zip(grid.alpha, grid.sigma, strict=True)]
-    times = grid.times()
-    slopes: list[Tensor] = []
-    for i in range(grid.steps):
-        d = denoiser(x, times[i])
-        emit(callback, i, times[i], x, d)
-        if grid.is_final(i):
-            x = d
-            continue
-        ci, ki = cs[i]
-        y = ci * x
-        slopes = [(y - d) / ki, *slopes][:order]
-        coef = ADAMS_BASHFORTH[len(slopes)]
-        slope = sum(c * s for c, s in zip(coef, slopes, strict=True))
-        x = (y + (cs[i + 1][1] - ki) * slope) / cs[i + 1][0]
-    return x
+    cs = [coords(resolve_variable(grid, variable), a, s) for a, s in zip(grid.alpha, grid.sigma, strict=True)]
+    weights = [[] if grid.is_final(i) else
+               [(cs[i + 1][1] - cs[i][1]) * c for c in ADAMS_BASHFORTH[min(order, i + 1)]]
+               for i in range(grid.steps)]
+    return _adams_bashforth(denoiser, x, grid, cs, weights, order, callback)
 
 
 def _transfer(x: Tensor, e: Tensor, ai: float, si: float, aj: float, sj: float) -> Tensor:
@@ -134,8 +122,7 @@ def _pndm(denoiser: DenoiseFn, x: Tensor, ts, *, callback: Callback, order: int,
     for i in range(grid.steps):
         j = i + 1
         ai, si, aj, sj = grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j]
-        d = denoiser(x, times[i])
-        emit(callback, i, times[i], x, d)
+        d = evaluate(denoiser, x, times[i], i, callback)
         if grid.is_final(i):
             x = d
             continue
@@ -203,8 +190,7 @@ def sample_deis(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = No
     for i in range(grid.steps):
         j = i + 1
         ai, si, aj, sj = grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j]
-        d = denoiser(x, times[i])
-        emit(callback, i, times[i], x, d)
+        d = evaluate(denoiser, x, times[i], i, callback)
         hist = [d if form == "data" else (x - ai * d) / si, *hist][:order]
         if plan[i] is None:
             cx, cd = ddim_coefficients(ai, si, aj, sj)

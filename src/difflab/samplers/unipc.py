@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from difflab.samplers.base import Callback, DenoiseFn, Generator, Grid, emit, register
+from difflab.samplers.base import Callback, DenoiseFn, Generator, Grid, evaluate, register
 
 Tensor = torch.Tensor
 
@@ -89,8 +89,7 @@ def sample_unipc(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = N
     history: list[Tensor] = []
     x_prev: Tensor | None = None
     for i in range(n):
-        d = denoiser(x, times[i])
-        emit(callback, i, times[i], x, d)
+        d = evaluate(denoiser, x, times[i], i, callback)
         if i > 0 and plan[i - 1][2] is not None and x_prev is not None:
             # UniC: redo the previous step with this evaluation (kept as history as it is)
             x = _combine(grid, i - 1, x_prev, history, plan[i - 1][2], d)
