@@ -87,3 +87,10 @@ def test_optimizer_beats_best_fixed_schedule_on_held_out_batch(tmp_path):
     assert err(grid) < 0.95 * best_fixed
     schedules.save(tmp_path / "ays.json", grid, proc)
     assert err(schedules.get("optimized", proc, 5, path=tmp_path / "ays.json")) == err(grid)
+
+
+def test_named_schedules_are_validated_like_explicit_grids():
+    proc = P.DiscreteVP.scaled_linear()
+    assert float(schedules.get("leading", proc, 10, offset=1)[0]) <= proc.t_max
+    with pytest.raises(ValueError, match=r"schedule 'leading' with steps=1000 .*t_max"):
+        schedules.get("leading", proc, 1000, offset=1)  # index 999 + 1 is past the last training step

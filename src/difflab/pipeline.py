@@ -326,7 +326,7 @@ class Pipeline:
             for net in (self.network, self.vae):
                 for key, value in (net.state_dict().items() if net is not None else ()):
                     digest.update(key.encode())
-                    digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+                    digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
             self._identity = digest.hexdigest()[:16]
         return self._identity
 

@@ -183,7 +183,12 @@ def get(name: str, process: Process, steps: int | None = None, **opts: Any) -> T
             f"schedule {name!r} takes no option(s) {', '.join(unknown)}; its options are: "
             f"{', '.join(valid) or 'none'}"
         )
-    return fn(process, steps, **opts)
+    # a named schedule is checked like an explicit grid: e.g. leading spacing with an offset can
+    # run past t_max (diffusers accepts that and samples outside the training range)
+    try:
+        return validate(process, fn(process, steps, **opts), steps)
+    except ValueError as err:
+        raise ValueError(f"schedule {name!r} with steps={steps} and {opts or 'no options'}: {err}") from None
 
 
 def snap_to_training_steps(process: Process, grid: Tensor) -> Tensor:

@@ -49,3 +49,12 @@ def test_settings_from_another_model_or_malformed_are_refused(tmp_path, capsys):
     assert "is not valid JSON" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "a"), "--n", "0", "--out", str(tmp_path / "r5")]) == 1
     assert "n must be a whole number" in capsys.readouterr().err
+
+
+def test_the_model_identity_follows_the_weights_in_any_dtype():
+    pipe = _pipe(0)
+    first = pipe.identity()
+    assert first == _pipe(0).identity() and first != _pipe(1).identity()
+    pipe.network.to(torch.bfloat16)
+    pipe._identity = None
+    assert len(pipe.identity()) == 16 and pipe.identity() != first
