@@ -43,6 +43,15 @@ def test_core_imports_nothing_from_the_floors_above(entry):
             assert not bad, f"{path.relative_to(SRC)} imports {bad[0]}, a floor above the core"
 
 
+@pytest.mark.parametrize("entry", ["accel"])
+def test_accelerators_reach_networks_only_through_the_hook_interface(entry):
+    for path in _modules(entry):
+        for module, names in _imports(path):
+            full = [module, *(f"{module}.{n}" for n in names)]
+            bad = [m for m in full if m.startswith(("difflab.models", *FORBIDDEN_FOR_CORE))]
+            assert not bad, f"{path.relative_to(SRC)} imports {bad[0]}; use difflab.hooks"
+
+
 def test_pipeline_imports_nothing_from_training():
     for module, names in _imports(SRC / "pipeline.py"):
         assert not module.startswith("difflab.training"), f"pipeline.py imports {module}"
