@@ -12,6 +12,7 @@ from pathlib import Path
 
 def _info(args: argparse.Namespace) -> int:
     """Every registered part, kind by kind, with its paper (one registry type serves them all)."""
+    import difflab.accel
     import difflab.data
     import difflab.guidance
     import difflab.metrics
@@ -67,6 +68,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accelerator(args: argparse.Namespace) -> dict | None:
+    from difflab.training.config import parse_value
+
+    if not args.accelerator:
+        return None
+    options = {"name": args.accelerator}
+    for item in args.accelerator_option:
+        key, _, text = item.partition("=")
+        options[key.strip()] = parse_value(text.strip())
+    return options
+
+
 def _guidance_options(args: argparse.Namespace) -> dict:
     from difflab.training.config import parse_value
 
@@ -104,7 +117,7 @@ def _sample(args: argparse.Namespace) -> int:
     result = pipe(n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
                   class_labels=labels if labels is None or len(labels) > 1 else labels[0], prompts=prompts,
                   guidance=args.guidance, guidance_options=_guidance_options(args), batch_size=args.batch_size,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, accelerator=_accelerator(args))
     grid = result.save(out)
     print(f"wrote {grid}, {len(result.settings)} images with their settings (NNNNN.png, NNNNN.json) to {out}")
     return 0
@@ -165,6 +178,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-option", action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. --guidance-option rescale=0.7 --guidance-option 'interval=[0.3, 5.0]'")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--accelerator", help="a training-free accelerator, e.g. deep_cache (see `difflab info`)")
+    p.add_argument("--accelerator-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --accelerator-option interval=3")
     p.add_argument("--no-progress", action="store_true")
 
 

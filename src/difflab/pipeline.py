@@ -14,6 +14,7 @@ labels or prompts), and :meth:`Pipeline.reproduce` reruns that batch to give the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -32,6 +33,14 @@ from difflab.models import Network
 Tensor = torch.Tensor
 FORMAT = "difflab-pipeline"
 VERSION = 1
+
+
+def _accelerated(denoiser: Denoiser, accelerator: dict[str, Any] | None):
+    if not accelerator:
+        return contextlib.nullcontext(denoiser)
+    from difflab import accel
+
+    return accel.accelerate(denoiser, accelerator)
 
 
 class PipelineError(ValueError):
@@ -248,12 +257,13 @@ class Pipeline:
                  class_labels: Any = None, prompts: str | Sequence[str] | None = None,
                  guidance: str | None = None, guidance_options: dict[str, Any] | None = None,
                  batch_size: int = 64, callback: Callable | None = None, progress: bool = False,
-                 **sampler_options: Any) -> Output:
+                 accelerator: dict[str, Any] | None = None, **sampler_options: Any) -> Output:
         """Sample ``n`` images (seeds ``seed .. seed + n - 1``, or ``seeds``).
 
         ``guidance`` names a method of :mod:`difflab.guidance` (``cfg``, ``apg``, ``icg``, ``pag``)
         with ``guidance_options`` (``scale``, ``interval``, ``rescale``, ...); the pipeline's default
-        applies when it is None, ``"none"`` turns it off.
+        applies when it is None, ``"none"`` turns it off. ``accelerator`` names one of
+        :mod:`difflab.accel` with its options (``{"name": "deep_cache", "interval": 3}``).
         """
         from tqdm import tqdm
 
@@ -298,9 +308,10 @@ class Pipeline:
             gens = [torch.Generator(device=self.device).manual_seed(s) for s in batch_seeds]
             noise = torch.stack([torch.randn(self.sample_shape, generator=g, device=self.device) for g in gens])
             bcond = {k: v[start: start + batch_size].to(self.device) for k, v in (cond or {}).items()}
-            model = self._guided(den, guidance, guidance_options)
-            x, nfe = sample(model, noise, sampler, steps=steps, schedule=schedule, generator=gens, cond=bcond,
-                            callback=step_callback, return_nfe=True, **sampler_options)
+            with _accelerated(den, accelerator) as fast:
+                model = self._guided(fast, guidance, guidance_options)
+                x, nfe = sample(model, noise, sampler, steps=steps, schedule=schedule, generator=gens, cond=bcond,
+                                callback=step_callback, return_nfe=True, **sampler_options)
             if self.vae is not None:
                 x = self.vae.from_latent(x)
             images.append(x.float().clamp(-1, 1).cpu())
@@ -313,6 +324,7 @@ class Pipeline:
                     "guidance_options": {k: v for k, v in guidance_options.items() if k != "weak"},
                     "denoiser_calls": nfe, "batch_seeds": batch_seeds, "batch_index": i, **batch_record,
                     "device": str(self.device), "model": self.identity(),
+                    **({"accelerator": dict(accelerator)} if accelerator else {}),
                 })
         bar.close()
         return Output(torch.cat(images), settings)
@@ -357,5 +369,6 @@ class Pipeline:
             cond["prompts"] = settings["batch_prompts"]
         out = self(seeds=batch, steps=settings["steps"], sampler=settings["sampler"], schedule=settings["schedule"],
                    guidance=settings["guidance"], guidance_options=settings["guidance_options"],
-                   batch_size=len(batch), **cond, **settings["sampler_options"])
+                   batch_size=len(batch), accelerator=settings.get("accelerator"), **cond,
+                   **settings["sampler_options"])
         return out.images[settings["batch_index"]]

@@ -99,3 +99,31 @@ def test_caches_that_cannot_apply_are_refused(dit_den):
     with pytest.raises(ValueError, match="must include evaluation 0"):
         with accel.block_cache(dit_den, ["block.1"], refresh=[1, 3]):
             pass
+
+
+def test_a_pipeline_takes_an_accelerator_as_data_and_reproduces_it(tmp_path):
+    from difflab.cli import main
+    from difflab.pipeline import Pipeline
+
+    net = _perturbed(UNet(UNetConfig(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                     attention_levels=(1,), head_dim=8, norm_groups=8, num_classes=3)))
+    pipe = Pipeline(net, processes.Flow(), "flow", sample_shape=(1, 8, 8), steps=6, num_classes=3)
+    plain = pipe(3, seed=0)
+    assert torch.equal(pipe(3, seed=0, accelerator={"name": "deep_cache", "interval": 1}).images, plain.images)
+    fast = pipe(3, seed=0, accelerator={"name": "deep_cache", "interval": 3})
+    assert fast.settings[0]["accelerator"] == {"name": "deep_cache", "interval": 3}
+    assert not torch.equal(fast.images, plain.images)
+    assert torch.equal(pipe.reproduce(fast.settings[2]), fast.images[2])
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert main(["sample", str(tmp_path / "pipe"), "--n", "2", "--accelerator", "deep_cache",
+                 "--accelerator-option", "interval=2", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="unknown accelerator"):
+        pipe(2, accelerator={"name": "tome"})
+
+
+def test_the_flop_counter_sees_what_a_cache_skips(unet_den):
+    with torch.no_grad():
+        _, full = accel.count_flops(lambda: _sample(unet_den, steps=6))
+        with accel.deep_cache(unet_den, interval=3) as fast:
+            _, cached = accel.count_flops(lambda: _sample(fast, steps=6))
+    assert 0 < cached < 0.8 * full
