@@ -217,3 +217,19 @@ def test_small_networks_overfit_a_handful_of_examples(kind):
         losses = _overfit(net, x, 150, class_labels=torch.tensor([0, 1, 0, 1]))
     assert losses[-1] < losses[0] / 10, losses[::25]
     assert time.time() - start < 60
+
+
+def test_the_attention_block_is_adm_s_and_starts_as_identity():
+    """x + attn(norm(x)) (Dhariwal & Nichol 2021); the old block added norm(x) as well."""
+    from difflab.models.conv_blocks import SpatialTransformer
+
+    block = SpatialTransformer(16, 2, groups=4).eval()
+    x = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(block(x), x)  # zero-initialised output projection
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        attn = block.blocks[0]["attn1"]
+        tokens = block.norm(x).flatten(2).transpose(1, 2)
+        expected = x + attn(tokens).transpose(1, 2).reshape(x.shape)
+        torch.testing.assert_close(block(x), expected)

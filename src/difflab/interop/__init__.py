@@ -1,6 +1,34 @@
 """Reading and writing other libraries' checkpoints (diffusers folders, original Stable Diffusion
 files) as difflab processes, predictions, networks and pipelines."""
 
-from difflab.interop.schedulers import SchedulerConversion, scheduler_from_diffusers
+from __future__ import annotations
 
-__all__ = ["SchedulerConversion", "scheduler_from_diffusers"]
+import os
+from pathlib import Path
+
+from difflab.interop.diffusers_unet import unet2d_from_diffusers
+from difflab.interop.schedulers import ConversionError, SchedulerConversion, scheduler_from_diffusers
+
+#: diffusers model classes difflab converts, by ``_class_name``
+MODELS = {"UNet2DModel": unet2d_from_diffusers}
+
+
+def from_diffusers(path: str | os.PathLike):
+    """A difflab network from a diffusers model folder (``config.json`` + safetensors weights), or a
+    :class:`SchedulerConversion` from a scheduler folder."""
+    from difflab.files import read_json
+
+    path = Path(path)
+    if (path / "scheduler_config.json").is_file() and not (path / "config.json").is_file():
+        return scheduler_from_diffusers(path)
+    if not (path / "config.json").is_file():
+        raise ConversionError(f"{path} is not a diffusers model folder: it has no config.json "
+                              "(nor scheduler_config.json)")
+    name = read_json(path / "config.json", "diffusers model config").get("_class_name")
+    if name not in MODELS:
+        raise ConversionError(f"{path} holds a {name!r}; difflab converts {', '.join(MODELS)} so far")
+    return MODELS[name](path)
+
+
+__all__ = ["MODELS", "ConversionError", "SchedulerConversion", "from_diffusers", "scheduler_from_diffusers",
+           "unet2d_from_diffusers"]

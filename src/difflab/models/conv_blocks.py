@@ -14,25 +14,33 @@ Tensor = torch.Tensor
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the embedding as scale and shift of the second norm
-    (ADM's "scale-shift norm"); the second conv starts at zero so the block starts as identity."""
+    (ADM's "scale-shift norm"), or added before it (``time_mode="additive"``, DDPM's and diffusers'
+    "default"); the second conv starts at zero so the block starts as identity."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int | None = None, dropout: float = 0.0,
-                 groups: int = 32, fp32_norm: bool = False):
+                 groups: int = 32, fp32_norm: bool = False, *, eps: float = 1e-6, time_mode: str = "scale_shift"):
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_ch, fp32=fp32_norm)
+        if time_mode not in ("scale_shift", "additive"):
+            raise ValueError(f"time_mode must be 'scale_shift' or 'additive', got {time_mode!r}")
+        self.time_mode = time_mode
+        self.norm1 = GroupNorm(groups, in_ch, eps=eps, fp32=fp32_norm)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * out_ch) if emb_dim is not None else None
-        self.norm2 = GroupNorm(groups, out_ch, fp32=fp32_norm)
+        width = 2 * out_ch if time_mode == "scale_shift" else out_ch
+        self.emb = nn.Linear(emb_dim, width) if emb_dim is not None else None
+        self.norm2 = GroupNorm(groups, out_ch, eps=eps, fp32=fp32_norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = self.norm2(h)
-        if self.emb is not None:
+        if self.emb is not None and self.time_mode == "additive":
+            h = self.norm2(h + self.emb(F.silu(emb))[:, :, None, None])
+        elif self.emb is not None:
             scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-            h = h * (1 + scale) + shift
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h)
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -62,9 +70,10 @@ class SpatialTransformer(nn.Module):
     starts at zero, so the block starts as identity."""
 
     def __init__(self, ch: int, heads: int, *, context_dim: int | None = None, depth: int = 1,
-                 groups: int = 32, qk_norm: bool = False, fp32_norm: bool = False, name: str = ""):
+                 groups: int = 32, qk_norm: bool = False, fp32_norm: bool = False, name: str = "",
+                 eps: float = 1e-6, norm: bool = True):
         super().__init__()
-        self.norm = GroupNorm(groups, ch, fp32=fp32_norm)
+        self.norm = GroupNorm(groups, ch, eps=eps, fp32=fp32_norm) if norm else nn.Identity()
         self.full = context_dim is not None
         self.proj_in = nn.Linear(ch, ch) if self.full else nn.Identity()
         self.blocks = nn.ModuleList()
@@ -89,8 +98,10 @@ class SpatialTransformer(nn.Module):
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         for block in self.blocks:
+            if not self.full:  # ADM's block: x + attn(norm(x)); no residual of the normalised tokens
+                tokens = block["attn1"](tokens)
+                continue
             tokens = tokens + block["attn1"](block["norm1"](tokens))
-            if self.full:
-                tokens = tokens + block["attn2"](block["norm2"](tokens), context, context_mask)
-                tokens = tokens + block["ff"](block["norm3"](tokens))
+            tokens = tokens + block["attn2"](block["norm2"](tokens), context, context_mask)
+            tokens = tokens + block["ff"](block["norm3"](tokens))
         return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)

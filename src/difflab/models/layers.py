@@ -17,12 +17,17 @@ Tensor = torch.Tensor
 
 
 # --- time and condition embeddings ---------------------------------------------------------------
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Transformer sinusoidal embedding of a (fractional) time, as in DDPM/ADM: [cos, sin]."""
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0, *, cos_first: bool = True,
+                         freq_shift: float = 0.0) -> Tensor:
+    """Transformer sinusoidal embedding of a (fractional) time, as in DDPM/ADM: [cos, sin]
+    (``cos_first=False``: [sin, cos]); frequencies ``max_period^(-k / (dim/2 - freq_shift))``
+    (diffusers' ``flip_sin_to_cos`` and ``downscale_freq_shift``)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    exponent = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(exponent / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    pair = [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(pair if cos_first else pair[::-1], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -43,8 +48,10 @@ class FourierFeatures(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Sinusoidal (or Fourier) features of the model time followed by a two-layer MLP."""
 
-    def __init__(self, dim: int, frequency_dim: int = 256, kind: str = "sinusoidal"):
+    def __init__(self, dim: int, frequency_dim: int = 256, kind: str = "sinusoidal", *, cos_first: bool = True,
+                 freq_shift: float = 0.0):
         super().__init__()
+        self.cos_first, self.freq_shift = cos_first, freq_shift
         if kind not in ("sinusoidal", "fourier"):
             raise ValueError(f"time embedding must be 'sinusoidal' or 'fourier', got {kind!r}")
         self.frequency_dim = frequency_dim
@@ -52,7 +59,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        feats = self.fourier(t) if self.fourier is not None else sinusoidal_embedding(t, self.frequency_dim)
+        feats = self.fourier(t) if self.fourier is not None else sinusoidal_embedding(
+            t, self.frequency_dim, cos_first=self.cos_first, freq_shift=self.freq_shift)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 

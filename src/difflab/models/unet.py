@@ -34,6 +34,11 @@ class UNetConfig:
     qk_norm: bool = False
     fp32_norm: bool = False
     time_embedding: str = "sinusoidal"
+    time_cos_first: bool = True  # diffusers' flip_sin_to_cos
+    time_freq_shift: float = 0.0  # diffusers' freq_shift (downscale_freq_shift)
+    time_mode: str = "scale_shift"  # or "additive": diffusers' resnet_time_scale_shift="default"
+    norm_eps: float = 1e-6  # diffusers' norm_eps is 1e-5
+    mid_attention_norm: bool = True  # diffusers' UNetMidBlock2D drops it unless resnet_time_scale_shift="default"
     channels_last: bool = True  # NHWC convolutions: faster with oneDNN and cuDNN
     gradient_checkpointing: bool = False
 
@@ -54,18 +59,20 @@ class UNet(Network):
         c = config
         out_ch = c.out_channels or c.in_channels
         mc, emb_dim = c.model_channels, 4 * c.model_channels
-        self.time_embed = TimestepEmbedder(emb_dim, frequency_dim=mc, kind=c.time_embedding)
+        self.time_embed = TimestepEmbedder(emb_dim, frequency_dim=mc, kind=c.time_embedding,
+                                           cos_first=c.time_cos_first, freq_shift=c.time_freq_shift)
         self.label_embed = LabelEmbedder(c.num_classes, emb_dim) if c.num_classes else None
         self.pooled_embed = PooledEmbedder(c.pooled_dim, emb_dim) if c.pooled_dim else None
         self.conv_in = nn.Conv2d(c.in_channels, mc, 3, padding=1)
 
-        def attn(ch: int, name: str) -> SpatialTransformer:
+        def attn(ch: int, name: str, norm: bool = True) -> SpatialTransformer:
             return SpatialTransformer(ch, max(1, ch // c.head_dim), context_dim=c.context_dim,
                                       depth=c.transformer_depth, groups=c.norm_groups, qk_norm=c.qk_norm,
-                                      fp32_norm=c.fp32_norm, name=name)
+                                      fp32_norm=c.fp32_norm, name=name, eps=c.norm_eps, norm=norm)
 
         def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, emb_dim, c.dropout, c.norm_groups, c.fp32_norm)
+            return ResBlock(cin, cout, emb_dim, c.dropout, c.norm_groups, c.fp32_norm, eps=c.norm_eps,
+                            time_mode=c.time_mode)
 
         self.down = nn.ModuleList()
         skips, ch = [mc], mc
@@ -80,7 +87,7 @@ class UNet(Network):
             if level != len(c.channel_mult) - 1:
                 self.down.append(nn.ModuleList([Downsample(ch)]))
                 skips.append(ch)
-        self.mid = nn.ModuleList([res(ch, ch), attn(ch, "mid"), res(ch, ch)])
+        self.mid = nn.ModuleList([res(ch, ch), attn(ch, "mid", c.mid_attention_norm), res(ch, ch)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
@@ -91,7 +98,7 @@ class UNet(Network):
                 if level and i == c.num_res_blocks:
                     block.append(Upsample(ch))
                 self.up.append(block)
-        self.norm_out = GroupNorm(c.norm_groups, ch, fp32=c.fp32_norm)
+        self.norm_out = GroupNorm(c.norm_groups, ch, eps=c.norm_eps, fp32=c.fp32_norm)
         self.conv_out = zero_(nn.Conv2d(ch, out_ch, 3, padding=1))
         self.downsampling = 2 ** (len(c.channel_mult) - 1)
         if c.channels_last:
