@@ -71,6 +71,10 @@ class Grid:
         """(t, alpha, sigma) of the point with noise level sigma / alpha = level."""
         return self.point(-math.log(level))
 
+    def step(self, i: int) -> tuple[float, float, float, float]:
+        """(alpha_i, sigma_i, alpha_{i+1}, sigma_{i+1}): the two ends of step i."""
+        return self.alpha[i], self.sigma[i], self.alpha[i + 1], self.sigma[i + 1]
+
     def is_final(self, i: int) -> bool:
         """Whether the step from i lands on clean data (the final denoise)."""
         return self.sigma[i + 1] == 0.0

@@ -57,7 +57,7 @@ def sample_dpm_solver(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generato
     k = 0
     for i in range(grid.steps):
         j = i + 1
-        ai, si, aj, sj = grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j]
+        ai, si, aj, sj = grid.step(i)
         d = evaluate(denoiser, x, times[i], i, callback)
         cx, cd = ddim_coefficients(ai, si, aj, sj)
         if plan[i] is None:
@@ -133,7 +133,7 @@ def _multistep(denoiser: DenoiseFn, x: Tensor, ts, *, order: int, eta: float, s_
     history: list[Tensor] = []
     for i in range(grid.steps):
         j = i + 1
-        ai, si, aj, sj = grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j]
+        ai, si, aj, sj = grid.step(i)
         d = evaluate(denoiser, x, times[i], i, callback)
         history = [d, *history][:order]
         if grid.is_final(i):

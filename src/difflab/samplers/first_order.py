@@ -67,8 +67,8 @@ def sample_ddpm(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = No
     grid = Grid.build(denoiser.process, ts, x)
     times = grid.times()
     for i in range(grid.steps):
-        j = i + 1
-        ai, si, aj, sj = grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j]
+        i + 1
+        ai, si, aj, sj = grid.step(i)
         d = evaluate(denoiser, x, times[i], i, callback)
         a_ij = ai / aj
         beta = si * si - a_ij * a_ij * sj * sj

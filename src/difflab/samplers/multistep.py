@@ -121,7 +121,7 @@ def _pndm(denoiser: DenoiseFn, x: Tensor, ts, *, callback: Callback, order: int,
     eps_hist: list[Tensor] = []
     for i in range(grid.steps):
         j = i + 1
-        ai, si, aj, sj = grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j]
+        ai, si, aj, sj = grid.step(i)
         d = evaluate(denoiser, x, times[i], i, callback)
         if grid.is_final(i):
             x = d
@@ -188,8 +188,8 @@ def sample_deis(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = No
     times = grid.times()
     hist: list[Tensor] = []
     for i in range(grid.steps):
-        j = i + 1
-        ai, si, aj, sj = grid.alpha[i], grid.sigma[i], grid.alpha[j], grid.sigma[j]
+        i + 1
+        ai, si, aj, sj = grid.step(i)
         d = evaluate(denoiser, x, times[i], i, callback)
         hist = [d if form == "data" else (x - ai * d) / si, *hist][:order]
         if plan[i] is None:
