@@ -144,3 +144,15 @@ def test_wrong_types_in_pipeline_json_are_named(pipeline_dir, key, value):
     (pipeline_dir / "pipeline.json").write_text(json.dumps({k: v for k, v in config.items() if k != "sampler"}))
     with pytest.raises(PipelineError, match="lacks 'sampler'"):
         Pipeline.from_pretrained(pipeline_dir)
+
+
+def test_resume_drops_a_half_written_log_line_and_records_past_the_checkpoint(tmp_path):
+    cfg = train_config.load(recipes.path("toy2d"), [*SMALL, "train.log_every=1", f"out_dir={tmp_path}"])
+    Trainer(cfg).run(progress=False)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 7, "lo')  # killed in the middle of a write
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000006")
+    shutil.rmtree(tmp_path / "final")
+    Trainer(cfg).run(resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

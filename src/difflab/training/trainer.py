@@ -118,6 +118,14 @@ def _lr_lambda(optim: dict, total: int):
     return fn
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl record; None for a line a killed run left half-written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _check_sampling(section: dict[str, Any]) -> None:
     """A recipe's ``[sample]`` section, checked before training (its sampler is used at the end)."""
     from difflab import guidance
@@ -299,8 +307,8 @@ class Trainer:
                               "(Trainer(config, overwrite=True)), or choose another out_dir.")
         self._claimed = True
         if self.runtime.main and (self.out / "metrics.jsonl").is_file():  # records past the resumed step go
-            lines = (self.out / "metrics.jsonl").read_text().splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start]
+            kept = [line for line in (self.out / "metrics.jsonl").read_text().splitlines()
+                    if _logged_step(line) is not None and _logged_step(line) <= start]
             write_atomic(self.out / "metrics.jsonl", "".join(line + "\n" for line in kept).encode())
         if self.runtime.main:
             self.out.mkdir(parents=True, exist_ok=True)
