@@ -21,3 +21,6 @@ def test_digits_demo_plumbing(tmp_path, monkeypatch):
     assert metrics["samples"] == 1000 and 0.0 <= metrics["classifier_accuracy_on_samples"] <= 1.0
     assert metrics["classifier_test_accuracy_on_real_digits"] > 0.9
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "run" / "final" / "pipeline.json").is_file()
+    assert main(["demo", "analytic", "--out", str(tmp_path), "--n", "300", "--steps", "8"]) == 1  # refuses to overwrite
+    assert main(["demo", "analytic", "--out", str(tmp_path), "--n", "300", "--steps", "4", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4

@@ -45,7 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=1))
         print(f"wrote {args.out}/samples.png and {args.out}/metrics.json")
         return 0
-    metrics = demo.run_analytic(args.out, n=args.n, steps=args.steps or 10, seed=args.seed)
+    metrics = demo.run_analytic(args.out, n=args.n, steps=args.steps or 10, seed=args.seed, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in metrics.items() if k != "results"}, indent=1))
     for key, row in metrics["results"].items():
         print(f"{key:36s} NFE {row['nfe']:3d}  RMSE to exact ODE {row['rmse_to_exact_ode']:.2e}  "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +22,13 @@ from difflab.plotting import scatter
 
 
 def run_analytic(out: str | os.PathLike = "outputs/demo", *, n: int = 2000, steps: int = 10, seed: int = 0,
-        samplers_to_run: tuple[str, ...] = ("ddim", "dpmpp_2m", "unipc")) -> dict[str, Any]:
+        samplers_to_run: tuple[str, ...] = ("ddim", "dpmpp_2m", "unipc"), overwrite: bool = False) -> dict[str, Any]:
     """Sample the ring with each sampler on a flow and a Stable-Diffusion VP process; write
-    ``samples.png`` (exact vs sampled) and ``metrics.json``; return the metrics."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ``samples.png`` (exact vs sampled) and ``metrics.json``; return the metrics. An earlier demo
+    in ``out`` is replaced only with ``overwrite``."""
+    from difflab.files import claim_output
+
+    out = claim_output(out, ("samples.png", "metrics.json"), overwrite=overwrite, what="demo")
     torch.manual_seed(seed)
     mix = GaussianMixture.ring(num_components=8, radius=1.0, std=0.08)
     setups = {
