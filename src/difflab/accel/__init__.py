@@ -12,11 +12,13 @@ from typing import Any
 
 from difflab.accel.block_cache import BlockCache, block_cache, deep_cache
 from difflab.accel.flops import count_flops
+from difflab.accel.token_merging import token_merging
 from difflab.registry import Registry
 
 REGISTRY: Registry = Registry("accelerator")
 REGISTRY.add("deep_cache", deep_cache, "Ma et al. 2024, DeepCache: Accelerating Diffusion Models for Free")
 REGISTRY.add("block_cache", block_cache, "Selvaraju et al. 2024, FORA; Chen et al. 2024, Delta-DiT (block reuse)")
+REGISTRY.add("token_merging", token_merging, "Bolya & Hoffman 2023, Token Merging for Fast Stable Diffusion")
 
 
 def accelerate(denoiser: Any, config: dict[str, Any]) -> AbstractContextManager:
@@ -26,4 +28,4 @@ def accelerate(denoiser: Any, config: dict[str, Any]) -> AbstractContextManager:
     return REGISTRY.get(options.pop("name", None))(denoiser, **options)
 
 
-__all__ = ["REGISTRY", "BlockCache", "accelerate", "block_cache", "count_flops", "deep_cache"]
+__all__ = ["REGISTRY", "BlockCache", "accelerate", "block_cache", "count_flops", "deep_cache", "token_merging"]
