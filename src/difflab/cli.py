@@ -68,28 +68,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _accelerator(args: argparse.Namespace) -> dict | None:
-    from difflab.training.config import parse_value
+def _options(items: list[str]) -> dict:
+    from difflab.training.config import parse_assignment
 
-    if not args.accelerator:
-        return None
-    options = {"name": args.accelerator}
-    for item in args.accelerator_option:
-        key, _, text = item.partition("=")
-        options[key.strip()] = parse_value(text.strip())
-    return options
+    return dict(parse_assignment(item) for item in items)
+
+
+def _accelerator(args: argparse.Namespace) -> dict | None:
+    return {"name": args.accelerator, **_options(args.accelerator_option)} if args.accelerator else None
 
 
 def _guidance_options(args: argparse.Namespace) -> dict:
-    from difflab.training.config import parse_value
-
-    opts = {}
-    if args.guidance_scale is not None:
-        opts["scale"] = args.guidance_scale
-    for item in args.guidance_option:
-        key, _, text = item.partition("=")
-        opts[key.strip()] = parse_value(text.strip())
-    return opts
+    scale = {} if args.guidance_scale is None else {"scale": args.guidance_scale}
+    return {**scale, **_options(args.guidance_option)}
 
 
 SAMPLE_OUTPUTS = ("grid.png", "[0-9][0-9][0-9][0-9][0-9].png", "[0-9][0-9][0-9][0-9][0-9].json", "reproduced.*")

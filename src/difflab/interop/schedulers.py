@@ -12,7 +12,6 @@ discrete VP model is fed the training index ``i`` at ``t = (i + 1) / N``; a flow
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,10 +138,3 @@ def _schedule(cfg: dict[str, Any], steps: int, is_flow: bool) -> tuple[str, dict
     if spacing == "trailing":
         return "trailing", {}
     return "uniform", {}
-
-
-def to_json(conversion: SchedulerConversion) -> str:
-    """The conversion as difflab configs (for a pipeline.json or a report)."""
-    return json.dumps({"process": conversion.process.to_config(), "prediction": conversion.prediction.to_config(),
-                       "schedule": conversion.schedule, "schedule_options": conversion.schedule_options,
-                       "ignored": conversion.ignored}, indent=1)

@@ -122,7 +122,9 @@ class Network(nn.Module):
         return []
 
     def check_residuals(self, residuals: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        residuals = dict(residuals or {})
+        if not residuals:  # the common case: nothing to check on every forward
+            return {}
+        residuals = dict(residuals)
         unknown = sorted(set(residuals) - set(self.residual_points()))
         if unknown:
             raise ValueError(f"{type(self).__name__} takes no residual(s) at {', '.join(unknown)}; its residual "

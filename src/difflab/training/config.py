@@ -163,6 +163,15 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_assignment(item: str) -> tuple[str, Any]:
+    """``"key=value"`` (``--set``, ``--guidance-option``, ``--accelerator-option``) as (key, value),
+    the value read as TOML would read it."""
+    if "=" not in item:
+        raise ConfigError(f"expected key=value, got {item!r}")
+    key, text = item.split("=", 1)
+    return key.strip(), parse_value(text.strip())
+
+
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Defaults, then the TOML file (a path or a built-in recipe name), then ``key.sub=value`` overrides."""
     tomllib = _toml()
@@ -180,17 +189,15 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
     config = _merge(DEFAULTS, update)
     origins.update(dict.fromkeys(flatten(update), f"in {path}"))
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set takes key=value, got {item!r}")
-        key, text = item.split("=", 1)
+        key, value = parse_assignment(item)
         nested: dict[str, Any] = {}
         cur = nested
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             cur = cur.setdefault(part, {})
-        cur[parts[-1]] = parse_value(text.strip())
+        cur[parts[-1]] = value
         config = _merge(config, nested)
-        origins[key.strip()] = f"from --set {item}"
+        origins[key] = f"from --set {item}"
     return validate(config, origins)
 
 

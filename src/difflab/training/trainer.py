@@ -158,6 +158,8 @@ class Trainer:
         self.runtime = setup(config["train"])
         self.rank, self.world, self.device = self.runtime.rank, self.runtime.world, self.runtime.device
         self.out = Path(config["out_dir"])
+        self._claimed = False  # this trainer has claimed out_dir for its run
+        self._restarting = False  # resumed before any checkpoint: the earlier attempt is replaced
         if overwrite and self.runtime.main:  # an earlier run's files go before this one writes any
             claim_output(self.out, RUN_OUTPUTS, overwrite=True, what="run")
         data_cfg = config["data"]
@@ -296,12 +298,12 @@ class Trainer:
     def _open_run_directory(self, start: int) -> None:
         """Claim out_dir for this run, once: a new run (start 0) refuses a folder holding an earlier
         one, so two runs never mix."""
-        if getattr(self, "_claimed", False):
+        if self._claimed:
             return
         earlier = [name for name in ("config.json", "metrics.jsonl", "checkpoints", "final")
                    if (self.out / name).exists()]
         # only the main process looks: the others would see the config.json it has just written
-        if self.runtime.main and start == 0 and earlier and not getattr(self, "_restarting", False):
+        if self.runtime.main and start == 0 and earlier and not self._restarting:
             raise ConfigError(f"{self.out} holds an earlier run ({', '.join(earlier)}); a new run would mix with it. "
                               "Continue it with --resume (resume=True), replace it with --overwrite "
                               "(Trainer(config, overwrite=True)), or choose another out_dir.")
