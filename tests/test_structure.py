@@ -8,7 +8,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "difflab"
 CORE = ["guidance.py", "samplers", "schedules.py", "denoiser.py", "processes.py", "predictions.py",
-        "registry.py", "batch.py", "hooks.py"]
+        "registry.py", "batch.py", "hooks.py", "checks.py"]
 FORBIDDEN_FOR_CORE = ("difflab.models", "difflab.training", "difflab.data", "difflab.cli", "difflab.pipeline",
                       "difflab.metrics", "difflab.demo")
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from difflab import predictions, processes
+from difflab.checks import describe, fits
 from difflab.denoiser import Denoiser
 from difflab.files import write_atomic
 from difflab.models import Network
@@ -54,30 +55,29 @@ def read_config(path: Path) -> dict[str, Any]:
     cfg = read_json(path, "pipeline config")
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or cfg.get("version", 0) > VERSION:
         raise PipelineError(f"{path} is not a difflab pipeline config of version <= {VERSION}")
-    for key, (kinds, required) in CONFIG_FIELDS.items():
+    for key, (hint, required) in CONFIG_FIELDS.items():
         if key not in cfg:
             if required:
                 raise PipelineError(f"{path} lacks {key!r}: the pipeline config is damaged; export it again")
             continue
         value = cfg[key]
-        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        ok = fits(value, hint)
         if key == "sample_shape":
-            ok = ok and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            ok = ok and bool(value) and all(v > 0 for v in value)
         if key == "steps":
             ok = ok and value >= 1
         if not ok:
-            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-            raise PipelineError(f"{path}: {key} must be {names}"
-                                f"{' of positive whole numbers' if key == 'sample_shape' else ''}, got {value!r}")
+            raise PipelineError(f"{path}: {key} must be {describe(hint)}"
+                                f"{' of positive values' if key in ('sample_shape', 'steps') else ''}, got {value!r}")
     return cfg
 
 
-#: pipeline.json's fields: the JSON types each may have, and whether it must be there
-CONFIG_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "process": ((dict,), True), "prediction": ((dict, str), True), "sample_shape": ((list,), True),
-    "sampler": ((str,), True), "steps": ((int,), True), "schedule": ((str,), True),
-    "num_classes": ((int, type(None)), False), "text_encoder": ((dict, type(None)), False),
-    "latent": ((bool,), False), "guidance": ((dict,), False), "cond_dropout": ((float, int, type(None)), False),
+#: pipeline.json's fields: the type each may have, and whether it must be there
+CONFIG_FIELDS: dict[str, tuple[Any, bool]] = {
+    "process": (dict, True), "prediction": (dict | str, True), "sample_shape": (list[int], True),
+    "sampler": (str, True), "steps": (int, True), "schedule": (str, True), "num_classes": (int | None, False),
+    "text_encoder": (dict | None, False), "latent": (bool, False), "guidance": (dict, False),
+    "cond_dropout": (float | None, False),
 }
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from difflab.checks import describe, fits
 from difflab.files import FileError, load_state, load_tensors, read_json, save_tensors, write_json
 from difflab.models.layers import Attention, attention_layers, attention_processor
 
@@ -46,8 +45,8 @@ class Network(nn.Module):
         for key, value in config.items():
             if isinstance(value, list):  # JSON turns tuples into lists
                 value = config[key] = tuple(value)
-            if not _fits(value, hints[key]):
-                raise ValueError(f"{cls.__name__} config: {key} must be {_describe(hints[key])}, got {value!r}")
+            if not fits(value, hints[key]):
+                raise ValueError(f"{cls.__name__} config: {key} must be {describe(hints[key])}, got {value!r}")
         return cls(cls.config_class(**config))
 
     def to_config(self) -> dict[str, Any]:
@@ -190,36 +189,3 @@ def check_conditioning(owner: str, config: Any, class_labels: Any, context: Any 
     if getattr(config, "context_dim", None) and context is None:
         raise ValueError(f"this {owner} cross-attends to text: pass context (the null prompt's embedding for "
                          "the unconditional branch)")
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a config value has its field's annotated type (ints are not bools, floats are finite)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is tuple:
-        if not isinstance(value, tuple):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_fits(v, args[0]) for v in value)
-        return len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
-    return True
-
-
-def _describe(hint: Any) -> str:
-    names = {int: "int", float: "float", bool: "bool", str: "str", type(None): "None"}
-    if hint in names:
-        return names[hint]
-    return str(hint).replace("typing.", "").replace("NoneType", "None")
