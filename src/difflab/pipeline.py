@@ -36,6 +36,21 @@ FORMAT = "difflab-pipeline"
 VERSION = 1
 
 
+@contextlib.contextmanager
+def _eval_mode(*networks: torch.nn.Module | None):
+    """Networks in eval mode for the ``with`` (no dropout), each back in its own mode afterwards:
+    a pipeline may hold a network that is still training (a trainer's previews and checkpoints)."""
+    present = [n for n in networks if n is not None]
+    modes = [n.training for n in present]
+    for net in present:
+        net.eval()
+    try:
+        yield
+    finally:
+        for net, mode in zip(present, modes, strict=True):
+            net.train(mode)
+
+
 def _accelerated(denoiser: Denoiser, accelerator: dict[str, Any] | None):
     if not accelerator:
         return contextlib.nullcontext(denoiser)
@@ -123,7 +138,7 @@ class Pipeline:
                  num_classes: int | None = None, text_encoder: dict[str, Any] | None = None,
                  vae: Network | None = None, guidance: dict[str, Any] | None = None,
                  cond_dropout: float | None = None):
-        self.network, self.process, self.prediction = network.eval(), process, predictions.get(prediction)
+        self.network, self.process, self.prediction = network, process, predictions.get(prediction)
         self.sample_shape = tuple(int(s) for s in sample_shape)
         from difflab.samplers import SamplerSpec
 
@@ -134,9 +149,7 @@ class Pipeline:
         self.sampler, self.steps, self.schedule = sampler, int(steps), schedule
         self.num_classes, self.text_encoder_config, self.vae = num_classes, text_encoder, vae
         self.guidance, self.cond_dropout = dict(guidance or {}), cond_dropout
-        if vae is not None:
-            vae.eval()
-        self._encoder = None
+        self._encoder, self._identity = None, None
 
     # --- folder ---------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -178,6 +191,9 @@ class Pipeline:
             raise PipelineError("the pipeline config says latent=" f"{bool(config.get('latent'))}, but a VAE was "
                                 f"{'not ' if vae is None else ''}given")
         prediction = config["prediction"]  # a name in version-1 folders written before the config protocol
+        network.eval()
+        if vae is not None:
+            vae.eval()
         return cls(network, processes.from_config(config["process"]),
                    predictions.get(prediction) if isinstance(prediction, str) else predictions.from_config(prediction),
                    sample_shape=config["sample_shape"], sampler=config["sampler"], steps=config["steps"],
@@ -303,35 +319,36 @@ class Pipeline:
             if callback is not None:
                 callback(i, t, x, denoised)
 
-        for start in starts:
-            batch_seeds = seeds[start: start + batch_size]
-            gens = [torch.Generator(device=self.device).manual_seed(s) for s in batch_seeds]
-            noise = torch.stack([torch.randn(self.sample_shape, generator=g, device=self.device) for g in gens])
-            bcond = {k: v[start: start + batch_size].to(self.device) for k, v in (cond or {}).items()}
-            with _accelerated(den, accelerator) as fast:
-                model = self._guided(fast, guidance, guidance_options)
-                x, nfe = sample(model, noise, sampler, steps=steps, schedule=schedule, generator=gens, cond=bcond,
-                                callback=step_callback, return_nfe=True, **sampler_options)
-            if self.vae is not None:
-                x = self.vae.from_latent(x)
-            images.append(x.float().clamp(-1, 1).cpu())
-            batch_conds = cond_settings[start: start + batch_size]
-            batch_record = {f"batch_{key}s": [c[key] for c in batch_conds] for key in batch_conds[0]}
-            for i, s in enumerate(batch_seeds):
-                settings.append({
-                    "seed": s, **cond_settings[start + i], "steps": steps, "sampler": sampler, "schedule": schedule,
-                    "sampler_options": sampler_options, "guidance": guidance or "none",
-                    "guidance_options": {k: v for k, v in guidance_options.items() if k != "weak"},
-                    "denoiser_calls": nfe, "batch_seeds": batch_seeds, "batch_index": i, **batch_record,
-                    "device": str(self.device), "model": self.identity(),
-                    **({"accelerator": dict(accelerator)} if accelerator else {}),
-                })
+        with _eval_mode(self.network, self.vae):  # sampling runs in eval mode; the caller's mode is kept
+            for start in starts:
+                batch_seeds = seeds[start: start + batch_size]
+                gens = [torch.Generator(device=self.device).manual_seed(s) for s in batch_seeds]
+                noise = torch.stack([torch.randn(self.sample_shape, generator=g, device=self.device) for g in gens])
+                bcond = {k: v[start: start + batch_size].to(self.device) for k, v in (cond or {}).items()}
+                with _accelerated(den, accelerator) as fast:
+                    model = self._guided(fast, guidance, guidance_options)
+                    x, nfe = sample(model, noise, sampler, steps=steps, schedule=schedule, generator=gens, cond=bcond,
+                                    callback=step_callback, return_nfe=True, **sampler_options)
+                if self.vae is not None:
+                    x = self.vae.from_latent(x)
+                images.append(x.float().clamp(-1, 1).cpu())
+                batch_conds = cond_settings[start: start + batch_size]
+                batch_record = {f"batch_{key}s": [c[key] for c in batch_conds] for key in batch_conds[0]}
+                for i, s in enumerate(batch_seeds):
+                    settings.append({
+                        "seed": s, **cond_settings[start + i], "steps": steps, "sampler": sampler, "schedule": schedule,
+                        "sampler_options": sampler_options, "guidance": guidance or "none",
+                        "guidance_options": {k: v for k, v in guidance_options.items() if k != "weak"},
+                        "denoiser_calls": nfe, "batch_seeds": batch_seeds, "batch_index": i, **batch_record,
+                        "device": str(self.device), "model": self.identity(),
+                        **({"accelerator": dict(accelerator)} if accelerator else {}),
+                    })
         bar.close()
         return Output(torch.cat(images), settings)
 
     def identity(self) -> str:
         """A short hash of the weights (network and VAE): which model made an image."""
-        if getattr(self, "_identity", None) is None:
+        if self._identity is None:
             import hashlib
 
             digest = hashlib.sha256()

@@ -172,3 +172,15 @@ def test_optimizer_state_from_another_model_is_refused(tmp_path, hidden):
     meta = json.loads((big / "trainer.json").read_text())["optimizer"]
     with pytest.raises(ValueError, match=r"optimizer state .* has shape .* another model"):
         checkpoint.load_optimizer(trainer.optimizer, load_file(big / "optimizer.safetensors"), meta, "x")
+
+
+def test_checkpoints_and_previews_leave_the_model_in_training_mode(tmp_path):
+    """Writing a checkpoint's pipeline.json once put the live model in eval mode (no dropout after)."""
+    cfg = train_config.load(TOY, [*SMALL, "model.dropout=0.1", "train.steps=4", "train.checkpoint_every=1",
+                                  "train.sample_every=2", "sample.n=4", f"out_dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    modes = []
+    for _ in trainer.steps():
+        modes.append(trainer.model.training)
+    assert modes == [True] * 4
+    assert not trainer.pipeline().network.training  # the exported copy samples in eval mode

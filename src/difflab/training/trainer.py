@@ -429,8 +429,9 @@ class Trainer:
         """The current (EMA) model as a :class:`~difflab.pipeline.Pipeline` (copies of the networks)."""
         import copy
 
-        net = copy.deepcopy(self.ema.module if use_ema else self.model)
-        return self._pipeline(net, copy.deepcopy(self.vae))
+        net = copy.deepcopy(self.ema.module if use_ema else self.model).eval()
+        vae = copy.deepcopy(self.vae).eval() if self.vae is not None else None
+        return self._pipeline(net, vae)
 
     # --- sampling -------------------------------------------------------------------------------------
     @torch.no_grad()
