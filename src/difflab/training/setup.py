@@ -36,6 +36,17 @@ class Runtime:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         return nn.parallel.DistributedDataParallel(model)
 
+    def finish(self) -> None:
+        """End a distributed run cleanly: wait for every rank (the main one writes the final pipeline),
+        then close the process group, so no rank exits while another still uses it."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 

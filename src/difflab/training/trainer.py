@@ -403,6 +403,7 @@ class Trainer:
                 log.close()
         if self.runtime.main:
             self.pipeline().save_pretrained(self.out / "final")
+        self.runtime.finish()
         return last
 
     def _pipeline(self, network: nn.Module, vae: nn.Module | None):
