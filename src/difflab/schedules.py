@@ -191,6 +191,17 @@ def get(name: str, process: Process, steps: int | None = None, **opts: Any) -> T
         raise ValueError(f"schedule {name!r} with steps={steps} and {opts or 'no options'}: {err}") from None
 
 
+def truncate(grid: Tensor, t_start: float) -> Tensor:
+    """The grid started at ``t_start`` (img2img, SDEdit): ``t_start`` itself, then the grid's points
+    strictly below it. A run from strength s on a grid of N steps thus takes about s N steps with the
+    schedule's own spacing; its first step starts exactly at ``t_start``, never at a neighbour."""
+    grid = _t(grid)
+    if not 0.0 < t_start <= float(grid[0]):
+        raise ValueError(f"a grid can only be started within (0, {float(grid[0])}], got t = {t_start}")
+    below = grid[grid < t_start - 1e-12]
+    return torch.cat([torch.tensor([t_start], dtype=torch.float64), below])
+
+
 def snap_to_training_steps(process: Process, grid: Tensor) -> Tensor:
     """Round a grid's points to the training indices of a discrete process (as diffusers does)."""
     n = getattr(process, "num_train_steps", None)

@@ -16,6 +16,7 @@ from difflab.samplers import adaptive, dpm_solver, first_order, multistep, runge
 from difflab.samplers.base import (
     Generator,
     Grid,
+    PartialGrid,
     SamplerInfo,
     available,
     check_options,
@@ -26,7 +27,8 @@ from difflab.samplers.base import (
 
 Tensor = torch.Tensor
 
-__all__ = ["Grid", "SamplerInfo", "SamplerSpec", "available", "get", "noise_like", "reference", "register", "sample"]
+__all__ = ["Grid", "PartialGrid", "SamplerInfo", "SamplerSpec", "available", "deterministic", "get", "noise_like",
+           "reference", "register", "run", "sample"]
 
 
 def reference(name: str) -> str:
@@ -68,23 +70,59 @@ def sample(
     stochastic samplers batch-invariant. With ``return_nfe`` the number of network evaluations
     actually made is returned too.
     """
-    info = get(sampler)
-    check_options(sampler, options)
-    process = getattr(denoiser, "process", None)
-    if process is None:
-        raise TypeError("sample() needs a difflab Denoiser (an object with .process); "
-                        "wrap a function with difflab.Denoiser.from_fn")
+    process = _process_of(denoiser)
     if not isinstance(noise, Tensor) or noise.ndim < 1:
         raise ValueError("noise must be a tensor of shape (batch, ...)")
-    if isinstance(schedule, str):
-        ts = schedules.get(schedule, process, steps, **(schedule_options or {}))
-    else:
-        ts = schedules.validate(process, torch.as_tensor(schedule, dtype=torch.float64))
-    bound = _Bound(denoiser, cond or {})
+    ts = grid_of(process, schedule, steps, schedule_options)
     x = float(process.sigma(torch.tensor(float(ts[0]), dtype=torch.float64))) * noise
+    return run(denoiser, x, ts, sampler, generator=generator, callback=callback, cond=cond, return_nfe=return_nfe,
+               **options)
+
+
+def _process_of(denoiser: Any) -> Any:
+    process = getattr(denoiser, "process", None)
+    if process is None:
+        raise TypeError("sampling needs a difflab Denoiser (an object with .process); "
+                        "wrap a function with difflab.Denoiser.from_fn")
+    return process
+
+
+def grid_of(process: Any, schedule: str | Tensor | Sequence[float], steps: int,
+            schedule_options: dict[str, Any] | None = None) -> Tensor:
+    """The checked grid of t of a schedule name (with its options) or of an explicit grid."""
+    if isinstance(schedule, str):
+        return schedules.get(schedule, process, steps, **(schedule_options or {}))
+    return schedules.validate(process, torch.as_tensor(schedule, dtype=torch.float64))
+
+
+def run(denoiser: Any, x: Tensor, ts: Tensor | PartialGrid, sampler: str = "dpmpp_2m", *, generator: Generator = None,
+        callback: Any = None, cond: dict[str, Any] | None = None, return_nfe: bool = False,
+        **options: Any) -> Tensor | tuple[Tensor, int]:
+    """Run a sampler from the state ``x`` at ``ts[0]`` along the grid ``ts`` (no noise is drawn):
+    what :func:`sample` does after it scales the noise, and what editing (img2img from a noised
+    image, inversion on an ascending :class:`PartialGrid`) calls directly."""
+    info = get(sampler)
+    check_options(sampler, options)
+    bound = _Bound(denoiser, cond or {})
+    _process_of(denoiser)
     with torch.no_grad():
         out = info.fn(bound, x, ts, generator=generator, callback=callback, **options)
     return (out, bound.evals) if return_nfe else out
+
+
+#: the options that make a stochastic sampler draw noise, and their deterministic values
+NOISE_OPTIONS = {"eta": 0.0, "s_churn": 0.0}
+
+
+def deterministic(sampler: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether the sampler with these options draws no noise (DDIM with eta = 0, Euler or Heun
+    without churn, every ODE solver), so that its run can be inverted."""
+    info = get(sampler)
+    if not info.stochastic:
+        return True
+    noise = [k for k in info.options if k in NOISE_OPTIONS]
+    merged = {**info.options, **(options or {})}
+    return bool(noise) and all(merged[k] == NOISE_OPTIONS[k] for k in noise)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 Semantics kept by every sampler: ``ts`` is a descending grid ending at 0; ``x`` is the state at
 ``ts[0]``; a step between two non-zero points follows the sampler's method; the step onto 0 is the
-final denoise ``D(x, t_last)`` (one evaluation, no extrapolation). Per-step constants are computed
+final denoise ``D(x, t_last)`` (one evaluation, no extrapolation). Editing runs samplers on two
+other kinds of grid (a :class:`PartialGrid`): a descending piece that stops
+above 0 (RePaint's resampling), and an ascending one that integrates the ODE back up from
+``t > 0`` toward more noise (inversion). Per-step constants are computed
 once, in float64 on the host, before the loop, so the loop itself does no host synchronisation.
 """
 
@@ -39,8 +42,11 @@ class Grid:
 
     @classmethod
     def build(cls, process: Process, ts: Tensor | Sequence[float], like: Tensor) -> Grid:
-        t = torch.as_tensor(ts, dtype=torch.float64).detach().cpu().flatten()
-        if t.numel() < 2 or not bool((t[1:] < t[:-1]).all()) or float(t[-1]) != 0.0:
+        partial = isinstance(ts, PartialGrid)
+        t = torch.as_tensor(ts.t if partial else ts, dtype=torch.float64).detach().cpu().flatten()
+        down = t.numel() >= 2 and bool((t[1:] < t[:-1]).all())
+        up = t.numel() >= 2 and bool((t[1:] > t[:-1]).all()) and float(t[0]) > 0
+        if not ((down and (partial or float(t[-1]) == 0.0)) or (partial and up)):
             raise ValueError(
                 f"a sampling grid must be strictly decreasing and end at 0, got {t.tolist()[:8]}...; "
                 "build it with difflab.schedules"
@@ -86,6 +92,18 @@ class Grid:
         while k < order and i - k >= 0 and math.isfinite(self.lam[i - k]):
             k += 1
         return k
+
+
+@dataclass(frozen=True)
+class PartialGrid:
+    """A grid of t that need not end at 0 and may ascend (editing: RePaint's pieces, inversion);
+    passed to a sampler function in place of ``ts``. ``sample()`` never makes one."""
+
+    t: tuple[float, ...]
+
+    @classmethod
+    def of(cls, ts: Tensor | Sequence[float]) -> PartialGrid:
+        return cls(tuple(torch.as_tensor(ts, dtype=torch.float64).flatten().tolist()))
 
 
 def _lam(alpha: float, sigma: float) -> float:
@@ -138,13 +156,13 @@ def resolve_variable(grid: Grid, variable: str) -> str:
     ``noise_level``: y = x / alpha against k = sigma / alpha (Karras et al. 2022, the EDM form).
     ``flow``: y = x / (alpha + sigma) against k = sigma / (alpha + sigma) (every process viewed as
     a rectified flow; finite at alpha = 0). Both read ``dy/dk = (y - D) / k``. ``auto`` takes
-    ``noise_level`` unless the grid starts at alpha = 0.
+    ``noise_level`` unless the grid reaches alpha = 0.
     """
     if variable == "auto":
-        return "noise_level" if grid.alpha[0] > 0 else "flow"
+        return "noise_level" if min(grid.alpha) > 0 else "flow"
     if variable not in ("noise_level", "flow"):
         raise ValueError(f"unknown ODE variable {variable!r}; choose 'auto', 'noise_level' or 'flow'")
-    if variable == "noise_level" and grid.alpha[0] == 0:
+    if variable == "noise_level" and min(grid.alpha) == 0:
         raise ValueError("the noise-level ODE form is infinite at alpha = 0; use variable='flow'")
     return variable
 
