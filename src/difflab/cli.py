@@ -1,4 +1,4 @@
-"""Command line: ``difflab info | demo | train | sample | eval | export``."""
+"""Command line: ``difflab info | demo | train | sample | edit | eval | export``."""
 
 from __future__ import annotations
 
@@ -114,6 +114,48 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_images(paths: list[str], channels: int, what: str):
+    import torch
+    from PIL import Image
+
+    from difflab.data.folder import to_tensor
+
+    tensors = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no {what} file at {path}")
+        with Image.open(path) as im:
+            tensors.append(to_tensor(im, None, channels))
+    sizes = {tuple(t.shape) for t in tensors}
+    if len(sizes) > 1:
+        raise ValueError(f"the {what}s have different sizes {sorted(sizes)}; give images of one size")
+    return torch.stack(tensors)
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from difflab.files import claim_output
+    from difflab.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.pipeline)
+    channels = pipe.vae.config.in_channels if pipe.vae is not None else pipe.sample_shape[0]
+    images = _read_images(args.images, channels, "image")
+    mask = None
+    if args.mask:
+        mask = (_read_images(args.mask, 1, "mask") + 1) / 2  # white (1) repaints, black (0) keeps
+    out = claim_output(args.out, SAMPLE_OUTPUTS, overwrite=args.overwrite, what="edits")
+    labels, source_labels = args.class_label or None, args.source_class_label or None
+    result = pipe.edit(images, mask=mask, strength=args.strength, prompts=args.prompt, class_labels=labels,
+                       source_prompts=args.source_prompt, source_class_labels=source_labels, inversion=args.invert,
+                       seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+                       guidance=args.guidance, guidance_options=_guidance_options(args), feather=args.feather,
+                       resample=args.resample, jump=args.jump, batch_size=args.batch_size,
+                       sources=[str(Path(p).resolve()) for p in args.images],
+                       mask_sources=[str(Path(p).resolve()) for p in args.mask] if args.mask else None)
+    grid = result.save(out)
+    print(f"wrote {grid} and {len(result.settings)} edited images with their settings to {out}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
 
     from difflab import metrics
@@ -209,6 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/samples")
     p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out (default: refuse)")
     p.set_defaults(func=_sample)
+    p = sub.add_parser("edit", help="edit images: img2img (--strength), inpainting (--mask) or inversion with a "
+                                     "new prompt or class (--invert ddim|edict|bdia|SAMPLER)")
+    _add_sampling_options(p)
+    p.add_argument("images", nargs="+", help="PNG files of the pipeline's image size")
+    p.add_argument("--mask", action="append", help="PNG, white = repaint, black = keep (one, or one per image)")
+    p.add_argument("--strength", type=float, help="how far back the image is noised, in (0, 1] (default 0.8; "
+                                                  "inpainting and inversion 1)")
+    p.add_argument("--invert", metavar="METHOD", help="invert with a deterministic sampler (ddim, dpmpp_2m, ...) "
+                                                      "or exactly (edict, bdia), then sample with --prompt/--class")
+    p.add_argument("--prompt", action="append", help="target prompt (one, or one per image)")
+    p.add_argument("--class-label", type=int, action="append", help="target class (one, or one per image)")
+    p.add_argument("--source-prompt", action="append", help="what the image shows (inversion; default: --prompt)")
+    p.add_argument("--source-class-label", type=int, action="append", help="the image's class (inversion)")
+    p.add_argument("--feather", type=float, default=0.0, help="soft mask edge, std in pixels")
+    p.add_argument("--resample", type=int, default=1, help="RePaint: walks of each stretch of steps (1 = none)")
+    p.add_argument("--jump", type=int, default=1, help="RePaint: steps per re-noised stretch")
+    p.add_argument("--out", default="outputs/edits")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier edits in --out (default: refuse)")
+    p.set_defaults(func=_edit)
     p = sub.add_parser("eval", help="FD / KID / precision-recall of a pipeline's samples against reference images")
     _add_sampling_options(p)
     p.add_argument("--metrics", default="fd,kid,pr", help="comma-separated: fd, kid, pr")

@@ -59,6 +59,13 @@ def _accelerated(denoiser: Denoiser, accelerator: dict[str, Any] | None):
     return accel.accelerate(denoiser, accelerator)
 
 
+def _digest(t: Tensor) -> str:
+    """A short hash of a tensor's values: which image or mask an edit started from."""
+    import hashlib
+
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 class PipelineError(ValueError):
     """A folder is not a pipeline, or a pipeline cannot make what was asked."""
 
@@ -346,6 +353,156 @@ class Pipeline:
         bar.close()
         return Output(torch.cat(images), settings)
 
+    @torch.no_grad()
+    def edit(self, images: Tensor, *, mask: Tensor | None = None, strength: float | None = None,
+             prompts: str | Sequence[str] | None = None, class_labels: Any = None,
+             source_prompts: str | Sequence[str] | None = None, source_class_labels: Any = None,
+             inversion: str | None = None, seed: int = 0, seeds: Sequence[int] | None = None,
+             steps: int | None = None, sampler: str | None = None, schedule: str | None = None,
+             guidance: str | None = None, guidance_options: dict[str, Any] | None = None, feather: float = 0.0,
+             resample: int = 1, jump: int = 1, batch_size: int = 64, sources: Sequence[str] | None = None,
+             mask_sources: Sequence[str] | None = None, callback: Callable | None = None,
+             **sampler_options: Any) -> Output:
+        """Edit ``images`` (N, C, H, W) in [-1, 1] (:mod:`difflab.editing`), one mode per call:
+
+        * ``mask`` given: inpaint where it is 1 (``strength`` 1 by default; ``feather`` pixels of soft
+          edge, ``resample``/``jump`` for RePaint). Pixels where the (feathered) mask is 0 come back
+          unchanged, bit for bit, for latent pipelines too (pasted back after decoding).
+        * ``inversion`` given: invert the images under the source condition (``source_prompts`` /
+          ``source_class_labels``, default the target's) with that deterministic sampler, exactly
+          with ``"edict"`` / ``"bdia"``, or with ``"null_text"`` (CFG reconstructs), then sample under
+          ``prompts`` / ``class_labels`` with guidance.
+        * otherwise img2img (SDEdit) at ``strength`` (0.8 by default, as diffusers).
+
+        ``sources`` / ``mask_sources`` name the files the images and masks came from: recorded in
+        the settings, they let :meth:`reproduce` (and ``difflab sample --settings``) remake an edit."""
+        from difflab import editing
+
+        images = self._edit_images(images)
+        n = len(images)
+        seeds = list(range(seed, seed + n)) if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise PipelineError(f"{len(seeds)} seeds for {n} images; give one per image")
+        if sources is not None and len(sources) != n:
+            raise PipelineError(f"{len(sources)} source names for {n} images")
+        mode = "inpaint" if mask is not None else ("invert" if inversion else "img2img")
+        if mode == "inpaint" and inversion:
+            raise PipelineError("pass a mask (inpainting) or an inversion, not both")
+        strength = editing.check_strength({"img2img": 0.8}.get(mode, 1.0) if strength is None else strength)
+        if mask is not None:
+            mask = editing.feather(editing.check_mask(mask.to(self.device), images), feather)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise PipelineError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        steps = self.steps if steps is None else steps
+        sampler, schedule = sampler or self.sampler, schedule or self.schedule
+        if guidance is None:
+            guidance = self.guidance.get("method")
+            guidance_options = {**self.guidance.get("options", {}), **(guidance_options or {})}
+        guidance_options = dict(guidance_options or {})
+        cond_settings, cond = self._conditions(n, class_labels, prompts)
+        source_settings, source = cond_settings, cond
+        if source_prompts is not None or source_class_labels is not None:
+            source_settings, source = self._conditions(n, source_class_labels, source_prompts)
+        plain = self.denoiser()
+        record = {"mode": mode, "strength": strength, "inversion": inversion, "feather": feather,
+                  "resample": resample, "jump": jump, "masks": list(mask_sources) if mask_sources else None}
+        outputs, settings = [], []
+        with _eval_mode(self.network, self.vae):
+            for start in range(0, n, batch_size):
+                sl = slice(start, start + batch_size)
+                batch_seeds = seeds[sl]
+                gens = [torch.Generator(device=self.device).manual_seed(s) for s in batch_seeds]
+                pixels = images[sl]
+                state = self.vae.to_latent(pixels) if self.vae is not None else pixels
+                noise = torch.stack([torch.randn(state.shape[1:], generator=g, device=self.device) for g in gens])
+                bcond = {k: v[sl].to(self.device) for k, v in (cond or {}).items()}
+                model = self._guided(plain, guidance, guidance_options)
+                common = {"steps": steps, "schedule": schedule, "cond": bcond}
+                if mode == "img2img":
+                    x = editing.img2img(model, state, strength, sampler=sampler, noise=noise, generator=gens,
+                                        callback=callback, **common, **sampler_options)
+                elif mode == "inpaint":
+                    m = mask[sl]
+                    if self.vae is not None:  # every latent cell touched by the mask is repainted
+                        m = torch.nn.functional.adaptive_max_pool2d(m, state.shape[-2:])
+                    x = editing.inpaint(model, state, m, sampler=sampler, strength=strength, resample=resample,
+                                        jump=jump, noise=noise, generator=gens, callback=callback, **common,
+                                        **sampler_options)
+                else:
+                    bsource = {k: v[sl].to(self.device) for k, v in (source or {}).items()}
+                    x = self._invert_and_sample(plain, model, state, inversion, steps, schedule, strength, bsource,
+                                                bcond, guidance, guidance_options, sampler_options)
+                x = self.vae.from_latent(x) if self.vae is not None else x
+                x = x.float().clamp(-1, 1)
+                if mode == "inpaint":  # the kept pixels exactly, whatever the decoder made of them
+                    keep = mask[sl].expand_as(x)
+                    x = torch.where(keep <= 0, pixels.float(), pixels.float() + keep * (x - pixels.float()))
+                outputs.append(x.cpu())
+                batch_conds = cond_settings[sl]
+                batch_record = {f"batch_{key}s": [c[key] for c in batch_conds] for key in batch_conds[0]}
+                batch_source = source_settings[sl]
+                edit_record = {**record, **{f"batch_source_{key}s": [c[key] for c in batch_source]
+                                            for key in batch_source[0] if mode == "invert"},
+                               "batch_sources": list(sources[sl]) if sources else None}
+                for i, s in enumerate(batch_seeds):
+                    settings.append({
+                        "seed": s, **cond_settings[start + i], "steps": steps, "sampler": sampler,
+                        "schedule": schedule, "sampler_options": sampler_options, "guidance": guidance or "none",
+                        "guidance_options": {k: v for k, v in guidance_options.items() if k != "weak"},
+                        "batch_seeds": batch_seeds, "batch_index": i, **batch_record, "device": str(self.device),
+                        "model": self.identity(),
+                        "edit": {**edit_record, "image_sha256": _digest(pixels[i]),
+                                 "mask_sha256": _digest(mask[start + i]) if mask is not None else None},
+                    })
+        return Output(torch.cat(outputs), settings)
+
+    def _edit_images(self, images: Tensor) -> Tensor:
+        from difflab import editing
+
+        if self.vae is None:
+            return editing.check_image(images, self.sample_shape).to(self.device)
+        channels = self.vae.config.in_channels
+        images = editing.check_image(images).to(self.device)
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[1] != channels:
+            raise PipelineError(f"this pipeline's VAE takes images of {channels} channels (N, {channels}, H, W); "
+                                f"got shape {tuple(images.shape)}")
+        factor = self.vae.downsampling
+        want = (self.sample_shape[1] * factor, self.sample_shape[2] * factor)
+        if tuple(images.shape[-2:]) != want:
+            raise PipelineError(f"this pipeline makes {want[0]}x{want[1]} images; got {tuple(images.shape[-2:])}: "
+                                "resize them first")
+        return images
+
+    def _invert_and_sample(self, plain: Denoiser, model: Any, state: Tensor, inversion: str, steps: int,
+                           schedule: str, strength: float, source: dict[str, Tensor], cond: dict[str, Tensor],
+                           guidance: str | None, guidance_options: dict[str, Any],
+                           sampler_options: dict[str, Any]) -> Tensor:
+        """Invert under the source condition, then sample under the target one. EDICT and BDIA invert
+        the guided model itself (exact for any denoiser); ``null_text`` inverts at guidance 1 and
+        optimises the null condition so that CFG at the pipeline's scale reconstructs; a sampler name
+        inverts at guidance 1 and samples guided."""
+        from difflab import editing
+
+        if inversion in ("edict", "bdia"):
+            method = editing.EDICT() if inversion == "edict" else editing.BDIA()
+            inv = method.invert(model, state, steps, schedule, cond=source, strength=strength)
+            return method.sample(model, inv, cond=cond)
+        if inversion == "null_text":
+            if guidance != "cfg":
+                raise PipelineError("null-text inversion makes classifier-free guidance reconstruct: "
+                                    "use guidance='cfg'")
+            uncond = None
+            if self.text_encoder_config is not None:
+                uncond = {k: v.to(self.device) for k, v in self.text_encoder().null(1).items()}
+            result = editing.null_text_inversion(plain, state, source, scale=guidance_options.get("scale", 4.0),
+                                                 uncond=uncond, steps=steps, schedule=schedule)
+            return result.sample(plain, cond=cond)
+        inv = editing.invert(plain, state, inversion, steps, schedule, cond=source, strength=strength,
+                             **sampler_options)
+        return inv.sample(model, cond=cond)
+
     def identity(self) -> str:
         """A short hash of the weights (network and VAE): which model made an image."""
         if self._identity is None:
@@ -379,6 +536,8 @@ class Pipeline:
         if not isinstance(batch, list) or not batch or not isinstance(settings["batch_index"], int) \
                 or not 0 <= settings["batch_index"] < len(batch):
             raise PipelineError("the settings record's batch_seeds / batch_index do not describe an image of a batch")
+        if "edit" in settings:
+            return self._reproduce_edit(settings)
         cond: dict[str, Any] = {}
         if "batch_class_labels" in settings:
             cond["class_labels"] = settings["batch_class_labels"]
@@ -389,3 +548,50 @@ class Pipeline:
                    batch_size=len(batch), accelerator=settings.get("accelerator"), **cond,
                    **settings["sampler_options"])
         return out.images[settings["batch_index"]]
+
+    def _reproduce_edit(self, settings: dict[str, Any]) -> Tensor:
+        """An edited image made again from the files its record names (checked by their hashes)."""
+        from PIL import Image
+
+        from difflab.data.folder import to_tensor
+
+        edit = settings["edit"]
+        if not edit.get("batch_sources"):
+            raise PipelineError("this edit's record names no image files (it was made from tensors): pass the "
+                                "images to Pipeline.edit again with the recorded settings")
+        channels = self.vae.config.in_channels if self.vae is not None else self.sample_shape[0]
+
+        def read(paths: list[str], chans: int) -> Tensor:
+            for path in paths:
+                if not Path(path).is_file():
+                    raise PipelineError(f"the edit started from {path}, which is no longer there")
+            tensors = []
+            for path in paths:
+                with Image.open(path) as im:
+                    tensors.append(to_tensor(im, None, chans))
+            return torch.stack(tensors)
+
+        images = read(edit["batch_sources"], channels)
+        index = settings["batch_index"]
+        if _digest(images[index]) != edit["image_sha256"]:
+            raise PipelineError(f"{edit['batch_sources'][index]} has changed since the edit was made (its hash "
+                                "differs); the edit cannot be remade from it")
+        mask = None
+        if edit["mode"] == "inpaint":
+            if not edit.get("masks"):
+                raise PipelineError("this inpainting record names no mask file: it cannot be remade")
+            mask = (read(edit["masks"], 1) + 1) / 2
+        cond: dict[str, Any] = {}
+        for key, name in (("class_labels", "class_label"), ("prompts", "prompt")):
+            if f"batch_{name}s" in settings:
+                cond[key] = settings[f"batch_{name}s"]
+            if f"batch_source_{name}s" in edit:
+                cond[f"source_{key}"] = edit[f"batch_source_{name}s"]
+        out = self.edit(images, mask=mask, strength=edit["strength"], inversion=edit["inversion"],
+                        seeds=settings["batch_seeds"], steps=settings["steps"], sampler=settings["sampler"],
+                        schedule=settings["schedule"], guidance=settings["guidance"],
+                        guidance_options=settings["guidance_options"], feather=edit["feather"],
+                        resample=edit["resample"], jump=edit["jump"], batch_size=len(images),
+                        sources=edit["batch_sources"], mask_sources=edit.get("masks"), **cond,
+                        **settings["sampler_options"])
+        return out.images[index]

@@ -149,8 +149,13 @@ class NullTextInversion:
         return PerStepGuidance(denoiser, self.scale, self.ts, self.unconds)
 
     def sample(self, denoiser: Any, cond: dict[str, Any] | None = None) -> Tensor:
-        """The guided DDIM run with the optimised null conditions (``cond`` edits the prompt)."""
-        return run(self.denoiser(denoiser), self.state, self.ts, "ddim", cond=self.cond if cond is None else cond)
+        """The guided DDIM run with the optimised null conditions (``cond`` edits the prompt; class
+        labels become embeddings, as the optimised null condition is one)."""
+        if cond is None:
+            cond = self.cond
+        elif isinstance(cond.get("class_labels"), Tensor) and not cond["class_labels"].is_floating_point():
+            cond = label_embeddings(denoiser, cond)[0]
+        return run(self.denoiser(denoiser), self.state, self.ts, "ddim", cond=cond)
 
 
 class PerStepGuidance(torch.nn.Module):
@@ -194,7 +199,7 @@ def _guided_step(denoiser: Any, z: Tensor, t: Tensor, uncond: dict[str, Any], d_
 def null_text_inversion(denoiser: Any, image: Tensor, cond: dict[str, Any], *, scale: float = 5.0,
                         uncond: dict[str, Tensor] | None = None, steps: int = 50,
                         schedule: str | Tensor | Sequence[float] = "uniform", inner_steps: int = 10,
-                        lr: float = 1e-2, tolerance: float = 1e-5, schedule_options: dict[str, Any] | None = None,
+                        lr: float = 5e-2, tolerance: float = 1e-5, schedule_options: dict[str, Any] | None = None,
                         progress: bool = False) -> NullTextInversion:
     """Null-text inversion: DDIM-invert ``image`` at guidance 1 (the pivot trajectory), then, step
     by step from the noise, optimise the unconditional condition (Adam, ``inner_steps`` at most,
@@ -221,7 +226,8 @@ def null_text_inversion(denoiser: Any, image: Tensor, cond: dict[str, Any], *, s
         loss = torch.tensor(0.0)
         for _ in range(inner_steps):
             with torch.enable_grad():
-                loss = torch.nn.functional.mse_loss(_guided_step(denoiser, z, times[k], {**cond, **current, **params}, d_c, r, c, scale), target)
+                stepped = _guided_step(denoiser, z, times[k], {**cond, **current, **params}, d_c, r, c, scale)
+                loss = torch.nn.functional.mse_loss(stepped, target)
                 if float(loss.detach()) < tolerance + 2e-5 * k * 50 / grid.steps:
                     break
                 optim.zero_grad()
