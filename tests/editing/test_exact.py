@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tests.conftest import ALL_PROCESSES
 
 from difflab import analytic, editing, predictions
-from tests.conftest import ALL_PROCESSES
 
 METHODS = {"edict": editing.EDICT, "bdia": editing.BDIA}
 

@@ -23,7 +23,8 @@ def _mixture(process, prediction):
 @pytest.mark.parametrize("sampler", DETERMINISTIC)
 @pytest.mark.parametrize("kind", ["vp_eps", "flow"])
 def test_every_deterministic_sampler_inverts_its_own_run(sampler, kind):
-    process, prediction = (processes.DiscreteVP.scaled_linear(), "eps") if kind == "vp_eps" else (processes.Flow(), "flow")
+    vp = kind == "vp_eps"
+    process, prediction = (processes.DiscreteVP.scaled_linear(), "eps") if vp else (processes.Flow(), "flow")
     den, image = _mixture(process, prediction)
     inv = editing.invert(den, image, sampler, 50, "karras")
     back = inv.sample(den)
@@ -56,7 +57,7 @@ def test_partial_inversion_starts_at_the_strength():
                                              ("euler", {"s_churn": 1.0}), ("dpmpp_2m_sde", {}), ("adaptive", {})])
 def test_a_run_that_cannot_be_retraced_is_refused_with_the_reason(sampler, options):
     den, image = _mixture(processes.Flow(), "flow")
-    with pytest.raises(editing.EditError, match="noise|own steps"):
+    with pytest.raises(editing.EditError, match=r"noise|own steps"):
         editing.invert(den, image, sampler, 10, **options)
 
 

@@ -101,7 +101,7 @@ def test_the_command_line_edits_and_the_settings_remake_the_edit(tmp_path, pipe,
     original = np.asarray(Image.open(files[1]))
     assert (made[:, :4] == original[:, :4]).all() and not (made[:, 4:] == original[:, 4:]).all()
     settings = json.loads((out / "00001.json").read_text())
-    assert settings["edit"]["mode"] == "inpaint" and settings["edit"]["masks"] == [str((tmp_path / "mask.png"))]
+    assert settings["edit"]["mode"] == "inpaint" and settings["edit"]["masks"] == [str(tmp_path / "mask.png")]
     again = tmp_path / "again"
     assert main(["sample", str(tmp_path / "pipe"), "--settings", str(out / "00001.json"), "--out", str(again)]) == 0
     assert (again / "reproduced.png").read_bytes() == (out / "00001.png").read_bytes()
