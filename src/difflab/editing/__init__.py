@@ -7,12 +7,14 @@
   inversion, Song et al. 2021, and its higher-order counterparts), optionally refined by fixed-point
   iteration; :class:`EDICT` and :class:`BDIA` invert exactly; :func:`null_text_inversion` makes a
   guided run reconstruct the image (Mokady et al. 2023).
+* :class:`PromptToPrompt` — cross-attention control for prompt edits (Hertz et al. 2022).
 
 Every function takes a denoiser (guided or not, any process and prediction) and works on the
 sampler's state space: pixels, or latents of a latent pipeline (:meth:`Pipeline.edit` encodes and
 decodes).
 """
 
+from difflab.editing.attention import PromptToPrompt
 from difflab.editing.exact import BDIA, EDICT, ExactInversion
 from difflab.editing.img2img import img2img
 from difflab.editing.inpaint import Inpainting, inpaint
@@ -20,5 +22,5 @@ from difflab.editing.inputs import EditError, check_image, check_mask, check_str
 from difflab.editing.inversion import Inversion, NullTextInversion, invert, null_text_inversion
 
 __all__ = ["BDIA", "EDICT", "EditError", "ExactInversion", "Inpainting", "Inversion", "NullTextInversion",
-           "check_image", "check_mask", "check_strength", "feather", "img2img", "inpaint", "invert",
+           "PromptToPrompt", "check_image", "check_mask", "check_strength", "feather", "img2img", "inpaint", "invert",
            "null_text_inversion"]

@@ -1,0 +1,128 @@
+"""Attention editing through the network hook interface.
+
+:class:`PromptToPrompt` (Hertz et al. 2022, "Prompt-to-Prompt Image Editing with Cross-Attention
+Control"): a source and a target prompt are sampled as one batch on the same noise; while the noise
+level is high, the target's cross-attention maps are the source's (``replace``: the layout of the
+image follows the source while the words change what is drawn), optionally its self-attention maps
+too, and chosen tokens' attention can be scaled (``reweight``). ``blend`` tokens give the local
+blending of the paper: the x0 estimate of the target is the source's outside the region those
+tokens attend to, so the rest of the image stays the source's. It is a denoiser wrapper: every
+sampler, process and prediction works, and guidance may sit inside it (wrap the guided denoiser).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflab.batch import batch_times
+from difflab.editing.inputs import EditError
+from difflab.hooks import network_of
+
+Tensor = torch.Tensor
+
+
+def attention_probs(attn: Any, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) with a key-padding mask: (batch, heads, queries, keys)."""
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        if mask.dtype == torch.bool and mask.ndim == 2:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        else:
+            scores = scores + mask
+    return scores.softmax(-1)
+
+
+class PromptToPrompt(nn.Module):
+    """Wraps a (guided) denoiser sampled on batches ``[sources..., targets...]`` of ``2 * pairs``.
+
+    * ``cross_until``: replace the target's cross-attention maps by the source's where t is above
+      this (0 = every step, 1 = never); ``self_until`` the same for self-attention maps.
+    * ``reweight``: ``{token index: factor}`` scales the target's attention to those tokens.
+    * ``blend``: token indices whose attention (source and target) marks the region allowed to
+      change; outside it (maps below ``threshold`` of their maximum) the target's x0 estimate is
+      the source's.
+    """
+
+    def __init__(self, denoiser: Any, pairs: int, *, cross_until: float = 0.2, self_until: float = 1.0,
+                 reweight: dict[int, float] | None = None, blend: Sequence[int] | None = None,
+                 threshold: float = 0.3):
+        super().__init__()
+        if network_of(denoiser) is None:
+            raise EditError("prompt-to-prompt edits a network's cross-attention: the denoiser has no difflab "
+                            "network (an analytic model or a plain function cannot be edited this way)")
+        if not network_of(denoiser).attention_names("cross"):
+            raise EditError("prompt-to-prompt needs a text-conditional network with cross-attention")
+        for name, value in (("cross_until", cross_until), ("self_until", self_until)):
+            if not 0.0 <= value <= 1.0:
+                raise EditError(f"{name} is a time in [0, 1] (edit while t is above it), got {value}")
+        self.denoiser, self.process, self.pairs = denoiser, denoiser.process, int(pairs)
+        self.cross_until, self.self_until = cross_until, self_until
+        self.reweight, self.blend, self.threshold = dict(reweight or {}), list(blend or []), threshold
+
+    def _processor(self, active_cross: bool, active_self: bool, maps: list[Tensor]):
+        n = self.pairs
+
+        def process(attn, x, context, mask, rope):
+            q, k, v = attn.qkv(x, context, rope)
+            cross = context is not None
+            active = active_cross if cross else active_self
+            if not active and not (cross and self.blend):
+                return attn.out(attn.attend(q, k, v, mask))
+            probs = attention_probs(attn, q, k, mask)
+            if probs.shape[0] % (2 * n):
+                raise EditError(f"prompt-to-prompt was set up for {n} source/target pairs, but the network got a "
+                                f"batch of {probs.shape[0]}")
+            groups = probs.unflatten(0, (-1, 2, n))  # (groups, source|target, pairs, heads, queries, keys)
+            if cross and self.blend:
+                maps.append(groups[0][..., self.blend].sum(-1).mean(2))  # (2, pairs, queries): the cond group
+            if active:
+                target = groups[:, 0]
+                if cross and self.reweight:
+                    scale = torch.ones(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+                    for index, factor in self.reweight.items():
+                        scale[index] = factor
+                    target = target * scale
+                groups = torch.stack([groups[:, 0], target], 1)
+                probs = groups.flatten(0, 2)
+            return attn.out(probs @ v)
+
+        return process
+
+    def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        if x.shape[0] != 2 * self.pairs:
+            raise EditError(f"prompt-to-prompt samples {self.pairs} sources then {self.pairs} targets: a batch of "
+                            f"{2 * self.pairs}, got {x.shape[0]}")
+        mask = cond.get("context_mask")
+        if mask is not None and self.cross_until < 1 and not torch.equal(mask[: self.pairs], mask[self.pairs:]):
+            raise EditError("replacing cross-attention maps needs source and target prompts of the same number of "
+                            "tokens (a word swap, e.g. 'red' -> 'blue'); these differ")
+        level = float(batch_times(t, x)[0])
+        maps: list[Tensor] = []
+        processor = self._processor(level > self.cross_until, level > self.self_until, maps)
+        net = network_of(self.denoiser)
+        with net.hook_attention(processor, "all"):
+            d = self.denoiser(x, t, **cond)
+        if not self.blend or not maps:
+            return d
+        region = self._region(maps, x.shape[-2:])
+        source, target = d[: self.pairs], d[self.pairs:]
+        return torch.cat([source, source + region * (target - source)])
+
+    def _region(self, maps: list[Tensor], size: torch.Size) -> Tensor:
+        """Where the blend tokens are attended (source or target), at the image's size, in {0, 1}."""
+        total = 0
+        for m in maps:  # (2, pairs, queries) at each layer's resolution
+            side = math.isqrt(m.shape[-1])
+            grid = m.reshape(2, self.pairs, 1, side, side)
+            total = total + F.interpolate(grid.flatten(0, 1), size=tuple(size), mode="bilinear",
+                                          align_corners=False).unflatten(0, (2, self.pairs))
+        union = total.amax(0)  # (pairs, 1, H, W): either prompt's region
+        union = F.max_pool2d(union, 3, stride=1, padding=1)
+        peak = union.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        return (union / peak > self.threshold).to(union.dtype)
