@@ -466,8 +466,8 @@ class Pipeline:
         """Prompt-to-prompt edits (:class:`difflab.editing.PromptToPrompt`): each source prompt and its
         target (a word swap) are sampled on the same noise, the target attending with the source's
         maps while t > ``cross_until``. ``reweight`` scales target words' attention (each word in
-        every target), ``blend`` words (those a prompt has) mark the region allowed to change. ``images``: real images to edit, DDIM-inverted under the
-        source prompts first. Returns the targets' images; their settings name the source."""
+        every target), ``blend`` words (those a prompt has) mark the region allowed to change.
+        ``images``: real images to edit, DDIM-inverted under the source prompts first. Returns the targets' images; their settings name the source."""
         from difflab import editing
 
         sources = [sources] if isinstance(sources, str) else list(sources)
