@@ -467,7 +467,8 @@ class Pipeline:
         target (a word swap) are sampled on the same noise, the target attending with the source's
         maps while t > ``cross_until``. ``reweight`` scales target words' attention (each word in
         every target), ``blend`` words (those a prompt has) mark the region allowed to change.
-        ``images``: real images to edit, DDIM-inverted under the source prompts first. Returns the targets' images; their settings name the source."""
+        ``images``: real images to edit, DDIM-inverted under the source prompts first. Returns the
+        targets' images; their settings name the source."""
         from difflab import editing
 
         sources = [sources] if isinstance(sources, str) else list(sources)
