@@ -86,3 +86,22 @@ def test_what_prompt_to_prompt_cannot_edit_is_refused(text_den):
         p2p(torch.zeros(4, 2, 8, 8), 0.5, **cond)
     with pytest.raises(editing.EditError, match="in \\[0, 1\\]"):
         editing.PromptToPrompt(text_den, 2, cross_until=2.0)
+
+
+def test_consistent_self_attention_shares_tokens_within_a_story_only(text_den):
+    cond = _prompts()
+    noise = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+    plain = difflab.sample(text_den, noise, "ddim", 6, cond=cond)
+    assert torch.equal(difflab.sample(editing.ConsistentSelfAttention(text_den, 2, rate=0.0), noise, "ddim", 6,
+                                      cond=cond), plain)
+    story = editing.ConsistentSelfAttention(text_den, 2, rate=0.5, seed=1)
+    a = difflab.sample(story, noise, "ddim", 6, cond=cond)
+    assert torch.equal(difflab.sample(story, noise, "ddim", 6, cond=cond), a)  # same seed, same run
+    assert not torch.allclose(a, plain, atol=1e-4)
+    changed = noise.clone()
+    changed[1] = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(9))
+    b = difflab.sample(story, changed, "ddim", 6, cond=cond)
+    assert not torch.allclose(b[0], a[0], atol=1e-5)  # image 0 sees its story's other image
+    torch.testing.assert_close(b[2:], a[2:])  # the other story does not
+    with pytest.raises(editing.EditError, match="stories of 3"):
+        difflab.sample(editing.ConsistentSelfAttention(text_den, 3), noise, "ddim", 2, cond=cond)

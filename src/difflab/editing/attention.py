@@ -126,3 +126,56 @@ class PromptToPrompt(nn.Module):
         union = F.max_pool2d(union, 3, stride=1, padding=1)
         peak = union.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return (union / peak > self.threshold).to(union.dtype)
+
+
+class ConsistentSelfAttention(nn.Module):
+    """StoryDiffusion's consistent self-attention (Zhou et al. 2024, "StoryDiffusion: Consistent
+    Self-Attention for Long-Range Image and Video Generation"), training-free: in every self-attention
+    layer each image of a story of ``story`` images also attends to a random ``rate`` of the other
+    images' tokens, so the images share what they draw. Stories are consecutive groups of the batch
+    (guidance's batched branches are groups of their own). ``until``: active while t is above it (0 =
+    every step). The token choice is drawn from ``seed`` for each call, so runs repeat exactly and
+    nothing is kept between calls; rate 0 is the plain network bit for bit."""
+
+    def __init__(self, denoiser: Any, story: int, *, rate: float = 0.5, until: float = 0.0, seed: int = 0):
+        super().__init__()
+        net = network_of(denoiser)
+        if net is None or not net.attention_names("self"):
+            raise EditError("consistent self-attention needs a difflab network with self-attention layers")
+        if story < 2:
+            raise EditError(f"a story has at least 2 images, got {story}")
+        if not 0.0 <= rate <= 1.0:
+            raise EditError(f"rate is the fraction of the other images' tokens attended, in [0, 1], got {rate}")
+        self.denoiser, self.process = denoiser, denoiser.process
+        self.story, self.rate, self.until, self.seed = int(story), float(rate), float(until), int(seed)
+
+    def _processor(self):
+        n, rate = self.story, self.rate
+        generator = torch.Generator().manual_seed(self.seed)
+
+        def process(attn, x, context, mask, rope):
+            q, k, v = attn.qkv(x, context, rope)
+            batch, _, tokens, _ = k.shape
+            if batch % n:
+                raise EditError(f"consistent self-attention was set up for stories of {n}, but the network got a "
+                                f"batch of {batch}")
+            shared = max(1, int(rate * tokens))
+            ks, vs = k.unflatten(0, (-1, n)), v.unflatten(0, (-1, n))  # (stories, n, heads, tokens, d)
+            outs = []
+            for i in range(n):
+                others = [j for j in range(n) if j != i]
+                pool_k = ks[:, others].transpose(1, 2).flatten(2, 3)  # (stories, heads, (n-1) tokens, d)
+                pool_v = vs[:, others].transpose(1, 2).flatten(2, 3)
+                pick = torch.randperm(pool_k.shape[2], generator=generator)[: shared * (n - 1)].to(k.device)
+                k_i = torch.cat([ks[:, i], pool_k[:, :, pick]], 2)
+                v_i = torch.cat([vs[:, i], pool_v[:, :, pick]], 2)
+                outs.append(attn.attend(q.unflatten(0, (-1, n))[:, i], k_i, v_i))
+            return attn.out(torch.stack(outs, 1).flatten(0, 1))
+
+        return process
+
+    def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        if self.rate == 0 or float(batch_times(t, x)[0]) <= self.until:
+            return self.denoiser(x, t, **cond)
+        with network_of(self.denoiser).hook_attention(self._processor(), "self"):
+            return self.denoiser(x, t, **cond)
