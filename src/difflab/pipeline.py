@@ -99,7 +99,7 @@ CONFIG_FIELDS: dict[str, tuple[Any, bool]] = {
     "process": (dict, True), "prediction": (dict | str, True), "sample_shape": (list[int], True),
     "sampler": (str, True), "steps": (int, True), "schedule": (str, True), "num_classes": (int | None, False),
     "text_encoder": (dict | None, False), "latent": (bool, False), "guidance": (dict, False),
-    "cond_dropout": (float | None, False),
+    "cond_dropout": (float | None, False), "inpainting": (bool, False),
 }
 
 
@@ -137,6 +137,8 @@ class Pipeline:
     ``{"name": "minilm", "max_tokens": 32}`` (``prompts``); ``vae``: sample latents of
     ``sample_shape`` and decode them. ``cond_dropout``: the rate the model was trained with (0 means
     it has no unconditional branch, so CFG-type guidance is refused in favour of ICG).
+    ``inpainting``: the network is a trained inpainting model (``concat`` takes the mask and the
+    masked image); plain sampling gives it an all-repaint mask.
     """
 
     def __init__(self, network: Network, process: processes.Process,
@@ -144,7 +146,7 @@ class Pipeline:
                  sample_shape: Sequence[int], sampler: str = "dpmpp_2m", steps: int = 20, schedule: str = "karras",
                  num_classes: int | None = None, text_encoder: dict[str, Any] | None = None,
                  vae: Network | None = None, guidance: dict[str, Any] | None = None,
-                 cond_dropout: float | None = None):
+                 cond_dropout: float | None = None, inpainting: bool = False):
         self.network, self.process, self.prediction = network, process, predictions.get(prediction)
         self.sample_shape = tuple(int(s) for s in sample_shape)
         from difflab.samplers import SamplerSpec
@@ -155,7 +157,7 @@ class Pipeline:
             raise PipelineError(f"the pipeline's default sampling: {err}") from err
         self.sampler, self.steps, self.schedule = sampler, int(steps), schedule
         self.num_classes, self.text_encoder_config, self.vae = num_classes, text_encoder, vae
-        self.guidance, self.cond_dropout = dict(guidance or {}), cond_dropout
+        self.guidance, self.cond_dropout, self.inpainting = dict(guidance or {}), cond_dropout, bool(inpainting)
         self._encoder, self._identity = None, None
 
     # --- folder ---------------------------------------------------------------------------------
@@ -164,7 +166,8 @@ class Pipeline:
                 "prediction": self.prediction.to_config(), "sample_shape": list(self.sample_shape),
                 "sampler": self.sampler, "steps": self.steps, "schedule": self.schedule,
                 "num_classes": self.num_classes, "text_encoder": self.text_encoder_config,
-                "latent": self.vae is not None, "guidance": self.guidance, "cond_dropout": self.cond_dropout}
+                "latent": self.vae is not None, "guidance": self.guidance, "cond_dropout": self.cond_dropout,
+                "inpainting": self.inpainting}
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write the folder; ``pipeline.json`` last, so a half-written folder is never a pipeline."""
@@ -206,7 +209,7 @@ class Pipeline:
                    sample_shape=config["sample_shape"], sampler=config["sampler"], steps=config["steps"],
                    schedule=config["schedule"], num_classes=config.get("num_classes"),
                    text_encoder=config.get("text_encoder"), vae=vae, guidance=config.get("guidance"),
-                   cond_dropout=config.get("cond_dropout"))
+                   cond_dropout=config.get("cond_dropout"), inpainting=bool(config.get("inpainting", False)))
 
     def to(self, device: str | torch.device) -> Pipeline:
         self.network.to(device)
@@ -333,6 +336,11 @@ class Pipeline:
                 noise = torch.stack([torch.randn(self.sample_shape, generator=g, device=self.device) for g in gens])
                 bcond = {k: v[start: start + batch_size].to(self.device) for k, v in (cond or {}).items()}
                 with _accelerated(den, accelerator) as fast:
+                    if self.inpainting:  # a trained inpainting model generating: everything is repainted
+                        from difflab.editing.inpaint import WithInputs, inpainting_inputs
+
+                        full = torch.ones_like(noise[:, :1])
+                        fast = WithInputs(fast, inpainting_inputs(torch.zeros_like(noise), full))
                     model = self._guided(fast, guidance, guidance_options)
                     x, nfe = sample(model, noise, sampler, steps=steps, schedule=schedule, generator=gens, cond=bcond,
                                     callback=step_callback, return_nfe=True, **sampler_options)
@@ -377,6 +385,7 @@ class Pipeline:
         ``sources`` / ``mask_sources`` name the files the images and masks came from: recorded in
         the settings, they let :meth:`reproduce` (and ``difflab sample --settings``) remake an edit."""
         from difflab import editing
+        from difflab.editing.inpaint import WithInputs, inpainting_inputs
 
         images = self._edit_images(images)
         n = len(images)
@@ -416,15 +425,21 @@ class Pipeline:
                 state = self.vae.to_latent(pixels) if self.vae is not None else pixels
                 noise = torch.stack([torch.randn(state.shape[1:], generator=g, device=self.device) for g in gens])
                 bcond = {k: v[sl].to(self.device) for k, v in (cond or {}).items()}
-                model = self._guided(plain, guidance, guidance_options)
+                base, m = plain, None
+                if mode == "inpaint":
+                    m = mask[sl]
+                    if self.vae is not None:  # every latent cell touched by the mask is repainted
+                        m = torch.nn.functional.adaptive_max_pool2d(m, state.shape[-2:])
+                    m = (m > 0).to(state.dtype) if self.inpainting else m
+                if self.inpainting:  # a trained inpainting model sees the mask and the masked image
+                    region = m if m is not None else torch.ones_like(state[:, :1])
+                    base = WithInputs(plain, inpainting_inputs(state, region))
+                model = self._guided(base, guidance, guidance_options)
                 common = {"steps": steps, "schedule": schedule, "cond": bcond}
                 if mode == "img2img":
                     x = editing.img2img(model, state, strength, sampler=sampler, noise=noise, generator=gens,
                                         callback=callback, **common, **sampler_options)
                 elif mode == "inpaint":
-                    m = mask[sl]
-                    if self.vae is not None:  # every latent cell touched by the mask is repainted
-                        m = torch.nn.functional.adaptive_max_pool2d(m, state.shape[-2:])
                     x = editing.inpaint(model, state, m, sampler=sampler, strength=strength, resample=resample,
                                         jump=jump, noise=noise, generator=gens, callback=callback, **common,
                                         **sampler_options)

@@ -42,6 +42,28 @@ class Inpainting(nn.Module):
         return torch.where(mask <= 0, known, blend)
 
 
+def inpainting_inputs(image: Tensor, mask: Tensor) -> Tensor:
+    """What a trained inpainting model takes beside its noisy input (``concat``): the mask and the
+    image with the masked region zeroed, mask first (Stable Diffusion's inpainting models' layout)."""
+    mask = mask.to(image.dtype)
+    return torch.cat([mask, image * (1 - mask)], 1)
+
+
+class WithInputs(nn.Module):
+    """A denoiser whose network also takes ``concat`` inputs (a trained inpainting model's mask and
+    masked image), tiled to every batch it is called with (guidance calls it on [cond, uncond])."""
+
+    def __init__(self, denoiser: Any, concat: Tensor):
+        super().__init__()
+        self.denoiser, self.process, self.concat = denoiser, denoiser.process, concat
+
+    def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        reps, rest = divmod(x.shape[0], self.concat.shape[0])
+        if rest:
+            raise ValueError(f"inpainting inputs for {self.concat.shape[0]} images, called on a batch of {x.shape[0]}")
+        return self.denoiser(x, t, concat=self.concat.repeat(reps, 1, 1, 1), **cond)
+
+
 def renoise(process: Any, x: Tensor, t_from: float, t_to: float, generator: Generator) -> Tensor:
     """A draw of q(x_{t_to} | x_{t_from}) for t_to > t_from: the forward process's transition."""
     t = torch.tensor([t_from, t_to], dtype=torch.float64)

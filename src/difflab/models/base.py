@@ -146,6 +146,34 @@ class Network(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def load_widened(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Load weights of a network that differs only by having fewer input channels in some layers
+        (an inpainting model made from a trained one, Rombach et al. 2022): those weights fill the
+        leading input channels and the new ones are zero, so the network computes what the original
+        did whatever the new inputs are. Returns the widened weights' names; anything else that does
+        not fit is refused."""
+        own, widened = self.state_dict(), []
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"the weights do not fit this {type(self).__name__}: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+        fitted = {}
+        for key, value in state.items():
+            target = own[key]
+            if value.shape == target.shape:
+                fitted[key] = value
+                continue
+            if value.ndim < 2 or value.shape[0] != target.shape[0] or value.shape[2:] != target.shape[2:] \
+                    or value.shape[1] > target.shape[1]:
+                raise ValueError(f"{key}: the weights' shape {tuple(value.shape)} cannot be widened to "
+                                 f"{tuple(target.shape)} (only input channels may be added)")
+            wide = torch.zeros_like(target)
+            wide[:, : value.shape[1]] = value
+            fitted[key] = wide
+            widened.append(key)
+        self.load_state_dict(fitted)
+        return widened
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` (each atomically: temporary file, rename)."""
         directory = Path(directory)

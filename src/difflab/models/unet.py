@@ -30,6 +30,7 @@ class UNetConfig:
     num_classes: int | None = None
     context_dim: int | None = None  # text tokens for cross-attention
     pooled_dim: int | None = None  # pooled text embedding added to the time embedding
+    concat_channels: int = 0  # inputs concatenated to x (an inpainting model's mask and masked image)
     norm_groups: int = 32
     qk_norm: bool = False
     fp32_norm: bool = False
@@ -47,8 +48,10 @@ class UNet(Network):
     """U-Net with scale-shift residual blocks, attention at chosen levels, optional class labels,
     cross-attention to text tokens and a pooled embedding; zero-initialised output.
 
-    ``forward(x, t, class_labels=None, context=None, context_mask=None, pooled=None)``; use class
-    label -1 (or ``num_classes``) for the unconditional "null" class.
+    ``forward(x, t, class_labels=None, context=None, context_mask=None, pooled=None, concat=None)``;
+    use class label -1 (or ``num_classes``) for the unconditional "null" class. ``concat``: the
+    ``concat_channels`` extra input channels (an inpainting model's mask and masked image, as Stable
+    Diffusion's inpainting U-Nets take them), joined to x before the first convolution.
     """
 
     config_class = UNetConfig
@@ -63,7 +66,7 @@ class UNet(Network):
                                            cos_first=c.time_cos_first, freq_shift=c.time_freq_shift)
         self.label_embed = LabelEmbedder(c.num_classes, emb_dim) if c.num_classes else None
         self.pooled_embed = PooledEmbedder(c.pooled_dim, emb_dim) if c.pooled_dim else None
-        self.conv_in = nn.Conv2d(c.in_channels, mc, 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels + c.concat_channels, mc, 3, padding=1)
 
         def attn(ch: int, name: str, norm: bool = True) -> SpatialTransformer:
             return SpatialTransformer(ch, max(1, ch // c.head_dim), context_dim=c.context_dim,
@@ -118,8 +121,17 @@ class UNet(Network):
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, pooled: Tensor | None = None,
-                residuals: dict[str, Tensor] | None = None) -> Tensor:
+                residuals: dict[str, Tensor] | None = None, concat: Tensor | None = None) -> Tensor:
         self._check(x, class_labels, context)
+        if self.config.concat_channels:
+            want = (x.shape[0], self.config.concat_channels, *x.shape[2:])
+            if concat is None or tuple(concat.shape) != want:
+                raise ValueError(f"this UNet takes {self.config.concat_channels} extra input channels (concat=, "
+                                 f"shape {want}: an inpainting model's mask and masked image), got "
+                                 f"{None if concat is None else tuple(concat.shape)}")
+            x = torch.cat([x, concat.to(x.dtype)], 1)
+        elif concat is not None:
+            raise ValueError("this UNet takes no extra input channels (concat=); its config has concat_channels=0")
         residuals = self.check_residuals(residuals)
         emb = self.time_embed(batch_times(t, x))
         if self.label_embed is not None:

@@ -51,7 +51,8 @@ class BatchPlan:
     def draw(self, step: int, micro: int, process: Process, x: Tensor, labels: Tensor | None = None,
              captions: Tensor | None = None) -> dict[str, Tensor]:
         """This rank's share of the batch of (step, micro): ``x0``, ``noise``, ``t``, and ``labels`` /
-        ``caption`` (row indices, -1 = the null condition) after condition dropout. On the CPU."""
+        ``caption`` (row indices, -1 = the null condition) after condition dropout, and ``seeds``: one
+        integer per sample for objectives that draw more (an inpainting model's masks). On the CPU."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 64 + micro)
         idx = self.indices(step * self.accumulate + micro)
         x0 = x[idx]
@@ -64,5 +65,6 @@ class BatchPlan:
             out["labels"] = drop_condition(labels[idx], self.cond_dropout, g)
         if captions is not None:
             out["caption"] = drop_condition(captions[idx], self.cond_dropout, g)
+        out["seeds"] = torch.randint(0, 2**62, (len(idx),), generator=g)
         share = len(idx) // self.world
         return {k: v[self.rank * share: (self.rank + 1) * share] for k, v in out.items()}

@@ -17,6 +17,7 @@ import torch
 
 from difflab import predictions
 from difflab.batch import per_sample
+from difflab.editing.inpaint import inpainting_inputs
 from difflab.processes import Process
 
 Tensor = torch.Tensor
@@ -119,3 +120,41 @@ class DiffusionObjective:
     def __call__(self, net: Callable[..., Tensor], batch: dict[str, Tensor], **cond: Any) -> Tensor:
         return diffusion_loss(net, batch["x0"], self.process, self.prediction, t=batch["t"], noise=batch["noise"],
                               weighting=self.weighting, gamma=self.gamma, **cond).mean()
+
+
+def inpainting_masks(seeds: Tensor, shape: tuple[int, int], full_rate: float) -> Tensor:
+    """One mask (1 = repaint) per seed: a random rectangle covering 10-100 % of each side, or, with
+    probability ``full_rate``, everything (so the model also generates from nothing). (N, 1, H, W)."""
+    h, w = shape
+    masks = torch.zeros(len(seeds), 1, h, w)
+    for i, seed in enumerate(seeds.tolist()):
+        g = torch.Generator().manual_seed(int(seed))
+        if float(torch.rand((), generator=g)) < full_rate:
+            masks[i] = 1
+            continue
+        mh = int(torch.randint(max(1, h // 10), h + 1, (), generator=g))
+        mw = int(torch.randint(max(1, w // 10), w + 1, (), generator=g))
+        top = int(torch.randint(0, h - mh + 1, (), generator=g))
+        left = int(torch.randint(0, w - mw + 1, (), generator=g))
+        masks[i, :, top: top + mh, left: left + mw] = 1
+    return masks
+
+
+@dataclass(frozen=True)
+class InpaintingObjective:
+    """The diffusion loss of an inpainting model (Rombach et al. 2022, the way Stable Diffusion's
+    inpainting models were made): each sample gets a seeded random mask (:func:`inpainting_masks`)
+    and the network sees the mask and the masked image through ``concat``."""
+
+    process: Process
+    prediction: predictions.Prediction
+    weighting: str = "none"
+    gamma: float = 5.0
+    full_rate: float = 0.25
+
+    def __call__(self, net: Callable[..., Tensor], batch: dict[str, Tensor], **cond: Any) -> Tensor:
+        x0 = batch["x0"]
+        mask = inpainting_masks(batch["seeds"], tuple(x0.shape[-2:]), self.full_rate).to(x0.device)
+        return diffusion_loss(net, x0, self.process, self.prediction, t=batch["t"], noise=batch["noise"],
+                              weighting=self.weighting, gamma=self.gamma, concat=inpainting_inputs(x0, mask),
+                              **cond).mean()

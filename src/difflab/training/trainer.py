@@ -30,7 +30,7 @@ from difflab.training import checkpoint
 from difflab.training.batches import BatchPlan
 from difflab.training.config import ConfigError, differences, validate
 from difflab.training.ema import ema_model
-from difflab.training.losses import DiffusionObjective
+from difflab.training.losses import DiffusionObjective, InpaintingObjective
 from difflab.training.optim import adamw
 from difflab.training.setup import setup
 
@@ -181,6 +181,8 @@ class Trainer:
         torch.manual_seed(config["seed"])
         text_dim = self.text["context"].shape[-1] if self.text is not None else None
         self.model = build_model(config, self.x[0], self.num_classes, text_dim).to(self.device)
+        if config["train"]["init"]:
+            self._initialise(config["train"]["init"])
         trained = list(parameters(self.model)) if parameters is not None else list(self.model.parameters())
         chosen = {id(p) for p in trained}
         for p in self.model.parameters():
@@ -198,9 +200,31 @@ class Trainer:
                                   bool(lcfg["immiscible"]))
         except ValueError as err:
             raise ConfigError(f"[data] / [optim]: {err}") from err
+        if objective is None and lcfg["task"] == "inpaint":
+            if not getattr(self.model.config, "concat_channels", 0):
+                raise ConfigError("loss.task = 'inpaint' needs a U-Net with model.concat_channels = "
+                                  f"{1 + self.x.shape[1]} (the mask and the masked image)")
+            objective = InpaintingObjective(self.process, self.prediction, lcfg["weighting"],
+                                            float(lcfg["min_snr_gamma"]), float(lcfg["full_mask_rate"]))
         self.objective = objective or DiffusionObjective(self.process, self.prediction, lcfg["weighting"],
                                                          float(lcfg["min_snr_gamma"]))
         self.net = self.runtime.wrap(self.model)
+
+    def _initialise(self, path: str) -> None:
+        """Start from a trained network (``train.init``: a pipeline or network folder); input
+        channels the new model adds (an inpainting model's) start at zero."""
+        from difflab.files import load_tensors
+
+        folder = Path(path) / "network" if (Path(path) / "network").is_dir() else Path(path)
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise ConfigError(f"train.init = {path!r} holds no network weights ({weights} is missing)")
+        try:
+            widened = self.model.load_widened(load_tensors(weights, "network weights"))
+        except ValueError as err:
+            raise ConfigError(f"train.init = {path!r}: {err}; the [model] section must match the network "
+                              "it starts from (besides added input channels)") from err
+        self.initialised_from = {"path": str(path), "widened": widened}
 
     # --- conditioning and latents ------------------------------------------------------------------
     def _text_tables(self, captions: list[str] | None) -> dict[str, Any] | None:
@@ -416,7 +440,8 @@ class Trainer:
             if self.text is not None else None
         return Pipeline(network, self.process, self.prediction, sample_shape=tuple(self.x.shape[1:]),
                         sampler=s["sampler"], steps=s["steps"], schedule=s["schedule"], num_classes=self.num_classes,
-                        text_encoder=text, vae=vae, guidance=guidance, cond_dropout=dropout)
+                        text_encoder=text, vae=vae, guidance=guidance, cond_dropout=dropout,
+                        inpainting=self.config["loss"]["task"] == "inpaint")
 
     def pipeline_config(self, checkpoint_dir: Path) -> dict[str, Any]:
         """What a checkpoint at ``checkpoint_dir`` carries for export: the pipeline's config, the
