@@ -7,9 +7,10 @@
   float64.
 * ``digits`` (the trained digits pipeline, ``make demo``): the same round trips on real test
   digits, null-text inversion at guidance 5 beside the guidance-1 round trip; inpainting of the
-  right half (training-free, with and without RePaint resampling): kept pixels' max change, FD of
-  the inpainted images, the classifier's accuracy on the original digit and a seam score (mean
-  jump across the mask border divided by the real images' own).
+  right half (training-free, with and without RePaint resampling, and the trained inpainting model
+  of the ``digits_inpaint`` recipe): kept pixels' max change, FD of the inpainted images, the
+  classifier's accuracy on the original digit and a seam score (mean jump across the mask border
+  divided by the real images' own).
 * ``shapes`` (a trained shapes text-to-image pipeline, ``--shapes``): colour and shape edits of
   generated images by prompt-to-prompt, by inversion + the new prompt and by SDEdit at several
   strengths, beside simply sampling the new prompt on the same seed; success = the attribute
@@ -72,7 +73,7 @@ def bench_inversion() -> list[dict]:
     return rows
 
 
-def bench_digits(path: str) -> dict:
+def bench_digits(path: str, inpaint_path: str) -> dict:
     from difflab.data import Digits
     from difflab.metrics.classifiers import accuracy, load_classifier
     from difflab.pipeline import Pipeline
@@ -108,8 +109,11 @@ def bench_digits(path: str) -> dict:
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 4:] = 1
     real_jump = seam(x, mask)
-    for name, opts in (("training-free", {}), ("RePaint U=3 jump=2", {"resample": 3, "jump": 2})):
-        made = pipe.edit(x, mask=mask, class_labels=y, steps=20, **opts).images
+    variants = [("training-free", pipe, {}), ("RePaint U=3 jump=2", pipe, {"resample": 3, "jump": 2})]
+    if Path(inpaint_path).is_dir():
+        variants.append(("trained inpainting model (digits_inpaint)", Pipeline.from_pretrained(inpaint_path), {}))
+    for name, model, opts in variants:
+        made = model.edit(x, mask=mask, class_labels=y, steps=20, **opts).images
         keep = mask.expand_as(x) == 0
         result = metrics.compare(test, made, ("fd",), features="digits")
         out["inpainting"][name] = {"kept_max_change": float((made[keep] - x[keep]).abs().max()),
@@ -234,6 +238,7 @@ def main() -> None:
     parser.add_argument("--only", default="inversion,digits,shapes")
     parser.add_argument("--pipeline", default="outputs/demo/run/final")
     parser.add_argument("--shapes", default="outputs/shapes_t2i/final")
+    parser.add_argument("--inpaint", default="outputs/digits_inpaint/final", help="the digits_inpaint recipe's run")
     parser.add_argument("--n", type=int, default=100, help="edit pairs per kind (shapes)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -244,7 +249,7 @@ def main() -> None:
     if "inversion" in parts:
         report["inversion"] = bench_inversion()
     if "digits" in parts:
-        report["digits"] = bench_digits(args.pipeline)
+        report["digits"] = bench_digits(args.pipeline, args.inpaint)
     if "shapes" in parts:
         report["shapes"] = bench_shapes(args.shapes, args.n)
     RESULTS.mkdir(exist_ok=True)

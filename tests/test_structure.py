@@ -43,8 +43,8 @@ def test_core_imports_nothing_from_the_floors_above(entry):
             assert not bad, f"{path.relative_to(SRC)} imports {bad[0]}, a floor above the core"
 
 
-@pytest.mark.parametrize("entry", ["accel"])
-def test_accelerators_reach_networks_only_through_the_hook_interface(entry):
+@pytest.mark.parametrize("entry", ["accel", "editing"])
+def test_accelerators_and_editing_reach_networks_only_through_the_hook_interface(entry):
     for path in _modules(entry):
         for module, names in _imports(path):
             full = [module, *(f"{module}.{n}" for n in names)]

@@ -283,13 +283,16 @@ class Pipeline:
                  class_labels: Any = None, prompts: str | Sequence[str] | None = None,
                  guidance: str | None = None, guidance_options: dict[str, Any] | None = None,
                  batch_size: int = 64, callback: Callable | None = None, progress: bool = False,
-                 accelerator: dict[str, Any] | None = None, **sampler_options: Any) -> Output:
+                 accelerator: dict[str, Any] | None = None, image_prompt: dict[str, Any] | None = None,
+                 **sampler_options: Any) -> Output:
         """Sample ``n`` images (seeds ``seed .. seed + n - 1``, or ``seeds``).
 
         ``guidance`` names a method of :mod:`difflab.guidance` (``cfg``, ``apg``, ``icg``, ``pag``)
         with ``guidance_options`` (``scale``, ``interval``, ``rescale``, ...); the pipeline's default
         applies when it is None, ``"none"`` turns it off. ``accelerator`` names one of
         :mod:`difflab.accel` with its options (``{"name": "deep_cache", "interval": 3}``).
+        ``image_prompt``: ``{"adapter": ImagePromptAdapter, "images": (n, C, H, W), "scale": 1.0}``,
+        reference images that the images should look like (IP-Adapter).
         """
         from tqdm import tqdm
 
@@ -342,6 +345,12 @@ class Pipeline:
                         full = torch.ones_like(noise[:, :1])
                         fast = WithInputs(fast, inpainting_inputs(torch.zeros_like(noise), full))
                     model = self._guided(fast, guidance, guidance_options)
+                    if image_prompt:
+                        from difflab.adapters import ImagePrompted
+
+                        adapter = image_prompt["adapter"]
+                        refs = image_prompt["images"][start: start + batch_size].to(self.device)
+                        model = ImagePrompted(model, adapter, adapter.embed(refs), image_prompt.get("scale", 1.0))
                     x, nfe = sample(model, noise, sampler, steps=steps, schedule=schedule, generator=gens, cond=bcond,
                                     callback=step_callback, return_nfe=True, **sampler_options)
                 if self.vae is not None:
@@ -357,6 +366,9 @@ class Pipeline:
                         "denoiser_calls": nfe, "batch_seeds": batch_seeds, "batch_index": i, **batch_record,
                         "device": str(self.device), "model": self.identity(),
                         **({"accelerator": dict(accelerator)} if accelerator else {}),
+                        **({"image_prompt": {"scale": float(image_prompt.get("scale", 1.0)),
+                                             "image_sha256": _digest(image_prompt["images"][start + i])}}
+                           if image_prompt else {}),
                     })
         bar.close()
         return Output(torch.cat(images), settings)
