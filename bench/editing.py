@@ -16,7 +16,10 @@
   strengths, beside simply sampling the new prompt on the same seed; success = the attribute
   classifier sees the new attribute, preservation = it sees the other three unchanged.
 
-Run by hand, alone:  python bench/editing.py [--only inversion,digits,shapes]
+* ``image_prompt`` (the shapes pipeline): an IP-Adapter trained here; attribute agreement between a
+  reference and what it prompts, across scales, and a text prompt's accuracy beside a reference.
+
+Run by hand, alone:  python bench/editing.py [--only inversion,digits,shapes,image_prompt]
 Writes bench/results/editing.json and bench/results/editing.md.
 """
 
@@ -196,6 +199,45 @@ def bench_shapes(path: str, n: int) -> dict:
     return out
 
 
+def bench_image_prompt(path: str, steps: int, n: int) -> dict:
+    """Train an IP-Adapter on the shapes pipeline's own training data, then: attribute agreement
+    between each reference and the image made from it with the empty prompt, across scales, and the
+    prompt's accuracy when a prompt is given beside the reference."""
+    from difflab.data.shapes import Shapes, attribute_indices, parse_caption
+    from difflab.metrics.classifiers import attribute_hits, load_classifier
+    from difflab.pipeline import Pipeline
+    from difflab.training.image_prompt import train_image_prompt
+
+    pipe = Pipeline.from_pretrained(path)
+    train = Shapes(n=4096, resolution=32, seed=0)
+    items = [train[i] for i in range(len(train))]
+    start = time.perf_counter()
+    adapter = train_image_prompt(pipe, torch.stack([it["x"] for it in items]), [it["caption"] for it in items],
+                                 steps=steps, progress=False)
+    seconds = time.perf_counter() - start
+    refs_data = Shapes(n=n, resolution=32, seed=123)
+    refs = [refs_data[i] for i in range(n)]
+    images, attrs = torch.stack([r["x"] for r in refs]), torch.stack([r["attributes"] for r in refs])
+    classifier, _ = load_classifier("shapes")
+    out: dict = {"train_seconds": seconds, "train_steps": steps, "scales": {}}
+    for scale in (0.0, 0.3, 0.6, 1.0):
+        made = pipe(seeds=range(n), prompts=[""] * n, guidance="cfg", guidance_options={"scale": 4.0},
+                    image_prompt={"adapter": adapter, "images": images, "scale": scale})
+        hits = attribute_hits(classifier, made.images, attrs)
+        prompts = [r["caption"] for r in refs][::-1]  # a prompt of another image beside the reference
+        with_prompt = pipe(seeds=range(n), prompts=prompts, image_prompt={"adapter": adapter, "images": images,
+                                                                          "scale": scale})
+        wanted = torch.tensor([attribute_indices(parse_caption(p)) for p in prompts])
+        out["scales"][str(scale)] = {
+            "agreement_all": float(hits.all(1).float().mean()),
+            **{name: float(hits[:, i].float().mean()) for i, name in enumerate(("shape", "colour", "size",
+                                                                                 "position"))},
+            "prompt_accuracy_with_reference": float(attribute_hits(classifier, with_prompt.images, wanted)
+                                                    .all(1).float().mean())}
+        print(f"image prompt scale {scale}: {out['scales'][str(scale)]}", flush=True)
+    return out
+
+
 def markdown(report: dict) -> str:
     lines = ["# Editing benchmark", "", f"torch {report['meta']['torch']}, {report['meta']['threads']} thread(s).", ""]
     if "inversion" in report:
@@ -222,6 +264,14 @@ def markdown(report: dict) -> str:
         lines += [f"| strength {k.split()[1]} | {v['new_digit_accuracy']:.3f} | {v['psnr_to_input']:.1f} |"
                   for k, v in d.items() if k.startswith("sdedit")]
         lines.append("")
+    if "image_prompt" in report:
+        ip = report["image_prompt"]
+        lines += [f"## Image prompts (IP-Adapter trained {ip['train_steps']} steps, {ip['train_seconds']:.0f} s)", "",
+                  "| scale | reference agreement, all 4 attributes | shape | colour | size | position | "
+                  "another prompt's accuracy beside the reference |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['agreement_all']:.2f} | {v['shape']:.2f} | {v['colour']:.2f} | {v['size']:.2f} | "
+                  f"{v['position']:.2f} | {v['prompt_accuracy_with_reference']:.2f} |" for k, v in ip["scales"].items()]
+        lines.append("")
     if "shapes" in report:
         lines += ["## Prompt edits on the shapes text-to-image model", ""]
         for kind, res in report["shapes"].items():
@@ -239,7 +289,8 @@ def main() -> None:
     parser.add_argument("--pipeline", default="outputs/demo/run/final")
     parser.add_argument("--shapes", default="outputs/shapes_t2i/final")
     parser.add_argument("--inpaint", default="outputs/digits_inpaint/final", help="the digits_inpaint recipe's run")
-    parser.add_argument("--n", type=int, default=100, help="edit pairs per kind (shapes)")
+    parser.add_argument("--n", type=int, default=100, help="edit pairs per kind (shapes), image-prompt references")
+    parser.add_argument("--ip-steps", type=int, default=1500, help="IP-Adapter training steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
     parts = args.only.split(",")
@@ -252,6 +303,8 @@ def main() -> None:
         report["digits"] = bench_digits(args.pipeline, args.inpaint)
     if "shapes" in parts:
         report["shapes"] = bench_shapes(args.shapes, args.n)
+    if "image_prompt" in parts:
+        report["image_prompt"] = bench_image_prompt(args.shapes, args.ip_steps, args.n)
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     (RESULTS / "editing.md").write_text(markdown(report))

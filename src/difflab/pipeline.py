@@ -549,8 +549,10 @@ class Pipeline:
                   "reweight": dict(reweight or {}), "blend": list(blend or []), "threshold": threshold,
                   "real_images": images is not None}
         settings = [{"seed": s, "prompt": targets[i], "steps": steps, "sampler": sampler, "schedule": schedule,
-                     "guidance": guidance or "none", "guidance_options": guidance_options, "model": self.identity(),
-                     "edit": {**record, "source_prompt": settings_s[i]["prompt"]}} for i, s in enumerate(seeds)]
+                     "sampler_options": {}, "guidance": guidance or "none", "guidance_options": guidance_options,
+                     "batch_seeds": seeds, "batch_index": i, "batch_prompts": targets, "model": self.identity(),
+                     "edit": {**record, "source_prompt": settings_s[i]["prompt"], "batch_source_prompts": sources}}
+                    for i, s in enumerate(seeds)]
         return Output(x[n:].float().clamp(-1, 1).cpu(), settings)
 
     def _edit_images(self, images: Tensor) -> Tensor:
@@ -633,6 +635,21 @@ class Pipeline:
         if not isinstance(batch, list) or not batch or not isinstance(settings["batch_index"], int) \
                 or not 0 <= settings["batch_index"] < len(batch):
             raise PipelineError("the settings record's batch_seeds / batch_index do not describe an image of a batch")
+        if "image_prompt" in settings:
+            raise PipelineError("this image was made with an image prompt (IP-Adapter): call the pipeline again with "
+                                "the same adapter and reference image and these settings")
+        if settings.get("edit", {}).get("mode") == "prompt_to_prompt":
+            edit = settings["edit"]
+            if edit["real_images"]:
+                raise PipelineError("this prompt-to-prompt edit started from tensors, not files: call "
+                                    "Pipeline.prompt_to_prompt with the same images and these settings")
+            out = self.prompt_to_prompt(edit["batch_source_prompts"], settings["batch_prompts"],
+                                        seeds=settings["batch_seeds"], steps=settings["steps"],
+                                        sampler=settings["sampler"], schedule=settings["schedule"],
+                                        guidance=settings["guidance"], guidance_options=settings["guidance_options"],
+                                        cross_until=edit["cross_until"], self_until=edit["self_until"],
+                                        reweight=edit["reweight"], blend=edit["blend"], threshold=edit["threshold"])
+            return out.images[settings["batch_index"]]
         if "edit" in settings:
             return self._reproduce_edit(settings)
         cond: dict[str, Any] = {}

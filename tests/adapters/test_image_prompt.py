@@ -68,3 +68,5 @@ def test_training_changes_only_the_adapter_and_is_deterministic():
     assert not torch.equal(fresh.project.weight, a.project.weight)
     out = pipe(2, prompts=prompts[:2], image_prompt={"adapter": a, "images": images[:2], "scale": 0.7})
     assert out.settings[0]["image_prompt"]["scale"] == 0.7 and torch.isfinite(out.images).all()
+    with pytest.raises(ValueError, match="image prompt"):
+        pipe.reproduce(out.settings[0])

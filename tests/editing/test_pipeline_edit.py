@@ -134,6 +134,7 @@ def test_prompt_to_prompt_from_a_text_pipeline_finds_the_words_tokens():
     out = text.prompt_to_prompt(sources, targets, blend=["red", "blue", "green", "yellow"], reweight={"the": 2.0},
                                 guidance="cfg", guidance_options={"scale": 3.0})
     assert out.images.shape == (2, 1, 8, 8) and out.settings[1]["edit"]["source_prompt"] == sources[1]
+    assert torch.equal(text.reproduce(out.settings[1]), out.images[1])
     plain = text(prompts=targets, guidance="cfg", guidance_options={"scale": 3.0})
     assert not torch.allclose(out.images, plain.images)
     real = text.prompt_to_prompt(sources, targets, images=plain.images, guidance="none")
