@@ -524,6 +524,11 @@ class Pipeline:
                 raise PipelineError("the reweighted and blended words must sit at the same token positions in "
                                     "every pair; edit pairs of one template together")
             per_pair = {"reweight": weights, "blend": region}
+        alignment = None
+        token_lists = [(encoder.tokens(a)[: encoder.max_tokens], encoder.tokens(b)[: encoder.max_tokens])
+                       for a, b in zip(sources, targets, strict=True)]
+        if any(len(a) != len(b) for a, b in token_lists):  # words added or removed: the paper's refinement
+            alignment = torch.stack([editing.align_tokens(a, b, encoder.max_tokens) for a, b in token_lists])
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         with _eval_mode(self.network, self.vae):
             plain = self.denoiser()
@@ -538,7 +543,8 @@ class Pipeline:
                 noise, ts, sampler = inv.noise, inv.ts, "ddim"
             model = editing.PromptToPrompt(self._guided(plain, guidance, guidance_options), n,
                                            cross_until=cross_until, self_until=self_until,
-                                           reweight=per_pair["reweight"], blend=per_pair["blend"], threshold=threshold)
+                                           reweight=per_pair["reweight"], blend=per_pair["blend"], threshold=threshold,
+                                           alignment=alignment)
             from difflab.samplers import sample
 
             pair_noise = torch.cat([noise, noise])

@@ -139,6 +139,8 @@ def test_prompt_to_prompt_from_a_text_pipeline_finds_the_words_tokens():
     assert not torch.allclose(out.images, plain.images)
     real = text.prompt_to_prompt(sources, targets, images=plain.images, guidance="none")
     assert real.settings[0]["edit"]["real_images"] and torch.isfinite(real.images).all()
+    refined = text.prompt_to_prompt(["a red circle"], ["a small red circle"], guidance="none")  # a word added
+    assert torch.isfinite(refined.images).all()
     with pytest.raises(ValueError, match="same token positions"):
         text.prompt_to_prompt(["a red circle", "a small red circle"], ["a blue circle", "a small blue circle"],
                               blend=["red"])

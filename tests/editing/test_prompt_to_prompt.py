@@ -105,3 +105,27 @@ def test_consistent_self_attention_shares_tokens_within_a_story_only(text_den):
     torch.testing.assert_close(b[2:], a[2:])  # the other story does not
     with pytest.raises(editing.EditError, match="stories of 3"):
         difflab.sample(editing.ConsistentSelfAttention(text_den, 3), noise, "ddim", 2, cond=cond)
+
+
+def test_refinement_copies_the_maps_of_matching_words_and_keeps_new_words_own():
+    from difflab.editing.attention import attention_probs
+    from difflab.models.layers import Attention
+
+    source = ["[CLS]", "a", "red", "circle", "[SEP]"]
+    target = ["[CLS]", "a", "small", "red", "circle", "[SEP]"]
+    index = editing.align_tokens(source, target, 7)
+    assert index.tolist() == [0, 1, -1, 2, 3, 4, -1]
+    torch.manual_seed(4)
+    attn = Attention(8, 2, context_dim=6)
+    x, context = torch.randn(2, 9, 8), torch.randn(2, 7, 6)
+    net_den = difflab.Denoiser(UNet(UNetConfig(in_channels=1, model_channels=8, channel_mult=(1,), num_res_blocks=1,
+                                               attention_levels=(0,), head_dim=8, norm_groups=4, context_dim=6)),
+                               processes.Flow(), "flow")
+    p2p = editing.PromptToPrompt(net_den, 1, alignment=index[None])
+    out = p2p._processor(True, False, [])(attn, x, context, None, None)
+    q, k, v = attn.qkv(x, context)
+    probs = attention_probs(attn, q, k, None)
+    expected = torch.where(index >= 0, probs[0][..., index.clamp_min(0)], probs[1])
+    torch.testing.assert_close(out[1:], attn.out((expected @ v[1])[None]))
+    with pytest.raises(editing.EditError, match="alignment"):
+        editing.PromptToPrompt(net_den, 2, alignment=index[None])

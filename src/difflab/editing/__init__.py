@@ -16,29 +16,13 @@ sampler's state space: pixels, or latents of a latent pipeline (:meth:`Pipeline.
 decodes).
 """
 
-from difflab.editing.attention import ConsistentSelfAttention, PromptToPrompt
+from difflab.editing.attention import ConsistentSelfAttention, PromptToPrompt, align_tokens
 from difflab.editing.exact import BDIA, EDICT, ExactInversion
 from difflab.editing.img2img import img2img
 from difflab.editing.inpaint import Inpainting, inpaint
 from difflab.editing.inputs import EditError, check_image, check_mask, check_strength, feather
 from difflab.editing.inversion import Inversion, NullTextInversion, invert, null_text_inversion
 
-__all__ = [
-           "BDIA",
-           "EDICT",
-           "ConsistentSelfAttention",
-           "EditError",
-           "ExactInversion",
-           "Inpainting",
-           "Inversion",
-           "NullTextInversion",
-           "PromptToPrompt",
-           "check_image",
-           "check_mask",
-           "check_strength",
-           "feather",
-           "img2img",
-           "inpaint",
-           "invert",
-           "null_text_inversion",
-]
+__all__ = ["BDIA", "EDICT", "ConsistentSelfAttention", "EditError", "ExactInversion", "Inpainting", "Inversion",
+           "NullTextInversion", "PromptToPrompt", "align_tokens", "check_image", "check_mask", "check_strength",
+           "feather", "img2img", "inpaint", "invert", "null_text_inversion"]

@@ -38,11 +38,29 @@ def attention_probs(attn: Any, q: Tensor, k: Tensor, mask: Tensor | None) -> Ten
     return scores.softmax(-1)
 
 
+def align_tokens(source: Sequence[str], target: Sequence[str], length: int) -> Tensor:
+    """For each of ``length`` target positions the source position holding the same token in the
+    longest matching blocks (difflib), or -1 (a new word, or padding): prompt-to-prompt's
+    refinement alignment."""
+    import difflib
+
+    index = torch.full((length,), -1, dtype=torch.long)
+    for block in difflib.SequenceMatcher(a=list(source), b=list(target), autojunk=False).get_matching_blocks():
+        for k in range(block.size):
+            if block.b + k < length:
+                index[block.b + k] = block.a + k
+    return index
+
+
 class PromptToPrompt(nn.Module):
     """Wraps a (guided) denoiser sampled on batches ``[sources..., targets...]`` of ``2 * pairs``.
 
     * ``cross_until``: replace the target's cross-attention maps by the source's where t is above
       this (0 = every step, 1 = never); ``self_until`` the same for self-attention maps.
+    * ``alignment``: (pairs, tokens) long, for each target token the source token whose attention
+      it copies, -1 for a token the source lacks (it keeps its own): the paper's *refinement*, for
+      prompts that add or change words (the token counts may then differ). Without it the maps are
+      copied position by position (a word swap).
     * ``reweight``: ``{token index: factor}`` scales the target's attention to those tokens.
     * ``blend``: token indices whose attention (source and target) marks the region allowed to
       change; outside it (maps below ``threshold`` of their maximum) the target's x0 estimate is
@@ -51,7 +69,7 @@ class PromptToPrompt(nn.Module):
 
     def __init__(self, denoiser: Any, pairs: int, *, cross_until: float = 0.2, self_until: float = 1.0,
                  reweight: dict[int, float] | None = None, blend: Sequence[int] | None = None,
-                 threshold: float = 0.3):
+                 threshold: float = 0.3, alignment: Tensor | None = None):
         super().__init__()
         if network_of(denoiser) is None:
             raise EditError("prompt-to-prompt edits a network's cross-attention: the denoiser has no difflab "
@@ -64,6 +82,12 @@ class PromptToPrompt(nn.Module):
         self.denoiser, self.process, self.pairs = denoiser, denoiser.process, int(pairs)
         self.cross_until, self.self_until = cross_until, self_until
         self.reweight, self.blend, self.threshold = dict(reweight or {}), list(blend or []), threshold
+        if alignment is not None:
+            alignment = torch.as_tensor(alignment, dtype=torch.long)
+            if alignment.ndim != 2 or alignment.shape[0] != self.pairs:
+                raise EditError(f"alignment is (pairs, tokens): one source index (or -1) per target token of each of "
+                                f"the {self.pairs} pairs, got shape {tuple(alignment.shape)}")
+        self.alignment = alignment
 
     def _processor(self, active_cross: bool, active_self: bool, maps: list[Tensor]):
         n = self.pairs
@@ -83,6 +107,14 @@ class PromptToPrompt(nn.Module):
                 maps.append(groups[0][..., self.blend].sum(-1).mean(2))  # (2, pairs, queries): the cond group
             if active:
                 target = groups[:, 0]
+                if cross and self.alignment is not None:
+                    index = self.alignment.to(probs.device)
+                    if index.shape[1] != probs.shape[-1]:
+                        raise EditError(f"the alignment covers {index.shape[1]} tokens, the prompts have "
+                                        f"{probs.shape[-1]}")
+                    picked = index.clamp_min(0).view(1, n, 1, 1, -1).expand_as(target)
+                    target = torch.where(index.view(1, n, 1, 1, -1) >= 0, groups[:, 0].gather(-1, picked),
+                                         groups[:, 1])
                 if cross and self.reweight:
                     scale = torch.ones(probs.shape[-1], dtype=probs.dtype, device=probs.device)
                     for index, factor in self.reweight.items():
@@ -99,9 +131,11 @@ class PromptToPrompt(nn.Module):
             raise EditError(f"prompt-to-prompt samples {self.pairs} sources then {self.pairs} targets: a batch of "
                             f"{2 * self.pairs}, got {x.shape[0]}")
         mask = cond.get("context_mask")
-        if mask is not None and self.cross_until < 1 and not torch.equal(mask[: self.pairs], mask[self.pairs:]):
-            raise EditError("replacing cross-attention maps needs source and target prompts of the same number of "
-                            "tokens (a word swap, e.g. 'red' -> 'blue'); these differ")
+        if mask is not None and self.cross_until < 1 and self.alignment is None \
+                and not torch.equal(mask[: self.pairs], mask[self.pairs:]):
+            raise EditError("replacing cross-attention maps position by position needs source and target prompts of "
+                            "the same number of tokens (a word swap, e.g. 'red' -> 'blue'); these differ: give an "
+                            "alignment (refinement)")
         level = float(batch_times(t, x)[0])
         maps: list[Tensor] = []
         processor = self._processor(level > self.cross_until, level > self.self_until, maps)
