@@ -137,6 +137,17 @@ def _edit(args: argparse.Namespace) -> int:
     from difflab.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.pipeline)
+    if not args.images:
+        if not (args.source_prompt and args.prompt):
+            raise ValueError("give images to edit, or --source-prompt and --prompt for a prompt-to-prompt edit")
+        out = claim_output(args.out, SAMPLE_OUTPUTS, overwrite=args.overwrite, what="edits")
+        result = pipe.prompt_to_prompt(args.source_prompt, args.prompt, seed=args.seed, steps=args.steps,
+                                       sampler=args.sampler, schedule=args.schedule, guidance=args.guidance,
+                                       guidance_options=_guidance_options(args), cross_until=args.cross_until,
+                                       blend=args.blend or None, reweight=_options(args.reweight) or None)
+        grid = result.save(out)
+        print(f"wrote {grid} and {len(result.settings)} prompt-to-prompt edits with their settings to {out}")
+        return 0
     channels = pipe.vae.config.in_channels if pipe.vae is not None else pipe.sample_shape[0]
     images = _read_images(args.images, channels, "image")
     mask = None
@@ -251,10 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/samples")
     p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out (default: refuse)")
     p.set_defaults(func=_sample)
-    p = sub.add_parser("edit", help="edit images: img2img (--strength), inpainting (--mask) or inversion with a "
-                                     "new prompt or class (--invert ddim|edict|bdia|SAMPLER)")
+    p = sub.add_parser("edit", help="edit images: img2img (--strength), inpainting (--mask), inversion with a "
+                                     "new prompt or class (--invert ddim|edict|bdia|null_text|SAMPLER); without "
+                                     "images, prompt-to-prompt from --source-prompt to --prompt")
     _add_sampling_options(p)
-    p.add_argument("images", nargs="+", help="PNG files of the pipeline's image size")
+    p.add_argument("images", nargs="*", help="PNG files of the pipeline's image size (none: prompt-to-prompt "
+                                             "from --source-prompt to --prompt)")
     p.add_argument("--mask", action="append", help="PNG, white = repaint, black = keep (one, or one per image)")
     p.add_argument("--strength", type=float, help="how far back the image is noised, in (0, 1] (default 0.8; "
                                                   "inpainting and inversion 1)")
@@ -267,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feather", type=float, default=0.0, help="soft mask edge, std in pixels")
     p.add_argument("--resample", type=int, default=1, help="RePaint: walks of each stretch of steps (1 = none)")
     p.add_argument("--jump", type=int, default=1, help="RePaint: steps per re-noised stretch")
+    p.add_argument("--cross-until", type=float, default=0.2, help="prompt-to-prompt: copy the source's "
+                                                                  "cross-attention maps while t is above this")
+    p.add_argument("--blend", action="append", help="prompt-to-prompt: a word whose region may change (repeat)")
+    p.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR",
+                   help="prompt-to-prompt: scale the target's attention to a word")
     p.add_argument("--out", default="outputs/edits")
     p.add_argument("--overwrite", action="store_true", help="replace earlier edits in --out (default: refuse)")
     p.set_defaults(func=_edit)

@@ -117,7 +117,7 @@ def test_the_command_line_edits_and_the_settings_remake_the_edit(tmp_path, pipe,
     assert "mask is (4, 4) pixels" in capsys.readouterr().err
 
 
-def test_prompt_to_prompt_from_a_text_pipeline_finds_the_words_tokens():
+def test_prompt_to_prompt_from_a_text_pipeline_finds_the_words_tokens(tmp_path):
     from difflab.models import conditioning
 
     encoder = conditioning.get("minilm", max_tokens=12)
@@ -139,6 +139,10 @@ def test_prompt_to_prompt_from_a_text_pipeline_finds_the_words_tokens():
     assert not torch.allclose(out.images, plain.images)
     real = text.prompt_to_prompt(sources, targets, images=plain.images, guidance="none")
     assert real.settings[0]["edit"]["real_images"] and torch.isfinite(real.images).all()
+    text.save_pretrained(tmp_path / "text")
+    assert main(["edit", str(tmp_path / "text"), "--source-prompt", sources[0], "--prompt", targets[0], "--blend",
+                 "red", "--blend", "blue", "--reweight", "the=1.5", "--out", str(tmp_path / "p2p")]) == 0
+    assert json.loads((tmp_path / "p2p" / "00000.json").read_text())["edit"]["mode"] == "prompt_to_prompt"
     refined = text.prompt_to_prompt(["a red circle"], ["a small red circle"], guidance="none")  # a word added
     assert torch.isfinite(refined.images).all()
     with pytest.raises(ValueError, match="same token positions"):
