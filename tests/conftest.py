@@ -20,3 +20,23 @@ ALL_PROCESSES = {
 @pytest.fixture(params=sorted(ALL_PROCESSES))
 def process(request):
     return ALL_PROCESSES[request.param]()
+
+
+def randomise(net, seed=0):
+    """A network with small random weights (a zero-initialised output layer would make it constant)."""
+    torch.manual_seed(seed)
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)
+    return net
+
+
+@pytest.fixture
+def digits_pipe():
+    """A tiny class-conditional pixel pipeline of the digits shape (untrained)."""
+    from difflab import processes
+    from difflab.models import UNet, UNetConfig
+    from difflab.pipeline import Pipeline
+
+    net = randomise(UNet(UNetConfig(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                    attention_levels=(1,), head_dim=16, norm_groups=8, num_classes=10)))
+    return Pipeline(net, processes.Flow(), "flow", sample_shape=(1, 8, 8), steps=6, num_classes=10, cond_dropout=0.1)

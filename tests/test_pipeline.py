@@ -3,25 +3,12 @@ import warnings
 
 import pytest
 import torch
+from tests.conftest import randomise as _randomise
 
 from difflab import processes
 from difflab.cli import main
-from difflab.models import VAE, DiT, DiTConfig, UNet, UNetConfig, VAEConfig
+from difflab.models import VAE, DiT, DiTConfig, VAEConfig
 from difflab.pipeline import Pipeline, PipelineError
-
-
-def _randomise(net, seed=0):
-    torch.manual_seed(seed)
-    for p in net.parameters():
-        p.data.normal_(0, 0.05)
-    return net
-
-
-@pytest.fixture
-def digits_pipe():
-    net = _randomise(UNet(UNetConfig(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                     attention_levels=(1,), head_dim=16, norm_groups=8, num_classes=10)))
-    return Pipeline(net, processes.Flow(), "flow", sample_shape=(1, 8, 8), steps=6, num_classes=10, cond_dropout=0.1)
 
 
 def test_saved_and_loaded_pipeline_makes_bit_identical_images(tmp_path, digits_pipe):

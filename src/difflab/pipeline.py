@@ -260,6 +260,16 @@ class Pipeline:
             return [{"prompt": p} for p in prompts], self.text_encoder()(prompts)
         return [{} for _ in range(n)], None
 
+    def _sampling(self, steps: int | None, sampler: str | None, schedule: str | None, guidance: str | None,
+                  guidance_options: dict[str, Any] | None) -> tuple[int, str, str, str | None, dict[str, Any]]:
+        """A call's sampling settings, the pipeline's defaults where it gives none (its default
+        guidance options under the call's own when the guidance method is the default one)."""
+        if guidance is None:
+            guidance = self.guidance.get("method")
+            guidance_options = {**self.guidance.get("options", {}), **(guidance_options or {})}
+        return (self.steps if steps is None else steps, sampler or self.sampler, schedule or self.schedule, guidance,
+                dict(guidance_options or {}))
+
     def _guided(self, den: Denoiser, method: str | None, options: dict[str, Any]):
         if not method or method == "none":
             return den
@@ -314,12 +324,8 @@ class Pipeline:
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise PipelineError(f"steps must be a whole number >= 1, got {steps!r} (leave it out for the pipeline's "
                                 f"default of {self.steps})")
-        steps = self.steps if steps is None else steps
-        sampler, schedule = sampler or self.sampler, schedule or self.schedule
-        if guidance is None:
-            guidance = self.guidance.get("method")
-            guidance_options = {**self.guidance.get("options", {}), **(guidance_options or {})}
-        guidance_options = dict(guidance_options or {})
+        steps, sampler, schedule, guidance, guidance_options = self._sampling(steps, sampler, schedule, guidance,
+                                                                              guidance_options)
         cond_settings, cond = self._conditions(n, class_labels, prompts)
         den = self.denoiser()
         images, settings = [], []
@@ -414,12 +420,8 @@ class Pipeline:
             mask = editing.feather(editing.check_mask(mask.to(self.device), images), feather)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PipelineError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-        steps = self.steps if steps is None else steps
-        sampler, schedule = sampler or self.sampler, schedule or self.schedule
-        if guidance is None:
-            guidance = self.guidance.get("method")
-            guidance_options = {**self.guidance.get("options", {}), **(guidance_options or {})}
-        guidance_options = dict(guidance_options or {})
+        steps, sampler, schedule, guidance, guidance_options = self._sampling(steps, sampler, schedule, guidance,
+                                                                              guidance_options)
         cond_settings, cond = self._conditions(n, class_labels, prompts)
         source_settings, source = cond_settings, cond
         if source_prompts is not None or source_class_labels is not None:
@@ -506,11 +508,8 @@ class Pipeline:
         if len(sources) != n or len(targets) != n:
             raise PipelineError(f"{len(sources)} source and {len(targets)} target prompts for {n} images")
         seeds = list(range(seed, seed + n)) if seeds is None else [int(s) for s in seeds]
-        steps, sampler, schedule = steps or self.steps, sampler or self.sampler, schedule or self.schedule
-        if guidance is None:
-            guidance = self.guidance.get("method")
-            guidance_options = {**self.guidance.get("options", {}), **(guidance_options or {})}
-        guidance_options = dict(guidance_options or {})
+        steps, sampler, schedule, guidance, guidance_options = self._sampling(steps, sampler, schedule, guidance,
+                                                                              guidance_options)
         encoder = self.text_encoder()
         settings_s, cond_s = self._conditions(n, None, sources)
         _, cond_t = self._conditions(n, None, targets)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests.conftest import randomise as _randomise
 
 from difflab import processes
 from difflab.cli import main
@@ -13,18 +14,9 @@ from difflab.models import VAE, UNet, UNetConfig, VAEConfig
 from difflab.pipeline import Pipeline
 
 
-def _randomise(net, seed=0):
-    torch.manual_seed(seed)
-    for p in net.parameters():
-        p.data.normal_(0, 0.05)
-    return net
-
-
 @pytest.fixture
-def pipe():
-    net = _randomise(UNet(UNetConfig(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                     attention_levels=(1,), head_dim=16, norm_groups=8, num_classes=10)))
-    return Pipeline(net, processes.Flow(), "flow", sample_shape=(1, 8, 8), steps=6, num_classes=10, cond_dropout=0.1)
+def pipe(digits_pipe):
+    return digits_pipe
 
 
 def _images(n=3, channels=1, size=8):
