@@ -104,6 +104,9 @@ def bench_digits(path: str, inpaint_path: str) -> dict:
     nt = editing.null_text_inversion(den, x, cond, scale=5.0, steps=50)
     seconds = time.perf_counter() - start
     back = nt.sample(den)
+    pivot = editing.invert(den, x, "ddim", 50, "uniform", cond=cond).sample(den, cond=cond)
+    out["inversion"]["ddim 50 uniform steps, guidance 1 (null-text's pivot)"] = {
+        "psnr": psnr(pivot, x, 2.0), "max_error": float((pivot - x).abs().max())}
     out["inversion"]["null-text 50 steps, guidance 5"] = {"psnr": psnr(back, x, 2.0),
                                                           "max_error": float((back - x).abs().max()),
                                                           "seconds_per_200_images": seconds}
