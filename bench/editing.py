@@ -162,7 +162,7 @@ def bench_shapes(path: str, n: int) -> dict:
                 new = [o for o in SHAPES if o != s][int(torch.randint(2, (1,), generator=g))]
                 pairs[kind].append((caption(s, c, z, p), caption(new, c, z, p)))
 
-    def score(images, targets, sources_attrs, kind):
+    def score(images, targets, sources_attrs, kind, source_images):
         wanted = torch.tensor([attribute_indices(parse_caption(t)) for t in targets])
         hits = attribute_hits(classifier, images, wanted)
         column = {"shape": 0, "colour": 1}[kind]
@@ -170,7 +170,8 @@ def bench_shapes(path: str, n: int) -> dict:
         seen = torch.stack([o.argmax(1) for o in classifier.eval()(images).values()], 1)
         kept = (seen[:, others] == sources_attrs[:, others]).all(1)
         return {"success": float(hits[:, column].float().mean()), "preserved": float(kept.float().mean()),
-                "both": float((hits[:, column] & kept).float().mean())}
+                "both": float((hits[:, column] & kept).float().mean()),
+                "layout_iou": layout_iou(images, source_images)}
 
     out: dict = {}
     for kind, items in pairs.items():
@@ -182,21 +183,22 @@ def bench_shapes(path: str, n: int) -> dict:
         res = {"source images right": float(attribute_hits(classifier, src.images, torch.tensor(
             [attribute_indices(parse_caption(p)) for p in sources])).all(1).float().mean())}
         res["new prompt, same seed"] = score(pipe(seeds=seeds, prompts=targets, steps=20, sampler="ddim",
-                                                  schedule="uniform").images, targets, src_attrs, kind)
+                                                  schedule="uniform").images, targets, src_attrs, kind,
+                                             src.images)
         for until in (0.2, 0.5):
             made = pipe.prompt_to_prompt(sources, targets, seeds=seeds, steps=20, sampler="ddim",
                                          schedule="uniform", cross_until=until)
-            res[f"prompt-to-prompt cross_until {until}"] = score(made.images, targets, src_attrs, kind)
+            res[f"prompt-to-prompt cross_until {until}"] = score(made.images, targets, src_attrs, kind, src.images)
         words = list(COLOURS) if kind == "colour" else list(SHAPES)
         made = pipe.prompt_to_prompt(sources, targets, seeds=seeds, steps=20, sampler="ddim", schedule="uniform",
                                      cross_until=0.2, blend=words)
-        res["prompt-to-prompt cross_until 0.2 + local blend"] = score(made.images, targets, src_attrs, kind)
+        res["prompt-to-prompt cross_until 0.2 + local blend"] = score(made.images, targets, src_attrs, kind, src.images)
         inv = pipe.edit(src.images, inversion="ddim", source_prompts=sources, prompts=targets, steps=20,
                         schedule="uniform")
-        res["DDIM inversion + new prompt"] = score(inv.images, targets, src_attrs, kind)
+        res["DDIM inversion + new prompt"] = score(inv.images, targets, src_attrs, kind, src.images)
         for strength in (0.5, 0.7, 0.9):
             made = pipe.edit(src.images, strength=strength, prompts=targets, steps=20, seeds=seeds)
-            res[f"SDEdit {strength}"] = score(made.images, targets, src_attrs, kind)
+            res[f"SDEdit {strength}"] = score(made.images, targets, src_attrs, kind, src.images)
         res.update(object_swap(pipe, classifier, kind, n, score))
         out[kind] = res
         print(f"shapes {kind} done", flush=True)
@@ -242,6 +244,16 @@ def bench_image_prompt(path: str, steps: int, n: int) -> dict:
     return out
 
 
+def layout_iou(images: torch.Tensor, sources: torch.Tensor) -> float:
+    """Mean IoU of the object's pixels (those away from the dark background) in each edited image and
+    its source: how well an edit keeps where and how big the object is."""
+    background = torch.tensor([20, 20, 28]).view(1, 3, 1, 1) / 127.5 - 1
+    fg_a = (images.float() - background).abs().amax(1) > 0.3
+    fg_b = (sources.float() - background).abs().amax(1) > 0.3
+    inter, union = (fg_a & fg_b).flatten(1).sum(1), (fg_a | fg_b).flatten(1).sum(1).clamp_min(1)
+    return float((inter / union).mean())
+
+
 def object_swap(pipe, classifier, kind: str, n: int, score) -> dict:
     """SwapAnything-style object swap on real shapes images: inpaint the object's exact mask (grown by
     a max-pool, so a new shape fits) with the caption naming the new colour or shape."""
@@ -263,7 +275,7 @@ def object_swap(pipe, classifier, kind: str, n: int, score) -> dict:
     attrs = torch.stack([it["attributes"] for it in items])
     made = pipe.edit(images, mask=masks, prompts=targets, steps=20)
     keep = masks.expand_as(images) == 0
-    row = score(made.images, targets, attrs, kind)
+    row = score(made.images, targets, attrs, kind, images)
     row["kept_pixels_max_change"] = float((made.images[keep] - images[keep]).abs().max())
     return {"object swap by inpainting the object's mask (real images)": row}
 
@@ -306,8 +318,9 @@ def markdown(report: dict) -> str:
         lines += ["## Prompt edits on the shapes text-to-image model", ""]
         for kind, res in report["shapes"].items():
             lines += [f"### {kind} edits (source images fully right: {res['source images right']:.2f})", "",
-                      "| method | edit success | others preserved | both |", "|---|---|---|---|"]
-            lines += [f"| {k} | {v['success']:.2f} | {v['preserved']:.2f} | {v['both']:.2f} |"
+                      "| method | edit success | others preserved | both | layout IoU with the source |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {k} | {v['success']:.2f} | {v['preserved']:.2f} | {v['both']:.2f} | {v['layout_iou']:.2f} |"
                       for k, v in res.items() if isinstance(v, dict)]
             swap = res.get("object swap by inpainting the object's mask (real images)")
             if swap:
@@ -329,8 +342,7 @@ def main() -> None:
     torch.set_num_threads(1)
     parts = args.only.split(",")
     path = RESULTS / "editing.json"
-    report = json.loads(path.read_text()) if path.is_file() else {}
-    report["meta"] = {"torch": torch.__version__, "threads": 1}
+    report: dict = {}
     if "inversion" in parts:
         report["inversion"] = bench_inversion()
     if "digits" in parts:
@@ -339,7 +351,9 @@ def main() -> None:
         report["shapes"] = bench_shapes(args.shapes, args.n)
     if "image_prompt" in parts:
         report["image_prompt"] = bench_image_prompt(args.shapes, args.ip_steps, args.n)
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(exist_ok=True)  # the other parts' results as they are now (parts may run side by side)
+    report = {**(json.loads(path.read_text()) if path.is_file() else {}), **report,
+              "meta": {"torch": torch.__version__, "threads": 1}}
     path.write_text(json.dumps(report, indent=1))
     (RESULTS / "editing.md").write_text(markdown(report))
     print(markdown(report))

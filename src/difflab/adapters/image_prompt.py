@@ -28,7 +28,9 @@ FORMAT = "difflab-image-prompt-adapter"
 
 class ImageEncoder(nn.Module):
     """A small convolutional encoder of (N, C, H, W) images in [-1, 1] to one embedding each, trained
-    with the adapter (difflab's built-in data need no downloaded CLIP)."""
+    with the adapter (difflab's built-in data need no downloaded CLIP). It keeps a coarse 4x4 grid of
+    features rather than pooling them away: with global pooling the adapter could not carry an
+    object's position (measured: position agreement at chance, 26 %)."""
 
     def __init__(self, channels: int = 3, width: int = 32, dim: int = 128):
         super().__init__()
@@ -37,12 +39,11 @@ class ImageEncoder(nn.Module):
         for mult in (1, 2, 4):
             layers += [nn.Conv2d(ch, width * mult, 3, stride=2, padding=1), nn.GroupNorm(8, width * mult), nn.SiLU()]
             ch = width * mult
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(ch * 2, dim)
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4))
+        self.head = nn.Linear(ch * 16, dim)
 
     def forward(self, images: Tensor) -> Tensor:
-        h = self.body(images)
-        return self.head(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
+        return self.head(self.body(images).flatten(1))  # a 4x4 grid of features: where things are counts
 
 
 class ImagePromptAdapter(nn.Module):
