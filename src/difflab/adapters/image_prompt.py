@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from difflab.batch import batch_times
@@ -29,8 +30,9 @@ FORMAT = "difflab-image-prompt-adapter"
 class ImageEncoder(nn.Module):
     """A small convolutional encoder of (N, C, H, W) images in [-1, 1] to one embedding each, trained
     with the adapter (difflab's built-in data need no downloaded CLIP). It keeps a coarse 4x4 grid of
-    features rather than pooling them away: with global pooling the adapter could not carry an
-    object's position (measured: position agreement at chance, 26 %)."""
+    features beside their global maxima: with global pooling alone the adapter could not carry an
+    object's position (measured: position agreement at chance, 26 %), with the grid alone colour
+    came through less well (89 % against 94 % at scale 1)."""
 
     def __init__(self, channels: int = 3, width: int = 32, dim: int = 128):
         super().__init__()
@@ -39,11 +41,12 @@ class ImageEncoder(nn.Module):
         for mult in (1, 2, 4):
             layers += [nn.Conv2d(ch, width * mult, 3, stride=2, padding=1), nn.GroupNorm(8, width * mult), nn.SiLU()]
             ch = width * mult
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4))
-        self.head = nn.Linear(ch * 16, dim)
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(ch * 17, dim)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.body(images).flatten(1))  # a 4x4 grid of features: where things are counts
+        h = self.body(images)  # a 4x4 grid of features (where things are) and their maxima (what is there)
+        return self.head(torch.cat([F.adaptive_avg_pool2d(h, 4).flatten(1), h.amax((2, 3))], 1))
 
 
 class ImagePromptAdapter(nn.Module):
