@@ -199,13 +199,18 @@ def _guided_step(denoiser: Any, z: Tensor, t: Tensor, uncond: dict[str, Any], d_
 def null_text_inversion(denoiser: Any, image: Tensor, cond: dict[str, Any], *, scale: float = 5.0,
                         uncond: dict[str, Tensor] | None = None, steps: int = 50,
                         schedule: str | Tensor | Sequence[float] = "uniform", inner_steps: int = 10,
-                        lr: float = 5e-2, tolerance: float = 1e-5, schedule_options: dict[str, Any] | None = None,
+                        lr: float = 5e-2, tolerance: float = 1e-5, tolerance_growth: float = 0.0,
+                        schedule_options: dict[str, Any] | None = None,
                         progress: bool = False) -> NullTextInversion:
     """Null-text inversion: DDIM-invert ``image`` at guidance 1 (the pivot trajectory), then, step
-    by step from the noise, optimise the unconditional condition (Adam, ``inner_steps`` at most,
-    the learning rate falling and the stopping threshold rising over the run as in the paper) so that the step guided at
-    ``scale`` lands on the pivot. ``uncond``: the null condition to start from (for a text model the
-    empty prompt's encoding; class labels are turned into embeddings by themselves)."""
+    by step from the noise, optimise the unconditional condition (Adam, ``inner_steps`` at most, the
+    learning rate falling over the run as in the paper) so that the step guided at ``scale`` lands on
+    the pivot, stopping early below ``tolerance + tolerance_growth * k`` at step k of 50. The paper
+    lets the threshold grow (2e-5 per step, for SD's latents); on the digits model that growth stopped
+    the optimisation as the error rose and left the reconstruction 4.5 dB short of the pivot (36.2
+    dB), without it the guided run reconstructs better than the pivot does (measured 44.4 dB against
+    41.8 dB on 32 test digits), so it is 0 by default. ``uncond``: the null condition to start from
+    (for a text model the empty prompt's encoding; class labels become embeddings by themselves)."""
     image = check_image(image)
     if uncond is None:
         cond, uncond = label_embeddings(denoiser, cond)
@@ -228,7 +233,7 @@ def null_text_inversion(denoiser: Any, image: Tensor, cond: dict[str, Any], *, s
             with torch.enable_grad():
                 stepped = _guided_step(denoiser, z, times[k], {**cond, **current, **params}, d_c, r, c, scale)
                 loss = torch.nn.functional.mse_loss(stepped, target)
-                if float(loss.detach()) < tolerance + 2e-5 * k * 50 / grid.steps:
+                if float(loss.detach()) < tolerance + tolerance_growth * k * 50 / grid.steps:
                     break
                 optim.zero_grad()
                 loss.backward()
