@@ -308,7 +308,9 @@ def markdown(report: dict) -> str:
         lines.append("")
     if "image_prompt" in report:
         ip = report["image_prompt"]
-        lines += [f"## Image prompts (IP-Adapter trained {ip['train_steps']} steps, {ip['train_seconds']:.0f} s)", "",
+        threads = ip.get("train_threads", 1)
+        lines += [f"## Image prompts (IP-Adapter trained {ip['train_steps']} steps, {ip['train_seconds']:.0f} s on "
+                  f"{threads} thread(s))", "",
                   "| scale | reference agreement, all 4 attributes | shape | colour | size | position | "
                   "another prompt's accuracy beside the reference |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {k} | {v['agreement_all']:.2f} | {v['shape']:.2f} | {v['colour']:.2f} | {v['size']:.2f} | "
@@ -337,7 +339,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="outputs/shapes_t2i/final")
     parser.add_argument("--inpaint", default="outputs/digits_inpaint/final", help="the digits_inpaint recipe's run")
     parser.add_argument("--n", type=int, default=100, help="edit pairs per kind (shapes), image-prompt references")
-    parser.add_argument("--ip-steps", type=int, default=1500, help="IP-Adapter training steps")
+    parser.add_argument("--ip-steps", type=int, default=5000, help="IP-Adapter training steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
     parts = args.only.split(",")
