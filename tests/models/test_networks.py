@@ -201,7 +201,7 @@ def _overfit(net, x, steps, **cond):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
