@@ -94,10 +94,10 @@ def bench_digits(path: str, inpaint_path: str) -> dict:
         guided = den if scale == 1 else guidance.guide(den, "cfg", scale=scale)
         for method in ("ddim", "dpmpp_2m", "heun", "unipc", "edict", "bdia"):
             for steps in (10, 20, 50):
-                r = round_trip(guided if method in ("edict", "bdia") else den, x, method, steps, cond, 2.0)
-                if scale != 1 and method not in ("edict", "bdia"):  # inverted at guidance 1, sampled guided
-                    inv = editing.invert(den, x, method, steps, "karras", cond=cond)
-                    back = inv.sample(guided, cond=cond)
+                if scale == 1 or method in ("edict", "bdia"):
+                    r = round_trip(guided, x, method, steps, cond, 2.0)
+                else:  # inverted at guidance 1, sampled guided
+                    back = editing.invert(den, x, method, steps, "karras", cond=cond).sample(guided, cond=cond)
                     r = {"psnr": psnr(back, x, 2.0), "max_error": float((back - x).abs().max())}
                 out["inversion"][f"{method} {steps} steps, guidance {scale:g}"] = r
     start = time.perf_counter()

@@ -114,25 +114,8 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_images(paths: list[str], channels: int, what: str):
-    import torch
-    from PIL import Image
-
-    from difflab.data.folder import to_tensor
-
-    tensors = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no {what} file at {path}")
-        with Image.open(path) as im:
-            tensors.append(to_tensor(im, None, channels))
-    sizes = {tuple(t.shape) for t in tensors}
-    if len(sizes) > 1:
-        raise ValueError(f"the {what}s have different sizes {sorted(sizes)}; give images of one size")
-    return torch.stack(tensors)
-
-
 def _edit(args: argparse.Namespace) -> int:
+    from difflab.data.folder import read_images, read_masks
     from difflab.files import claim_output
     from difflab.pipeline import Pipeline
 
@@ -149,10 +132,8 @@ def _edit(args: argparse.Namespace) -> int:
         print(f"wrote {grid} and {len(result.settings)} prompt-to-prompt edits with their settings to {out}")
         return 0
     channels = pipe.vae.config.in_channels if pipe.vae is not None else pipe.sample_shape[0]
-    images = _read_images(args.images, channels, "image")
-    mask = None
-    if args.mask:
-        mask = (_read_images(args.mask, 1, "mask") + 1) / 2  # white (1) repaints, black (0) keeps
+    images = read_images(args.images, channels)
+    mask = read_masks(args.mask) if args.mask else None
     out = claim_output(args.out, SAMPLE_OUTPUTS, overwrite=args.overwrite, what="edits")
     labels, source_labels = args.class_label or None, args.source_class_label or None
     result = pipe.edit(images, mask=mask, strength=args.strength, prompts=args.prompt, class_labels=labels,

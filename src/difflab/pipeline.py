@@ -670,9 +670,7 @@ class Pipeline:
 
     def _reproduce_edit(self, settings: dict[str, Any]) -> Tensor:
         """An edited image made again from the files its record names (checked by their hashes)."""
-        from PIL import Image
-
-        from difflab.data.folder import to_tensor
+        from difflab.data.folder import read_images, read_masks
 
         edit = settings["edit"]
         if not edit.get("batch_sources"):
@@ -680,26 +678,17 @@ class Pipeline:
                                 "images to Pipeline.edit again with the recorded settings")
         channels = self.vae.config.in_channels if self.vae is not None else self.sample_shape[0]
 
-        def read(paths: list[str], chans: int) -> Tensor:
-            for path in paths:
-                if not Path(path).is_file():
-                    raise PipelineError(f"the edit started from {path}, which is no longer there")
-            tensors = []
-            for path in paths:
-                with Image.open(path) as im:
-                    tensors.append(to_tensor(im, None, chans))
-            return torch.stack(tensors)
-
-        images = read(edit["batch_sources"], channels)
+        try:
+            images = read_images(edit["batch_sources"], channels)
+            mask = read_masks(edit["masks"]) if edit["mode"] == "inpaint" and edit.get("masks") else None
+        except FileNotFoundError as err:
+            raise PipelineError(f"the edit cannot be remade from its files: {err}") from None
         index = settings["batch_index"]
         if _digest(images[index]) != edit["image_sha256"]:
             raise PipelineError(f"{edit['batch_sources'][index]} has changed since the edit was made (its hash "
                                 "differs); the edit cannot be remade from it")
-        mask = None
-        if edit["mode"] == "inpaint":
-            if not edit.get("masks"):
-                raise PipelineError("this inpainting record names no mask file: it cannot be remade")
-            mask = (read(edit["masks"], 1) + 1) / 2
+        if edit["mode"] == "inpaint" and mask is None:
+            raise PipelineError("this inpainting record names no mask file: it cannot be remade")
         cond: dict[str, Any] = {}
         for key, name in (("class_labels", "class_label"), ("prompts", "prompt")):
             if f"batch_{name}s" in settings:

@@ -26,6 +26,25 @@ def to_tensor(image: Image.Image, resolution: int | None, channels: int = 3) -> 
     return torch.from_numpy(arr if arr.ndim == 3 else arr[..., None]).permute(2, 0, 1).contiguous()
 
 
+def read_images(paths: list[str], channels: int, what: str = "image") -> torch.Tensor:
+    """Image files as one (N, channels, H, W) batch in [-1, 1] at their own size (all one size)."""
+    tensors = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no {what} file at {path}")
+        with Image.open(path) as im:
+            tensors.append(to_tensor(im, None, channels))
+    sizes = {tuple(t.shape) for t in tensors}
+    if len(sizes) > 1:
+        raise ValueError(f"the {what}s have different sizes {sorted(sizes)}; give images of one size")
+    return torch.stack(tensors)
+
+
+def read_masks(paths: list[str]) -> torch.Tensor:
+    """Mask files as (N, 1, H, W) in [0, 1]: white (1) repaints, black (0) keeps."""
+    return (read_images(paths, 1, "mask") + 1) / 2
+
+
 class ImageFolder(Dataset):
     """All images under ``root``. Images in sub-folders get the sub-folder as class label (sorted
     names); ``name.txt`` beside ``name.png`` is its caption."""

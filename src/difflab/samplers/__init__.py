@@ -103,8 +103,8 @@ def run(denoiser: Any, x: Tensor, ts: Tensor | PartialGrid, sampler: str = "dpmp
     image, inversion on an ascending :class:`PartialGrid`) calls directly."""
     info = get(sampler)
     check_options(sampler, options)
-    bound = _Bound(denoiser, cond or {})
     _process_of(denoiser)
+    bound = _Bound(denoiser, cond or {})
     with torch.no_grad():
         out = info.fn(bound, x, ts, generator=generator, callback=callback, **options)
     return (out, bound.evals) if return_nfe else out
