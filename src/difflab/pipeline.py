@@ -260,6 +260,19 @@ class Pipeline:
             return [{"prompt": p} for p in prompts], self.text_encoder()(prompts)
         return [{} for _ in range(n)], None
 
+    def _image_settings(self, cond_settings: list[dict[str, Any]], start: int, batch_seeds: list[int], i: int,
+                        steps: int, sampler: str, schedule: str, sampler_options: dict[str, Any],
+                        guidance: str | None, guidance_options: dict[str, Any]) -> dict[str, Any]:
+        """What every image's settings record holds: its seed and condition, the sampling, and its
+        batch (seeds, index, the batch's conditions), which :meth:`reproduce` reruns."""
+        batch_conds = cond_settings[start: start + len(batch_seeds)]
+        return {"seed": batch_seeds[i], **cond_settings[start + i], "steps": steps, "sampler": sampler,
+                "schedule": schedule, "sampler_options": sampler_options, "guidance": guidance or "none",
+                "guidance_options": {k: v for k, v in guidance_options.items() if k != "weak"},
+                "batch_seeds": batch_seeds, "batch_index": i,
+                **{f"batch_{key}s": [c[key] for c in batch_conds] for key in batch_conds[0]},
+                "device": str(self.device), "model": self.identity()}
+
     def _sampling(self, steps: int | None, sampler: str | None, schedule: str | None, guidance: str | None,
                   guidance_options: dict[str, Any] | None) -> tuple[int, str, str, str | None, dict[str, Any]]:
         """A call's sampling settings, the pipeline's defaults where it gives none (its default
@@ -362,15 +375,11 @@ class Pipeline:
                 if self.vae is not None:
                     x = self.vae.from_latent(x)
                 images.append(x.float().clamp(-1, 1).cpu())
-                batch_conds = cond_settings[start: start + batch_size]
-                batch_record = {f"batch_{key}s": [c[key] for c in batch_conds] for key in batch_conds[0]}
-                for i, s in enumerate(batch_seeds):
+                for i in range(len(batch_seeds)):
                     settings.append({
-                        "seed": s, **cond_settings[start + i], "steps": steps, "sampler": sampler, "schedule": schedule,
-                        "sampler_options": sampler_options, "guidance": guidance or "none",
-                        "guidance_options": {k: v for k, v in guidance_options.items() if k != "weak"},
-                        "denoiser_calls": nfe, "batch_seeds": batch_seeds, "batch_index": i, **batch_record,
-                        "device": str(self.device), "model": self.identity(),
+                        **self._image_settings(cond_settings, start, batch_seeds, i, steps, sampler, schedule,
+                                               sampler_options, guidance, guidance_options),
+                        "denoiser_calls": nfe,
                         **({"accelerator": dict(accelerator)} if accelerator else {}),
                         **({"image_prompt": {"scale": float(image_prompt.get("scale", 1.0)),
                                              "image_sha256": _digest(image_prompt["images"][start + i])}}
@@ -467,19 +476,14 @@ class Pipeline:
                     keep = mask[sl].expand_as(x)
                     x = torch.where(keep <= 0, pixels.float(), pixels.float() + keep * (x - pixels.float()))
                 outputs.append(x.cpu())
-                batch_conds = cond_settings[sl]
-                batch_record = {f"batch_{key}s": [c[key] for c in batch_conds] for key in batch_conds[0]}
                 batch_source = source_settings[sl]
                 edit_record = {**record, **{f"batch_source_{key}s": [c[key] for c in batch_source]
                                             for key in batch_source[0] if mode == "invert"},
                                "batch_sources": list(sources[sl]) if sources else None}
-                for i, s in enumerate(batch_seeds):
+                for i in range(len(batch_seeds)):
                     settings.append({
-                        "seed": s, **cond_settings[start + i], "steps": steps, "sampler": sampler,
-                        "schedule": schedule, "sampler_options": sampler_options, "guidance": guidance or "none",
-                        "guidance_options": {k: v for k, v in guidance_options.items() if k != "weak"},
-                        "batch_seeds": batch_seeds, "batch_index": i, **batch_record, "device": str(self.device),
-                        "model": self.identity(),
+                        **self._image_settings(cond_settings, start, batch_seeds, i, steps, sampler, schedule,
+                                               sampler_options, guidance, guidance_options),
                         "edit": {**edit_record, "image_sha256": _digest(pixels[i]),
                                  "mask_sha256": _digest(mask[start + i]) if mask is not None else None},
                     })
