@@ -212,7 +212,7 @@ def bench_image_prompt(path: str, steps: int, n: int) -> dict:
     from difflab.data.shapes import Shapes, attribute_indices, parse_caption
     from difflab.metrics.classifiers import attribute_hits, load_classifier
     from difflab.pipeline import Pipeline
-    from difflab.training.image_prompt import train_image_prompt
+    from difflab.training.adapters import train_image_prompt
 
     pipe = Pipeline.from_pretrained(path)
     train = Shapes(n=4096, resolution=32, seed=0)

@@ -71,11 +71,20 @@ class Denoiser(nn.Module):
         sigma = per_sample(self.process.sigma(t).to(x.dtype), x)
         return t, alpha, sigma
 
+    def network_inputs(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(the network's input, its time) for state ``x`` at process time ``t``: what the network
+        is called with (a ControlNet beside it takes the same)."""
+        t, alpha, sigma = self.scales(x, t)
+        return self._inputs(x, t, alpha, sigma)
+
+    def _inputs(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        time = self.process.model_time(t) if self.time == "model" else t
+        return self.prediction.input_scale(alpha, sigma) * x, time
+
     def raw(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         """The network output for already-computed scales."""
-        time = self.process.model_time(t) if self.time == "model" else t
         merged = {**self.cond, **cond}
-        out = self.net(self.prediction.input_scale(alpha, sigma) * x, time, **merged)
+        out = self.net(*self._inputs(x, t, alpha, sigma), **merged)
         if out.shape != x.shape:
             raise ValueError(
                 f"the network returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}; "

@@ -13,6 +13,9 @@ implements (:class:`difflab.models.base.Network`):
 * **attention**: ``attention_names(kind)`` lists the attention layers (``"self"``, ``"cross"`` or
   ``"all"``) as ``"<block>/<n>"``; ``hook_attention(processor, kind, names)`` swaps their
   processor ``processor(attn, x, context, mask, rope) -> out`` for the ``with``.
+* **weight layers**: ``weight_layers()`` names every linear and convolution layer by its module
+  path; ``hook_layers({name: hook})`` makes a layer's output ``hook(input, output)`` for the
+  ``with`` (LoRA's low-rank updates).
 * **residuals**: ``residual_points()`` names where additive residuals may enter (a U-Net's skip
   connections and middle, a DiT's block outputs); ``forward(..., residuals={name: tensor})`` adds
   them (ControlNet).
@@ -50,6 +53,12 @@ class Hookable(Protocol):
 
     def hook_attention(self, processor: AttentionProcessor, kind: str = "all",
                        names: Sequence[str] | None = None) -> AbstractContextManager[int]: ...
+
+    def named_attention(self, kind: str = "all") -> list[tuple[str, Any]]: ...
+
+    def weight_layers(self) -> dict[str, Any]: ...
+
+    def hook_layers(self, hooks: dict[str, Callable[[Tensor, Tensor], Tensor]]) -> AbstractContextManager[None]: ...
 
     def residual_points(self) -> list[str]: ...
 

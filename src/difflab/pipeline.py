@@ -66,6 +66,18 @@ def _digest(t: Tensor) -> str:
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def weights_digest(*modules: torch.nn.Module | None) -> str:
+    """A short hash of modules' weights (names and bytes): which model, LoRA or ControlNet it is."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for module in modules:
+        for key, value in (module.state_dict().items() if module is not None else ()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class PipelineError(ValueError):
     """A folder is not a pipeline, or a pipeline cannot make what was asked."""
 
@@ -307,6 +319,7 @@ class Pipeline:
                  guidance: str | None = None, guidance_options: dict[str, Any] | None = None,
                  batch_size: int = 64, callback: Callable | None = None, progress: bool = False,
                  accelerator: dict[str, Any] | None = None, image_prompt: dict[str, Any] | None = None,
+                 loras: Sequence[tuple[Any, float]] | None = None, controls: Any = None,
                  **sampler_options: Any) -> Output:
         """Sample ``n`` images (seeds ``seed .. seed + n - 1``, or ``seeds``).
 
@@ -315,7 +328,10 @@ class Pipeline:
         applies when it is None, ``"none"`` turns it off. ``accelerator`` names one of
         :mod:`difflab.accel` with its options (``{"name": "deep_cache", "interval": 3}``).
         ``image_prompt``: ``{"adapter": ImagePromptAdapter, "images": (n, C, H, W), "scale": 1.0}``,
-        reference images that the images should look like (IP-Adapter).
+        reference images that the images should look like (IP-Adapter). ``loras``: ``[(LoRA, scale),
+        ...]`` applied at run time (:func:`difflab.adapters.merge` merges them instead).
+        ``controls``: one :class:`~difflab.adapters.Control` or several (their residuals add), each
+        with one control image per image; guidance keeps the control on both branches.
         """
         from tqdm import tqdm
 
@@ -341,6 +357,11 @@ class Pipeline:
                                                                               guidance_options)
         cond_settings, cond = self._conditions(n, class_labels, prompts)
         den = self.denoiser()
+        adapters, control_list = self._adapters(n, loras, controls)
+        if loras:
+            from difflab.adapters import WithLoRA
+
+            den = WithLoRA(den, list(loras))
         images, settings = [], []
         starts = range(0, n, batch_size)
         bar = tqdm(total=len(starts) * steps, desc=f"sampling {n} in {len(starts)} batch(es)", unit="step",
@@ -357,7 +378,13 @@ class Pipeline:
                 gens = [torch.Generator(device=self.device).manual_seed(s) for s in batch_seeds]
                 noise = torch.stack([torch.randn(self.sample_shape, generator=g, device=self.device) for g in gens])
                 bcond = {k: v[start: start + batch_size].to(self.device) for k, v in (cond or {}).items()}
-                with _accelerated(den, accelerator) as fast:
+                model = den
+                if control_list:
+                    from difflab.adapters import Control, Controlled
+
+                    model = Controlled(den, [Control(c.controlnet, c.image[start: start + batch_size].to(self.device),
+                                                     c.scale, c.start, c.end) for c in control_list])
+                with _accelerated(model, accelerator) as fast:
                     if self.inpainting:  # a trained inpainting model generating: everything is repainted
                         from difflab.editing.inpaint import WithInputs, inpainting_inputs
 
@@ -381,12 +408,38 @@ class Pipeline:
                                                sampler_options, guidance, guidance_options),
                         "denoiser_calls": nfe,
                         **({"accelerator": dict(accelerator)} if accelerator else {}),
+                        **({"adapters": {**adapters, **({"controls": [
+                            {**c, "image_sha256": _digest(control_list[j].image[start + i])}
+                            for j, c in enumerate(adapters["controls"])]} if control_list else {})}}
+                           if adapters else {}),
                         **({"image_prompt": {"scale": float(image_prompt.get("scale", 1.0)),
                                              "image_sha256": _digest(image_prompt["images"][start + i])}}
                            if image_prompt else {}),
                     })
         bar.close()
         return Output(torch.cat(images), settings)
+
+    def _adapters(self, n: int, loras: Any, controls: Any) -> tuple[dict[str, Any], list[Any]]:
+        """A call's LoRAs and controls, checked, and what the images' settings record of them."""
+        from difflab.adapters import Control, LoRA
+
+        record: dict[str, Any] = {}
+        if loras:
+            if isinstance(loras, LoRA) or not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], LoRA)
+                                                  for x in loras):
+                raise PipelineError("loras must be a list of (LoRA, scale) pairs")
+            record["loras"] = [{"lora": weights_digest(lo), "scale": float(s)} for lo, s in loras]
+        control_list = [controls] if isinstance(controls, Control) else list(controls or [])
+        for c in control_list:
+            if not isinstance(c, Control):
+                raise PipelineError(f"controls must be difflab.adapters.Control objects, got {type(c).__name__}")
+            if c.image.shape[0] != n:
+                raise PipelineError(f"a control has {c.image.shape[0]} control images for {n} images: give one per "
+                                    "image")
+        if control_list:
+            record["controls"] = [{"controlnet": weights_digest(c.controlnet), "scale": c.scale, "start": c.start,
+                                   "end": c.end} for c in control_list]
+        return record, control_list
 
     @torch.no_grad()
     def edit(self, images: Tensor, *, mask: Tensor | None = None, strength: float | None = None,
@@ -614,14 +667,7 @@ class Pipeline:
     def identity(self) -> str:
         """A short hash of the weights (network and VAE): which model made an image."""
         if self._identity is None:
-            import hashlib
-
-            digest = hashlib.sha256()
-            for net in (self.network, self.vae):
-                for key, value in (net.state_dict().items() if net is not None else ()):
-                    digest.update(key.encode())
-                    digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            self._identity = digest.hexdigest()[:16]
+            self._identity = weights_digest(self.network, self.vae)
         return self._identity
 
     SETTINGS_KEYS = ("seed", "steps", "sampler", "schedule", "sampler_options", "guidance", "guidance_options",
@@ -644,6 +690,9 @@ class Pipeline:
         if not isinstance(batch, list) or not batch or not isinstance(settings["batch_index"], int) \
                 or not 0 <= settings["batch_index"] < len(batch):
             raise PipelineError("the settings record's batch_seeds / batch_index do not describe an image of a batch")
+        if "adapters" in settings:
+            raise PipelineError("this image was made with LoRAs or controls: call the pipeline again with the same "
+                                "adapters (their weights' hashes are in the record) and these settings")
         if "image_prompt" in settings:
             raise PipelineError("this image was made with an image prompt (IP-Adapter): call the pipeline again with "
                                 "the same adapter and reference image and these settings")

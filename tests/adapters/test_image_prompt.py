@@ -51,7 +51,7 @@ def test_scale_zero_is_the_base_model_and_the_image_changes_the_output(tmp_path)
 
 
 def test_training_changes_only_the_adapter_and_is_deterministic():
-    from difflab.training.image_prompt import train_image_prompt
+    from difflab.training.adapters import train_image_prompt
 
     net = _net(384)
     pipe = Pipeline(net, processes.Flow(), "flow", sample_shape=(2, 8, 8), steps=3, cond_dropout=0.1,

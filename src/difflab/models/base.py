@@ -116,6 +116,28 @@ class Network(nn.Module):
         with attention_processor(self, processor, kind, where=lambda a: id(a) in chosen) as count:
             yield count
 
+    def weight_layers(self) -> dict[str, nn.Linear | nn.Conv2d]:
+        """Every linear and 2-D convolution layer under its module name (``"down.1.1.blocks.0.attn.to_q"``):
+        what low-rank adapters (LoRA) update and merge into."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+
+    @contextmanager
+    def hook_layers(self, hooks: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+        """For the ``with``, layer ``name``'s output becomes ``hook(input, output)`` (``{name: hook}``
+        over :meth:`weight_layers`); hooks of several ``with`` blocks on one layer apply in turn."""
+        layers = self.weight_layers()
+        unknown = sorted(set(hooks) - set(layers))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no linear or convolution layer(s) "
+                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        handles = [layers[name].register_forward_hook(lambda _m, args, out, fn=fn: fn(args[0], out))
+                   for name, fn in hooks.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def residual_points(self) -> list[str]:
         """Where ``forward(..., residuals={name: tensor})`` may add residuals; subclasses define them."""
         return []

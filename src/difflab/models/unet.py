@@ -56,6 +56,7 @@ class UNet(Network):
 
     config_class = UNetConfig
     kind = "unet"
+    encoder_only = False
 
     def __init__(self, config: UNetConfig):
         super().__init__(config)
@@ -91,6 +92,7 @@ class UNet(Network):
                 self.down.append(nn.ModuleList([Downsample(ch)]))
                 skips.append(ch)
         self.mid = nn.ModuleList([res(ch, ch), attn(ch, "mid", c.mid_attention_norm), res(ch, ch)])
+        self.skip_widths = tuple(skips)  # the channels at skip.0 .. skip.N (the middle has the last)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
@@ -122,6 +124,24 @@ class UNet(Network):
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, pooled: Tensor | None = None,
                 residuals: dict[str, Tensor] | None = None, concat: Tensor | None = None) -> Tensor:
+        if self.encoder_only:
+            raise ValueError("this U-Net is an encoder copy (a ControlNet's): it has no decoder; call encode()")
+        residuals = self.check_residuals(residuals)
+        hs, h, emb = self.encode(x, t, class_labels, context, context_mask, pooled, concat)
+        if residuals:  # ControlNet: added to the skip connections and the middle, after the down pass
+            hs = [s + residuals[f"skip.{i}"] if f"skip.{i}" in residuals else s for i, s in enumerate(hs)]
+            h = h + residuals["middle"] if "middle" in residuals else h
+        for i, block in enumerate(self.up):
+            h = self.run_block(f"up.{i}", self._run, block, torch.cat([h, hs.pop()], dim=1), emb, context,
+                               context_mask)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def encode(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
+               context_mask: Tensor | None = None, pooled: Tensor | None = None, concat: Tensor | None = None,
+               hint: Tensor | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
+        """The down pass and the middle: (the skip features ``skip.0..N``, the middle's output, the
+        time/condition embedding). ``hint`` is added after the input convolution (ControlNet's
+        conditioning features, Zhang et al. 2023)."""
         self._check(x, class_labels, context)
         if self.config.concat_channels:
             want = (x.shape[0], self.config.concat_channels, *x.shape[2:])
@@ -132,7 +152,6 @@ class UNet(Network):
             x = torch.cat([x, concat.to(x.dtype)], 1)
         elif concat is not None:
             raise ValueError("this UNet takes no extra input channels (concat=); its config has concat_channels=0")
-        residuals = self.check_residuals(residuals)
         emb = self.time_embed(batch_times(t, x))
         if self.label_embed is not None:
             emb = emb + self.label_embed(class_labels)
@@ -142,18 +161,28 @@ class UNet(Network):
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
+        if hint is not None:
+            h = h + hint.to(h.dtype)
         hs = [h]
         for i, block in enumerate(self.down):
             h = self.run_block(f"down.{i}", self._run, block, h, emb, context, context_mask)
             hs.append(h)
         h = self.run_block("mid", self._run, self.mid, h, emb, context, context_mask)
-        if residuals:  # ControlNet: added to the skip connections and the middle, after the down pass
-            hs = [s + residuals[f"skip.{i}"] if f"skip.{i}" in residuals else s for i, s in enumerate(hs)]
-            h = h + residuals["middle"] if "middle" in residuals else h
-        for i, block in enumerate(self.up):
-            h = self.run_block(f"up.{i}", self._run, block, torch.cat([h, hs.pop()], dim=1), emb, context,
-                               context_mask)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return hs, h, emb
+
+    def residual_widths(self) -> dict[str, int]:
+        """The channels of each residual point (what a ControlNet's zero convolutions output)."""
+        return {**{f"skip.{i}": w for i, w in enumerate(self.skip_widths)}, "middle": self.skip_widths[-1]}
+
+    def encoder_copy(self) -> UNet:
+        """A trainable copy of the embeddings, input convolution, down blocks and middle, without the
+        decoder: ControlNet's copy (Zhang et al. 2023); only :meth:`encode` runs on it."""
+        twin = UNet(self.config)
+        twin.up, twin.norm_out, twin.conv_out = nn.ModuleList(), nn.Identity(), nn.Identity()
+        own = self.state_dict()
+        twin.load_state_dict({k: v for k, v in own.items() if k in twin.state_dict()})
+        twin.encoder_only = True
+        return twin.to(next(self.parameters()).device)
 
     def _run(self, block: nn.ModuleList, h: Tensor, emb: Tensor, context, context_mask) -> Tensor:
         def fn(h: Tensor, emb: Tensor) -> Tensor:

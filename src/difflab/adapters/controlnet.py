@@ -1,0 +1,218 @@
+"""ControlNet (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion Models").
+
+A trainable copy of the frozen U-Net's embeddings, down blocks and middle reads the noisy input plus
+the features of a control image (a small convolutional encoder), and feeds its features through
+zero-initialised 1x1 convolutions into the frozen U-Net's skip connections and middle (the network
+hook interface's residual points). At the start every residual is zero: the controlled model is the
+base model exactly, and training only adds what the control explains.
+
+Control is a condition of the denoiser (:class:`Controlled`), so it composes with every sampler and
+every guidance method. Under classifier-free guidance the control stays on both branches and only
+the text is dropped from the unconditional one (as diffusers' ``StableDiffusionControlNetPipeline``
+does unless ``guess_mode``): guidance then sharpens what the prompt asks for within the layout the
+control fixes, instead of amplifying the control itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difflab.batch import batch_times
+from difflab.files import load_tensors, read_json, save_tensors, write_json
+from difflab.hooks import network_of
+
+Tensor = torch.Tensor
+FORMAT = "difflab-controlnet"
+
+
+class ControlError(ValueError):
+    pass
+
+
+class HintEncoder(nn.Module):
+    """Control image -> features at the network's input resolution (ControlNet's ``input_hint_block``:
+    3x3 convolutions with SiLU, a stride-2 one per halving, the last one zero)."""
+
+    def __init__(self, channels: int, out_channels: int, downscale: int, width: int = 16):
+        super().__init__()
+        halvings = round(math.log2(downscale)) if downscale >= 1 else -1
+        if 2 ** halvings != downscale:
+            raise ControlError(f"the control image must be a power-of-two multiple of the input size, got {downscale}")
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.SiLU()]
+        ch = width
+        for _ in range(halvings):
+            wider = min(2 * ch, 256)
+            layers += [nn.Conv2d(ch, ch, 3, padding=1), nn.SiLU(),
+                       nn.Conv2d(ch, wider, 3, stride=2, padding=1), nn.SiLU()]
+            ch = wider
+        layers.append(nn.Conv2d(ch, out_channels, 3, padding=1))
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, control: Tensor) -> Tensor:
+        return self.body(control)
+
+
+class ControlNet(nn.Module):
+    """A ControlNet for ``network`` (a difflab U-Net) taking control images of ``control_channels``
+    at ``downscale`` times the network's input size (a latent model's: the VAE's factor)."""
+
+    def __init__(self, network: Any, control_channels: int, *, downscale: int = 1, hint_width: int = 16):
+        super().__init__()
+        if not hasattr(network, "encoder_copy") or not hasattr(network, "residual_widths"):
+            raise ControlError(f"a ControlNet needs a difflab U-Net (one with residual points at its skips); "
+                               f"got a {type(network).__name__}")
+        if isinstance(control_channels, bool) or not isinstance(control_channels, int) or control_channels < 1:
+            raise ControlError(f"control_channels must be a whole number >= 1, got {control_channels!r}")
+        self.settings = {"control_channels": control_channels, "downscale": int(downscale), "hint_width": hint_width,
+                         "network": network.to_config()}
+        self.copy = network.encoder_copy()
+        self.copy.requires_grad_(True)
+        widths = network.residual_widths()
+        self.points = list(widths)
+        self.hint = HintEncoder(control_channels, network.config.model_channels, int(downscale), hint_width)
+        self.zero = nn.ModuleDict({p.replace(".", "_"): nn.Conv2d(w, w, 1) for p, w in widths.items()})
+        for conv in self.zero.values():
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self.to(next(network.parameters()).device)
+
+    def check_control(self, control: Tensor, x: Tensor) -> None:
+        c, scale = self.settings["control_channels"], self.settings["downscale"]
+        want = (c, x.shape[-2] * scale, x.shape[-1] * scale)
+        if control.ndim != 4 or tuple(control.shape[1:]) != want:
+            raise ControlError(f"this ControlNet takes control images of shape (N, {want[0]}, {want[1]}, {want[2]}) "
+                               f"for inputs of {tuple(x.shape[-2:])}; got {tuple(control.shape)}")
+
+    def forward(self, x: Tensor, t: Tensor, control: Tensor, **cond: Any) -> dict[str, Tensor]:
+        """The residuals ``{point: tensor}`` for the network's input ``x`` at model time ``t`` (what
+        the base network is called with) under ``control`` and the network's conditions."""
+        self.check_control(control, x)
+        cond = {k: v for k, v in cond.items() if k not in ("residuals",)}
+        hint = self.hint(control.to(x.dtype))
+        hs, middle, _ = self.copy.encode(x, t, hint=hint, **cond)
+        out = {f"skip.{i}": self.zero[f"skip_{i}"](h) for i, h in enumerate(hs)}
+        out["middle"] = self.zero["middle"](middle)
+        return out
+
+    def check_fits(self, network: Any) -> None:
+        """Refuse a network of another architecture than the one this ControlNet was made for."""
+        _same_network(self.settings["network"], network)
+
+    # --- files ----------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, base_identity: str = "") -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_tensors(directory / "controlnet.safetensors", self.state_dict())
+        write_json(directory / "controlnet.json", {"format": FORMAT, "kind": "controlnet", **self.settings,
+                                                   "base_model": base_identity})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, network: Any, *, base_identity: str | None = None,
+                        allow_other_base: bool = False) -> ControlNet:
+        """Load a saved ControlNet for ``network``; one for another architecture is refused, one
+        trained on other weights too unless ``allow_other_base``."""
+        directory = Path(directory)
+        if not (directory / "controlnet.json").is_file():
+            raise ControlError(f"{directory} holds no difflab ControlNet (controlnet.json)")
+        meta = read_json(directory / "controlnet.json", "ControlNet config")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ControlError(f"{directory / 'controlnet.json'} is not a difflab ControlNet config")
+        made_for = meta.get("base_model", "")
+        if base_identity is not None and made_for and made_for != base_identity and not allow_other_base:
+            raise ControlError(f"the ControlNet in {directory} was trained on another model (weights {made_for}), "
+                               f"not this one ({base_identity}); pass allow_other_base=True to load it anyway")
+        _same_network(meta.get("network") or {}, network)
+        net = cls(network, int(meta["control_channels"]), downscale=int(meta["downscale"]),
+                  hint_width=int(meta["hint_width"]))
+        net.load_state_dict(load_tensors(directory / "controlnet.safetensors", "ControlNet weights"))
+        return net.eval()
+
+
+def _same_network(saved: dict[str, Any], network: Any) -> None:
+    theirs = network.to_config()
+    diff = sorted(k for k in set(saved) | set(theirs) if k != "gradient_checkpointing"
+                  and _plain(saved.get(k)) != _plain(theirs.get(k)))
+    if diff:
+        raise ControlError(f"this ControlNet was made for another network: its config differs in {diff}")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass
+class Control:
+    """One control of a sampling call: a ControlNet, its control images (N, C, H, W), its weight,
+    and the interval of process time ``t`` (1 = pure noise) where it acts."""
+
+    controlnet: ControlNet
+    image: Tensor
+    scale: float = 1.0
+    start: float = 1.0
+    end: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.scale):
+            raise ControlError(f"a control's scale must be finite, got {self.scale}")
+        if not 0.0 <= self.end <= self.start <= 1.0:
+            raise ControlError(f"a control acts for t in [end, start] with 0 <= end <= start <= 1; got start="
+                               f"{self.start}, end={self.end}")
+
+
+class Controlled(nn.Module):
+    """A denoiser under one or more controls (multi-ControlNet: their residuals add, each times its
+    scale, while ``t`` lies in its interval). Wrap the plain denoiser, under guidance: on a guidance
+    batch (a multiple of the images) the control images are tiled, so every branch keeps them."""
+
+    def __init__(self, denoiser: Any, controls: Control | Sequence[Control]):
+        super().__init__()
+        network, base = network_of(denoiser), denoiser
+        while base is not None and not hasattr(base, "network_inputs"):
+            base = getattr(base, "denoiser", None)
+        if network is None or base is None:
+            raise ControlError("control needs a difflab Denoiser over a difflab network (wrap the plain one, "
+                               "before guidance)")
+        self.denoiser, self.base, self.process = denoiser, base, denoiser.process
+        self.controls = [controls] if isinstance(controls, Control) else list(controls)
+        if not self.controls:
+            raise ControlError("no controls given")
+        for c in self.controls:
+            c.controlnet.check_fits(network)
+        self.nets = nn.ModuleList([c.controlnet for c in self.controls])
+
+    def residuals(self, x: Tensor, t: Tensor | float, **cond: Any) -> dict[str, Tensor]:
+        """The summed, weighted residuals of the controls for state ``x`` at time ``t``."""
+        t = batch_times(t, x)
+        x_in, time = self.base.network_inputs(x, t)
+        net_cond = {**self.base.cond, **cond}
+        total: dict[str, Tensor] = {}
+        for c in self.controls:
+            active = ((t <= c.start) & (t >= c.end)).to(x.dtype)
+            if c.scale == 0 or not bool(active.any()):
+                continue
+            reps, rest = divmod(x.shape[0], c.image.shape[0])
+            if rest:
+                raise ControlError(f"control images for {c.image.shape[0]} images, called on a batch of {x.shape[0]}")
+            image = c.image.to(x.device).repeat(reps, 1, 1, 1)
+            weight = (c.scale * active)[:, None, None, None]
+            for point, r in c.controlnet(x_in, time, image, **net_cond).items():
+                total[point] = total[point] + weight * r if point in total else weight * r
+        return total
+
+    def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        residuals = self.residuals(x, t, **{k: v for k, v in cond.items() if k != "residuals"})
+        for point, r in (cond.pop("residuals", None) or {}).items():  # controls nested in controls add up
+            residuals[point] = residuals[point] + r if point in residuals else r
+        return self.denoiser(x, t, residuals=residuals or None, **cond)
+

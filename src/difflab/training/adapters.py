@@ -1,0 +1,171 @@
+"""Training adapters on a frozen pipeline: LoRA (Hu et al. 2021), ControlNet (Zhang et al. 2023),
+IP-Adapter (Ye et al. 2023), and a LoRA's DreamBooth-style prior preservation (Ruiz et al. 2023).
+
+All share one loop (:func:`fit`): the images are encoded once (latent models), each step draws a
+seeded batch, its times and noise, drops the text now and then so the unconditional branch of
+guidance is learned too, and optimises only the adapter's parameters with the diffusion loss of the
+pipeline's own process and prediction. The base network is frozen and never copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from difflab.adapters import ControlNet, ImagePromptAdapter, LoRA
+from difflab.adapters.lora import DEFAULT_TARGETS, applied
+from difflab.training.losses import diffusion_loss
+from difflab.training.optim import adamw
+
+Tensor = torch.Tensor
+#: step_loss(batch) -> scalar loss; batch holds x0, t, noise, cond (the network's conditions), index
+StepLoss = Callable[[dict[str, Any]], Tensor]
+
+
+def fit(pipe: Any, images: Tensor, prompts: Sequence[str] | None, parameters: Sequence[torch.nn.Parameter],
+        step_loss: StepLoss, *, steps: int, batch_size: int = 32, lr: float = 1e-4, seed: int = 0,
+        text_dropout: float = 0.1, progress: bool = True, desc: str = "adapter",
+        log: list[dict[str, float]] | None = None) -> None:
+    """Optimise ``parameters`` for ``steps`` steps of ``step_loss`` on ``images`` (N, C, H, W) in
+    [-1, 1] with their ``prompts``; deterministic for ``seed``. ``log`` collects each step's loss."""
+    if prompts is not None and len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    if prompts is None and pipe.text_encoder_config is not None:
+        raise ValueError("this pipeline is text-conditional: give a prompt for each training image")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    pipe.network.eval().requires_grad_(False)
+    device = pipe.device
+    with torch.no_grad():
+        data = torch.cat([pipe.vae.to_latent(images[i: i + 256].to(device)) for i in range(0, len(images), 256)]) \
+            if pipe.vae is not None else images.to(device)
+    text = null = None
+    if prompts is not None:
+        encoder = pipe.text_encoder()
+        distinct = sorted(set(prompts))
+        rows = torch.tensor([distinct.index(p) for p in prompts])
+        table = {k: v.to(device) for k, v in encoder(distinct).items()}
+        text = {k: v[rows.to(device)] for k, v in table.items()}
+        null = {k: v.to(device) for k, v in encoder.null(1).items()}
+    parameters = list(parameters)
+    optimizer = adamw(parameters, lr)
+    process = pipe.process
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        idx = torch.randint(len(data), (batch_size,), generator=g)
+        t = process.sample_t(batch_size, distribution="logit_normal", generator=g).to(device)
+        noise = torch.randn((batch_size, *data.shape[1:]), generator=g).to(device)
+        drop = (torch.rand(batch_size, generator=g) < text_dropout).to(device)
+        cond = {}
+        if text is not None:
+            cond = {k: torch.where(drop.view(-1, *([1] * (v.ndim - 1))), null[k].expand_as(v[idx]), v[idx])
+                    for k, v in text.items() if k != "pooled" or getattr(pipe.network.config, "pooled_dim", None)}
+        loss = step_loss({"x0": data[idx.to(device)], "t": t, "noise": noise, "cond": cond, "index": idx,
+                          "generator": g})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        value = float(loss.detach())
+        if log is not None:
+            log.append({"loss": value})
+        bar.set_postfix(loss=f"{value:.4f}")
+
+
+def train_lora(pipe: Any, images: Tensor, prompts: Sequence[str] | None = None, *, rank: int = 4,
+               alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS, dropout: float = 0.0,
+               steps: int = 1000, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+               prior: tuple[Tensor, Sequence[str]] | None = None, prior_weight: float = 1.0,
+               text_dropout: float = 0.1, progress: bool = True, log: list | None = None) -> LoRA:
+    """A LoRA for ``pipe`` trained on ``images`` (and their ``prompts``). ``prior``: (images,
+    prompts) of the class the new concept belongs to, made by the base model, whose loss (times
+    ``prior_weight``) keeps the LoRA from forgetting the class (DreamBooth's prior preservation,
+    Ruiz et al. 2023)."""
+    torch.manual_seed(seed)
+    lora = LoRA(pipe.network, rank=rank, alpha=alpha, targets=targets, dropout=dropout).to(pipe.device)
+    lora.train()
+    if prior is not None:  # one set: the concept's images first, the class's after, each half of a batch
+        prior_images, prior_prompts = prior
+        n_concept = len(images)
+        images = torch.cat([images, prior_images])
+        prompts = [*prompts, *prior_prompts] if prompts is not None else None
+    process, prediction, net = pipe.process, pipe.prediction, pipe.network
+
+    def step_loss(batch: dict[str, Any]) -> Tensor:
+        with applied(net, lora):
+            losses = diffusion_loss(net, batch["x0"], process, prediction, t=batch["t"], noise=batch["noise"],
+                                    **batch["cond"])
+        if prior is None:
+            return losses.mean()
+        is_prior = (batch["index"] >= n_concept).to(losses.device)
+        concept = losses[~is_prior].mean() if bool((~is_prior).any()) else losses.sum() * 0
+        kept = losses[is_prior].mean() if bool(is_prior.any()) else losses.sum() * 0
+        return concept + prior_weight * kept
+
+    fit(pipe, images, prompts, list(lora.parameters()), step_loss, steps=steps, batch_size=batch_size, lr=lr,
+        seed=seed, text_dropout=text_dropout, progress=progress, desc=f"LoRA rank {rank}", log=log)
+    return lora.eval()
+
+
+def train_controlnet(pipe: Any, images: Tensor, prompts: Sequence[str] | None, controls: Tensor, *,
+                     steps: int = 2000, batch_size: int = 32, lr: float = 1e-4, seed: int = 0,
+                     text_dropout: float = 0.1, controlnet: ControlNet | None = None, progress: bool = True,
+                     log: list | None = None) -> ControlNet:
+    """A ControlNet for ``pipe`` trained on ``images`` with their control images ``controls``
+    (N, C, H, W; for a latent model at the images' size, the VAE's factor above the latents).
+    ``controlnet`` continues training one."""
+    if len(controls) != len(images):
+        raise ValueError(f"{len(controls)} control images for {len(images)} images")
+    torch.manual_seed(seed)
+    downscale = images.shape[-1] // pipe.sample_shape[-1]
+    net = pipe.network
+    cn = controlnet or ControlNet(net, controls.shape[1], downscale=downscale)
+    cn.train()
+    controls = controls.to(pipe.device)
+    process, prediction = pipe.process, pipe.prediction
+
+    def step_loss(batch: dict[str, Any]) -> Tensor:
+        control = controls[batch["index"].to(controls.device)]
+
+        def controlled(x: Tensor, time: Tensor, **cond: Any) -> Tensor:
+            return net(x, time, residuals=cn(x, time, control, **cond), **cond)
+
+        return diffusion_loss(controlled, batch["x0"], process, prediction, t=batch["t"], noise=batch["noise"],
+                              **batch["cond"]).mean()
+
+    fit(pipe, images, prompts, list(cn.parameters()), step_loss, steps=steps, batch_size=batch_size, lr=lr,
+        seed=seed, text_dropout=text_dropout, progress=progress, desc="ControlNet", log=log)
+    return cn.eval()
+
+
+def train_image_prompt(pipe: Any, images: Tensor, prompts: Sequence[str], *, steps: int = 1500,
+                       batch_size: int = 32, lr: float = 3e-4, tokens: int = 4, seed: int = 0,
+                       text_dropout: float = 0.1, image_dropout: float = 0.05, progress: bool = True
+                       ) -> ImagePromptAdapter:
+    """An IP-Adapter for ``pipe`` (text-conditional) trained on ``images`` with their ``prompts``:
+    each image is its own reference; the image is dropped now and then (its "no image" tokens) so
+    both guidance branches are learned."""
+    if pipe.text_encoder_config is None:
+        raise ValueError("an image-prompt adapter is trained on a text-conditional pipeline")
+    torch.manual_seed(seed)
+    net = pipe.network
+    adapter = ImagePromptAdapter(net, image_channels=images.shape[1], tokens=tokens).to(pipe.device)
+    references = images.to(pipe.device)
+    process, prediction = pipe.process, pipe.prediction
+
+    def step_loss(batch: dict[str, Any]) -> Tensor:
+        idx = batch["index"].to(references.device)
+        drop = (torch.rand(len(idx), generator=batch["generator"]) < image_dropout).to(references.device)
+        tokens_ = adapter.embed(references[idx])
+        tokens_ = torch.where(drop.view(-1, 1, 1), adapter.null_tokens(tokens_[:, 0]), tokens_)
+        with net.hook_attention(adapter.processor(tokens_, 1.0), "cross"):
+            return diffusion_loss(net, batch["x0"], process, prediction, t=batch["t"], noise=batch["noise"],
+                                  **batch["cond"]).mean()
+
+    fit(pipe, images, prompts, list(adapter.parameters()), step_loss, steps=steps, batch_size=batch_size, lr=lr,
+        seed=seed, text_dropout=text_dropout, progress=progress, desc="image-prompt adapter")
+    return adapter.eval()
+

@@ -1,0 +1,146 @@
+"""ControlNet: zero-initialised residuals into the frozen U-Net, scale, step window, several controls,
+control kept on both guidance branches, files, and clear errors."""
+
+import pytest
+import torch
+
+import difflab
+from difflab import guidance, processes
+from difflab.adapters import Control, ControlError, Controlled, ControlNet
+from difflab.models import UNet, UNetConfig
+from tests.conftest import randomise
+
+
+def _unet(**options):
+    net = UNet(UNetConfig(in_channels=2, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                          attention_levels=(1,), head_dim=8, norm_groups=8, context_dim=12, **options)).eval()
+    return randomise(net)
+
+
+def _controlnet(net, channels=1, downscale=2, seed=1, trained=True):
+    torch.manual_seed(seed)
+    cn = ControlNet(net, channels, downscale=downscale)
+    if trained:  # the zero convolutions of a trained ControlNet are not zero
+        for name, p in cn.named_parameters():
+            if name.startswith(("zero", "hint.body.6")):
+                p.data.normal_(0, 0.1)
+    return cn.eval()
+
+
+def _cond(n=2):
+    g = torch.Generator().manual_seed(3)
+    return {"context": torch.randn(n, 4, 12, generator=g), "context_mask": torch.ones(n, 4, dtype=torch.bool)}
+
+
+def test_a_fresh_controlnet_is_the_base_model_and_the_copy_is_the_encoder():
+    net = _unet()
+    den = difflab.Denoiser(net, processes.Flow(), "flow")
+    cn = _controlnet(net, trained=False)
+    assert set(cn.points) == set(net.residual_points())
+    own = net.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in cn.copy.state_dict().items())  # a copy of the encoder's weights
+    assert not any(k.startswith(("copy.up", "copy.conv_out")) for k in cn.state_dict())
+    x, control = torch.randn(2, 2, 8, 8), torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(Controlled(den, Control(cn, control))(x, 0.5, **_cond()), den(x, 0.5, **_cond()))
+    with pytest.raises(ValueError, match="encoder copy"):
+        cn.copy(x, torch.zeros(2), **_cond())
+
+
+def test_residuals_scale_window_and_several_controls_add():
+    net = _unet()
+    den = difflab.Denoiser(net, processes.Flow(), "flow")
+    mask, edges = _controlnet(net, 1, seed=1), _controlnet(net, 3, seed=2)
+    x, cond = torch.randn(2, 2, 8, 8), _cond()
+    m_img, e_img = torch.rand(2, 1, 16, 16), torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        x_in, time = den.network_inputs(x, torch.full((2,), 0.6))
+        r_m, r_e = mask(x_in, time, m_img, **cond), edges(x_in, time, e_img, **cond)
+        both = Controlled(den, [Control(mask, m_img, 0.8), Control(edges, e_img, 0.5)])(x, 0.6, **cond)
+        by_hand = den(x, 0.6, residuals={k: 0.8 * r_m[k] + 0.5 * r_e[k] for k in r_m}, **cond)
+        torch.testing.assert_close(both, by_hand, atol=1e-6, rtol=1e-6)
+        one = Controlled(den, Control(mask, m_img, 0.8))(x, 0.6, **cond)
+        assert not torch.allclose(one, den(x, 0.6, **cond), atol=1e-4)
+        assert not torch.allclose(both, one, atol=1e-4)
+        nested = Controlled(Controlled(den, Control(edges, e_img, 0.5)), Control(mask, m_img, 0.8))(x, 0.6, **cond)
+        torch.testing.assert_close(nested, both, atol=1e-6, rtol=1e-6)
+        # only within its window: t = 0.6 lies outside [0, 0.5], so the control is off there
+        windowed = Controlled(den, Control(mask, m_img, 0.8, start=0.5))
+        assert torch.equal(windowed(x, 0.6, **cond), den(x, 0.6, **cond))
+        ts = torch.tensor([0.6, 0.3])
+        per_sample = windowed(x, ts, **cond)  # one sample inside the window, one outside
+        assert torch.equal(per_sample[0], den(x, ts, **cond)[0])
+        torch.testing.assert_close(per_sample[1], Controlled(den, Control(mask, m_img, 0.8))(x, ts, **cond)[1])
+
+
+def test_guidance_keeps_the_control_on_both_branches():
+    net = _unet()
+    den = difflab.Denoiser(net, processes.Flow(), "flow")
+    cn = _controlnet(net)
+    x, cond, control = torch.randn(2, 2, 8, 8), _cond(), torch.rand(2, 1, 16, 16)
+    uncond = {"context": torch.zeros(1, 4, 12), "context_mask": torch.ones(1, 4, dtype=torch.bool)}
+    controlled = Controlled(den, Control(cn, control))
+    with torch.no_grad():
+        guided = guidance.guide(controlled, "cfg", scale=3.0, uncond=uncond)(x, 0.5, **cond)
+        d_c = controlled(x, 0.5, **cond)
+        d_u = controlled(x, 0.5, context=uncond["context"].expand(2, -1, -1),
+                         context_mask=uncond["context_mask"].expand(2, -1))
+    torch.testing.assert_close(guided, d_u + 3.0 * (d_c - d_u), atol=1e-5, rtol=1e-5)
+
+
+def test_files_and_bad_input_are_refused_clearly(tmp_path):
+    net = _unet()
+    cn = _controlnet(net, 4)
+    cn.save_pretrained(tmp_path / "cn", base_identity="base1")
+    again = ControlNet.from_pretrained(tmp_path / "cn", net, base_identity="base1")
+    assert all(torch.equal(a, b) for a, b in zip(cn.state_dict().values(), again.state_dict().values(), strict=True))
+    with pytest.raises(ControlError, match="another model"):
+        ControlNet.from_pretrained(tmp_path / "cn", net, base_identity="base2")
+    wider = _unet(dropout=0.1)
+    with pytest.raises(ControlError, match="another network.*dropout"):
+        ControlNet.from_pretrained(tmp_path / "cn", wider)
+    den = difflab.Denoiser(net, processes.Flow(), "flow")
+    x = torch.randn(2, 2, 8, 8)
+    with pytest.raises(ControlError, match=r"shape \(N, 4, 16, 16\).*got \(2, 3, 16, 16\)"):
+        Controlled(den, Control(cn, torch.rand(2, 3, 16, 16)))(x, 0.5, **_cond())
+    with pytest.raises(ControlError, match=r"\(N, 4, 16, 16\).*got \(2, 4, 8, 8\)"):
+        Controlled(den, Control(cn, torch.rand(2, 4, 8, 8)))(x, 0.5, **_cond())
+    with pytest.raises(ControlError, match="for 3 images"):
+        Controlled(den, Control(cn, torch.rand(3, 4, 16, 16)))(x, 0.5, **_cond())
+    with pytest.raises(ControlError, match="another network"):
+        Controlled(difflab.Denoiser(wider, processes.Flow(), "flow"), Control(cn, torch.rand(2, 4, 16, 16)))
+    with pytest.raises(ControlError, match="U-Net"):
+        from difflab.models import DiT, DiTConfig
+
+        ControlNet(DiT(DiTConfig(in_channels=2, hidden_size=32, depth=2, num_heads=2)), 1)
+    with pytest.raises(ControlError, match="end <= start"):
+        Control(cn, torch.rand(2, 4, 16, 16), start=0.2, end=0.5)
+    with pytest.raises(ControlError, match="power-of-two"):
+        ControlNet(net, 1, downscale=3)
+
+
+def test_a_pipeline_samples_with_controls_and_loras_and_records_them():
+    from difflab.adapters import LoRA
+    from difflab.pipeline import Pipeline, PipelineError
+
+    net = randomise(UNet(UNetConfig(in_channels=2, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                    attention_levels=(1,), head_dim=8, norm_groups=8, num_classes=3)).eval())
+    pipe = Pipeline(net, processes.Flow(), "flow", sample_shape=(2, 8, 8), steps=3, num_classes=3, cond_dropout=0.1)
+    cn, lora = _controlnet(net, 1, downscale=1), randomise(LoRA(net, rank=2), 7)
+    control = torch.rand(3, 1, 8, 8)
+    base = pipe(3, seed=0, class_labels=[0, 1, 2], guidance="cfg", guidance_options={"scale": 2.0})
+    out = pipe(3, seed=0, class_labels=[0, 1, 2], guidance="cfg", guidance_options={"scale": 2.0}, batch_size=2,
+               controls=Control(cn, control, 0.9), loras=[(lora, 0.5)])
+    assert not torch.allclose(out.images, base.images, atol=1e-3)
+    record = out.settings[2]["adapters"]
+    assert record["loras"][0]["scale"] == 0.5 and record["controls"][0]["scale"] == 0.9
+    assert out.settings[0]["adapters"]["controls"][0]["image_sha256"] != record["controls"][0]["image_sha256"]
+    again = pipe(3, seed=0, class_labels=[0, 1, 2], guidance="cfg", guidance_options={"scale": 2.0}, batch_size=3,
+                 controls=[Control(cn, control, 0.9)], loras=[(lora, 0.5)])
+    torch.testing.assert_close(again.images, out.images, atol=1e-5, rtol=0)  # batching does not matter
+    with pytest.raises(PipelineError, match="one per image"):
+        pipe(2, controls=Control(cn, control))
+    with pytest.raises(PipelineError, match="LoRAs or controls"):
+        pipe.reproduce(out.settings[0])
+    with pytest.raises(PipelineError, match=r"\(LoRA, scale\)"):
+        pipe(2, loras=lora)
