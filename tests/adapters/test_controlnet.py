@@ -3,12 +3,12 @@ control kept on both guidance branches, files, and clear errors."""
 
 import pytest
 import torch
+from tests.conftest import randomise
 
 import difflab
 from difflab import guidance, processes
 from difflab.adapters import Control, ControlError, Controlled, ControlNet
 from difflab.models import UNet, UNetConfig
-from tests.conftest import randomise
 
 
 def _unet(**options):
@@ -97,7 +97,7 @@ def test_files_and_bad_input_are_refused_clearly(tmp_path):
     with pytest.raises(ControlError, match="another model"):
         ControlNet.from_pretrained(tmp_path / "cn", net, base_identity="base2")
     wider = _unet(dropout=0.1)
-    with pytest.raises(ControlError, match="another network.*dropout"):
+    with pytest.raises(ControlError, match=r"another network.*dropout"):
         ControlNet.from_pretrained(tmp_path / "cn", wider)
     den = difflab.Denoiser(net, processes.Flow(), "flow")
     x = torch.randn(2, 2, 8, 8)

@@ -3,12 +3,12 @@ files with the base model's identity, and clear errors."""
 
 import pytest
 import torch
+from tests.conftest import randomise
 
 import difflab
 from difflab import processes
 from difflab.adapters import LoRA, LoRAError, WithLoRA, applied, merge
 from difflab.models import DiT, DiTConfig, UNet, UNetConfig
-from tests.conftest import randomise
 
 
 def _unet(context_dim=12, seed=0):
@@ -129,7 +129,7 @@ def test_files_keep_the_base_identity_and_bad_loras_are_refused(tmp_path):
     again = LoRA.from_pretrained(tmp_path / "lora", net, base_identity="base123")
     assert again.layers == lora.layers and again.alpha == 1.5
     assert all(torch.equal(x, y) for x, y in zip(lora.state_dict().values(), again.state_dict().values(), strict=True))
-    with pytest.raises(LoRAError, match="another model.*allow_other_base"):
+    with pytest.raises(LoRAError, match=r"another model.*allow_other_base"):
         LoRA.from_pretrained(tmp_path / "lora", net, base_identity="other")
     assert LoRA.from_pretrained(tmp_path / "lora", net, base_identity="other", allow_other_base=True).layers
     other = UNet(UNetConfig(in_channels=2, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -142,7 +142,7 @@ def test_files_keep_the_base_identity_and_bad_loras_are_refused(tmp_path):
     tensors = {f"{n}.lora_{p}.weight": torch.zeros(2, 2) for n in ("down.0.1.nope", "up.9.x") for p in "AB"}
     with pytest.raises(LoRAError, match=r"unmatched \['down.0.1.nope', 'up.9.x'\]"):
         LoRA.from_tensors(net, tensors)
-    with pytest.raises(LoRAError, match="no layer .* matches"):
+    with pytest.raises(LoRAError, match=r"no layer .* matches"):
         LoRA(net, targets=("*.nothing",))
     with pytest.raises(LoRAError, match="rank"):
         LoRA(net, rank=0)

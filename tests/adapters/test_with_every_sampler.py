@@ -4,12 +4,12 @@ scale 0 sample the base model exactly, and at scale 1 something else, the same f
 
 import pytest
 import torch
+from tests.conftest import randomise
 
 import difflab
 from difflab import guidance, processes
 from difflab.adapters import Control, Controlled, ControlNet, ImagePromptAdapter, ImagePrompted, LoRA, WithLoRA, merge
 from difflab.models import UNet, UNetConfig
-from tests.conftest import randomise
 
 UNCOND = {"context": torch.zeros(1, 3, 12), "context_mask": torch.ones(1, 3, dtype=torch.bool)}
 
