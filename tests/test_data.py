@@ -86,3 +86,32 @@ def test_hugging_face_datasets_from_local_files(tmp_path, monkeypatch):
         hf_dataset(tmp_path / "saved", caption_column="caption")
     with pytest.raises(FileNotFoundError, match="no dataset"):
         hf_dataset(tmp_path / "missing")
+
+
+def test_scenes_are_deterministic_and_their_control_maps_are_exact():
+    from difflab.data.scenes import CONTROLS, edges_of
+    from difflab.data.shapes import COLOURS
+
+    a, b = data.Scenes(n=24, seed=5), data.Scenes(n=24, seed=5)
+    counts = set()
+    palette = torch.tensor([(20, 20, 28), *COLOURS.values()], dtype=torch.float32) / 127.5 - 1
+    for i in range(24):
+        x, y = a[i], b[i]
+        assert torch.equal(x["x"], y["x"]) and x["caption"] == y["caption"]
+        counts.add(x["count"])
+        assert x["caption"].count(" a ") + 1 == x["count"] or x["count"] == 1
+        # every pixel is exactly the palette colour of its class: the maps are the image's ground truth
+        assert torch.equal(x["x"], palette[x["classes"]].permute(2, 0, 1))
+        assert torch.equal(x["segmentation"].sum(0), (x["classes"] > 0).float())
+        assert torch.equal(x["edges"][0].bool(), torch.from_numpy(edges_of(x["objects"].numpy())))
+        inside = x["objects"] > 0
+        assert bool((x["distance"][0][inside] > 0).all()) and bool((x["distance"][0][~inside] == 0).all())
+        assert int(x["objects"].max()) <= x["count"]
+    assert counts == {1, 2, 3}
+    assert not torch.equal(data.Scenes(n=1, seed=6)[0]["x"], a[0]["x"])
+    assert a.controls("edges", [0, 1]).shape == (2, 1, 32, 32)
+    assert set(CONTROLS) == {"segmentation", "edges", "distance"}
+    with pytest.raises(ValueError, match="no 'depth' control"):
+        a.controls("depth")
+    with pytest.raises(ValueError, match="min_objects"):
+        data.Scenes(n=1, min_objects=3, max_objects=2)

@@ -9,6 +9,8 @@ pipeline's own process and prediction. The base network is frozen and never copi
 
 from __future__ import annotations
 
+import copy
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,16 +30,21 @@ StepLoss = Callable[[dict[str, Any]], Tensor]
 def fit(pipe: Any, images: Tensor, prompts: Sequence[str] | None, parameters: Sequence[torch.nn.Parameter],
         step_loss: StepLoss, *, steps: int, batch_size: int = 32, lr: float = 1e-4, seed: int = 0,
         text_dropout: float = 0.1, progress: bool = True, desc: str = "adapter",
-        log: list[dict[str, float]] | None = None) -> None:
+        log: list[dict[str, float]] | None = None, max_seconds: float | None = None) -> int:
     """Optimise ``parameters`` for ``steps`` steps of ``step_loss`` on ``images`` (N, C, H, W) in
-    [-1, 1] with their ``prompts``; deterministic for ``seed``. ``log`` collects each step's loss."""
+    [-1, 1] with their ``prompts``; deterministic for ``seed``. The network's other parameters are
+    frozen. ``log`` collects each step's loss and the seconds since the first step; ``max_seconds`` stops early (equal-time comparisons).
+    Returns the steps taken."""
     if prompts is not None and len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     if prompts is None and pipe.text_encoder_config is not None:
         raise ValueError("this pipeline is text-conditional: give a prompt for each training image")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
+    parameters = list(parameters)
     pipe.network.eval().requires_grad_(False)
+    for p in parameters:
+        p.requires_grad_(True)
     device = pipe.device
     with torch.no_grad():
         data = torch.cat([pipe.vae.to_latent(images[i: i + 256].to(device)) for i in range(0, len(images), 256)]) \
@@ -50,11 +57,13 @@ def fit(pipe: Any, images: Tensor, prompts: Sequence[str] | None, parameters: Se
         table = {k: v.to(device) for k, v in encoder(distinct).items()}
         text = {k: v[rows.to(device)] for k, v in table.items()}
         null = {k: v.to(device) for k, v in encoder.null(1).items()}
-    parameters = list(parameters)
     optimizer = adamw(parameters, lr)
     process = pipe.process
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    start, taken = time.perf_counter(), 0
     for _ in bar:
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
         idx = torch.randint(len(data), (batch_size,), generator=g)
         t = process.sample_t(batch_size, distribution="logit_normal", generator=g).to(device)
         noise = torch.randn((batch_size, *data.shape[1:]), generator=g).to(device)
@@ -70,16 +79,19 @@ def fit(pipe: Any, images: Tensor, prompts: Sequence[str] | None, parameters: Se
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         value = float(loss.detach())
+        taken += 1
         if log is not None:
-            log.append({"loss": value})
+            log.append({"loss": value, "seconds": time.perf_counter() - start})
         bar.set_postfix(loss=f"{value:.4f}")
+    return taken
 
 
 def train_lora(pipe: Any, images: Tensor, prompts: Sequence[str] | None = None, *, rank: int = 4,
                alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS, dropout: float = 0.0,
                steps: int = 1000, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                prior: tuple[Tensor, Sequence[str]] | None = None, prior_weight: float = 1.0,
-               text_dropout: float = 0.1, progress: bool = True, log: list | None = None) -> LoRA:
+               text_dropout: float = 0.1, progress: bool = True, log: list | None = None,
+               max_seconds: float | None = None) -> LoRA:
     """A LoRA for ``pipe`` trained on ``images`` (and their ``prompts``). ``prior``: (images,
     prompts) of the class the new concept belongs to, made by the base model, whose loss (times
     ``prior_weight``) keeps the LoRA from forgetting the class (DreamBooth's prior preservation,
@@ -106,8 +118,30 @@ def train_lora(pipe: Any, images: Tensor, prompts: Sequence[str] | None = None, 
         return concept + prior_weight * kept
 
     fit(pipe, images, prompts, list(lora.parameters()), step_loss, steps=steps, batch_size=batch_size, lr=lr,
-        seed=seed, text_dropout=text_dropout, progress=progress, desc=f"LoRA rank {rank}", log=log)
+        seed=seed, text_dropout=text_dropout, progress=progress, desc=f"LoRA rank {rank}", log=log,
+        max_seconds=max_seconds)
     return lora.eval()
+
+
+def finetune(pipe: Any, images: Tensor, prompts: Sequence[str] | None = None, *, steps: int = 1000,
+             batch_size: int = 32, lr: float = 1e-4, seed: int = 0, text_dropout: float = 0.1,
+             progress: bool = True, log: list | None = None, max_seconds: float | None = None) -> Any:
+    """A full fine-tune of a copy of ``pipe``'s network on ``images`` (the baseline a LoRA is
+    measured against); returns a new pipeline, ``pipe`` is left as it was."""
+    from difflab.pipeline import Pipeline
+
+    tuned = Pipeline.from_parts(pipe.config(), copy.deepcopy(pipe.network), pipe.vae)
+    process, prediction, net = pipe.process, pipe.prediction, tuned.network
+
+    def step_loss(batch: dict[str, Any]) -> Tensor:
+        return diffusion_loss(net, batch["x0"], process, prediction, t=batch["t"], noise=batch["noise"],
+                              **batch["cond"]).mean()
+
+    fit(tuned, images, prompts, list(net.parameters()), step_loss, steps=steps, batch_size=batch_size, lr=lr,
+        seed=seed, text_dropout=text_dropout, progress=progress, desc="full fine-tune", log=log,
+        max_seconds=max_seconds)
+    net.requires_grad_(False)
+    return tuned
 
 
 def train_controlnet(pipe: Any, images: Tensor, prompts: Sequence[str] | None, controls: Tensor, *,

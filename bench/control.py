@@ -1,0 +1,272 @@
+"""Control and adapters measured on scenes, whose control maps are exact.
+
+* ``train``: a ControlNet (Zhang et al. 2023) for the scenes text-to-image base (``scenes_t2i``
+  recipe) on the training scenes' colour segmentation (4 channels) or edge map (1 channel).
+* ``control``: held-out scenes sampled from their captions alone (the uncontrolled base) and under
+  segmentation, edge and both controls at a sweep of conditioning scales: mIoU of the generated
+  images' exact colour segmentation against the input map, edge F1 (1-pixel tolerance), FD on
+  8x8-pooled pixels against the held-out images, prompt accuracy (the set of colours seen is the
+  caption's), network evaluations per image. The VAE's own round trip is the ceiling.
+* ``lora``: a new concept (a colour the base never saw, "magenta", from 12 images) learned by a
+  LoRA and by a full fine-tune in the same wall time: concept accuracy (the named shape's pixels are
+  magenta), the other colours' accuracy (what the model forgets), trainable parameters; runtime vs
+  merged outputs.
+
+Run by hand, alone: python bench/control.py train --kind segmentation   (and edges; may run side by side)
+                    python bench/control.py measure [--only control,lora]
+Writes bench/results/control.json, control.md and control.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from difflab.adapters import Control, ControlNet, merge
+from difflab.data import Scenes
+from difflab.data.scenes import BACKGROUND, render, scene_caption
+from difflab.data.shapes import COLOURS, SHAPES
+from difflab.metrics import frechet_distance
+from difflab.metrics.control import edge_f1, edges, mean_iou, segment
+from difflab.pipeline import Pipeline, weights_digest
+
+RESULTS = Path(__file__).parent / "results"
+CHANNELS = {"segmentation": 4, "edges": 1}
+
+
+def pooled(images: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(images.float(), 4).flatten(1)
+
+
+def held_out(n: int) -> dict[str, torch.Tensor | list[str]]:
+    data = Scenes(n=n, seed=1)
+    items = [data[i] for i in range(n)]
+    return {"x": torch.stack([it["x"] for it in items]), "captions": [it["caption"] for it in items],
+            "classes": torch.stack([it["classes"] for it in items]),
+            "segmentation": torch.stack([it["segmentation"] for it in items]),
+            "edges": torch.stack([it["edges"] for it in items])}
+
+
+def colour_sets(classes: torch.Tensor, min_pixels: int = 6) -> list[set[int]]:
+    return [{c for c in range(1, 1 + len(COLOURS)) if int((m == c).sum()) >= min_pixels} for m in classes]
+
+
+def prompt_accuracy(images: torch.Tensor, captions: list[str]) -> float:
+    names = list(COLOURS)
+    wanted = [{names.index(c) + 1 for c in names if c in cap} for cap in captions]
+    seen = colour_sets(segment(images))
+    return sum(w == s for w, s in zip(wanted, seen, strict=True)) / len(captions)
+
+
+def scores(images: torch.Tensor, ref: dict) -> dict[str, float]:
+    return {"miou": mean_iou(segment(images), ref["classes"])["miou"],
+            "edge_f1": edge_f1(edges(images), ref["edges"])["f1"],
+            "fd": float(frechet_distance(pooled(ref["x"]), pooled(images), bootstrap=0)["value"]),
+            "prompt_accuracy": prompt_accuracy(images, ref["captions"])}
+
+
+def train(args) -> None:
+    from difflab.training.adapters import train_controlnet
+
+    torch.set_num_threads(1)
+    pipe = Pipeline.from_pretrained(args.base)
+    data = Scenes(n=8192, seed=0)
+    items = [data[i] for i in range(len(data))]
+    images = torch.stack([it["x"] for it in items])
+    controls = torch.stack([it[args.kind] for it in items])
+    log: list = []
+    cn = train_controlnet(pipe, images, [it["caption"] for it in items], controls, steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, log=log)
+    seconds = log[-1]["seconds"]  # the steps alone (encoding the captions once comes before)
+    out = Path(args.work) / f"controlnet_{args.kind}"
+    cn.save_pretrained(out, base_identity=pipe.identity())
+    (out / "training.json").write_text(json.dumps({"steps": args.steps, "seconds": seconds, "lr": args.lr,
+                                                   "batch_size": args.batch_size,
+                                                   "final_loss": sum(r["loss"] for r in log[-50:]) / len(log[-50:])}))
+    print(f"trained {args.kind} ControlNet in {seconds:.0f} s -> {out}")
+
+
+def bench_control(pipe: Pipeline, work: Path, n: int, scales: list[float]) -> dict:
+    ref = held_out(n)
+    rows = []
+    if pipe.vae is not None:
+        with torch.no_grad():
+            round_trip = pipe.vae.from_latent(pipe.vae.to_latent(ref["x"])).clamp(-1, 1)
+        rows.append({"method": "VAE round trip (ceiling)", "scale": None, **scores(round_trip, ref), "nfe": 0})
+    common = {"prompts": ref["captions"], "seed": 0, "batch_size": 64}
+    t0 = time.perf_counter()
+    base = pipe(n, **common)
+    rows.append({"method": "text only (uncontrolled base)", "scale": None, **scores(base.images, ref),
+                 "nfe": base.settings[0]["denoiser_calls"], "seconds": time.perf_counter() - t0})
+    nets = {}
+    for kind in CHANNELS:
+        folder = work / f"controlnet_{kind}"
+        if (folder / "controlnet.json").is_file():
+            nets[kind] = ControlNet.from_pretrained(folder, pipe.network, base_identity=pipe.identity())
+            nets[kind].training_record = json.loads((folder / "training.json").read_text())
+    images = {}
+    for kind, cn in nets.items():
+        for scale in scales:
+            t0 = time.perf_counter()
+            out = pipe(n, **common, controls=Control(cn, ref[kind], scale))
+            rows.append({"method": f"ControlNet {kind}", "scale": scale, **scores(out.images, ref),
+                         "nfe": out.settings[0]["denoiser_calls"], "seconds": time.perf_counter() - t0,
+                         "training_steps": cn.training_record["steps"],
+                         "training_seconds": cn.training_record["seconds"]})
+            images[(kind, scale)] = out.images
+            print(rows[-1])
+    if len(nets) == 2:
+        for scale in scales:
+            out = pipe(n, **common, controls=[Control(nets["segmentation"], ref["segmentation"], scale),
+                                             Control(nets["edges"], ref["edges"], scale)])
+            rows.append({"method": "multi-ControlNet segmentation + edges", "scale": scale,
+                         **scores(out.images, ref), "nfe": out.settings[0]["denoiser_calls"]})
+            images[("multi", scale)] = out.images
+            print(rows[-1])
+    picture(ref, base.images, images, RESULTS / "control.png")
+    return {"n": n, "rows": rows}
+
+
+def picture(ref, base, images, path: Path) -> None:
+    from difflab.plotting import image_grid
+
+    k = 8
+    columns = [ref["x"][:k], (ref["segmentation"][:k, :3] * 2 - 1), ref["edges"][:k].repeat(1, 3, 1, 1) * 2 - 1,
+               base[:k]]
+    for key in (("segmentation", 1.0), ("edges", 1.0), ("multi", 1.0)):
+        if key in images:
+            columns.append(images[key][:k])
+    image_grid(torch.cat(columns), nrow=k, scale=4).save(path)
+
+
+# --- LoRA: a new concept -------------------------------------------------------------------------------
+MAGENTA = (200, 50, 200)
+
+
+def concept_images(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Single magenta shapes (the base never saw the colour) with their captions."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for i in range(n):
+        radius = float(rng.uniform(0.15, 0.25))
+        obj = {"shape": SHAPES[i % len(SHAPES)], "colour": "red", "radius": radius,
+               "size": "small" if radius < 0.185 else "large", "x": float(rng.uniform(radius, 1 - radius)),
+               "y": float(rng.uniform(radius, 1 - radius)), "angle": float(rng.uniform(0, 6.28))}
+        drawn = render([obj], 32)
+        pixels = np.where(drawn["classes"][..., None] > 0, np.array(MAGENTA, dtype=np.uint8), drawn["image"])
+        images.append(torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1)
+        captions.append(scene_caption([{**obj, "colour": "magenta"}]))
+    return torch.stack(images), captions
+
+
+def colour_share(images: torch.Tensor, colour: tuple[int, int, int]) -> float:
+    """The share of foreground pixels whose nearest colour (palette + magenta) is ``colour``."""
+    palette = torch.tensor([BACKGROUND, *COLOURS.values(), MAGENTA], dtype=torch.float32) / 127.5 - 1
+    nearest = ((images[:, None] - palette[None, :, :, None, None]) ** 2).sum(2).argmin(1)
+    target = [BACKGROUND, *COLOURS.values(), MAGENTA].index(colour)
+    foreground = nearest > 0
+    return float(((nearest == target) & foreground).sum()) / max(1, int(foreground.sum()))
+
+
+def bench_lora(pipe: Pipeline, seconds: float, n_eval: int) -> dict:
+    from difflab.training.adapters import finetune, train_lora
+
+    images, captions = concept_images(12, seed=0)
+    test_prompts = [f"a large magenta {s}" for s in SHAPES] * (n_eval // 3)
+
+    def quality(p, loras=None):
+        concept = p(len(test_prompts), prompts=test_prompts, seed=100, loras=loras).images
+        kept = []
+        for name, rgb in COLOURS.items():  # what the model still does with the colours it knew
+            prompts = [f"a large {name} {s}" for s in SHAPES] * max(1, n_eval // 12)
+            kept.append(colour_share(p(len(prompts), prompts=prompts, seed=200, loras=loras).images, rgb))
+        return {"concept_accuracy": colour_share(concept, MAGENTA), "other_colours_accuracy": sum(kept) / len(kept)}
+
+    rows = [{"method": "base (never saw magenta)", **quality(pipe), "trainable": 0}]
+    log: list = []
+    lora = train_lora(pipe, images, captions, rank=4, steps=100000, batch_size=12, lr=1e-3, max_seconds=seconds,
+                      log=log)
+    rows.append({"method": "LoRA rank 4 (attention)", **quality(pipe, [(lora, 1.0)]),
+                 "trainable": sum(p.numel() for p in lora.parameters()), "steps": len(log),
+                 "seconds": log[-1]["seconds"]})
+    log = []
+    tuned = finetune(pipe, images, captions, steps=100000, batch_size=12, lr=1e-4, max_seconds=seconds, log=log)
+    rows.append({"method": "full fine-tune", **quality(tuned), "trainable": tuned.network.num_parameters(),
+                 "steps": len(log), "seconds": log[-1]["seconds"]})
+    total = pipe.network.num_parameters()
+    for r in rows:
+        r["trainable_share"] = r["trainable"] / total
+    before = weights_digest(pipe.network)
+    with torch.no_grad():
+        runtime = pipe(8, prompts=test_prompts[:8], seed=0, loras=[(lora, 1.0)]).images
+        with merge(pipe.network, [(lora, 1.0)]):
+            merged = pipe(8, prompts=test_prompts[:8], seed=0).images
+    return {"rows": rows, "runtime_vs_merged_max_abs": float((runtime - merged).abs().max()),
+            "weights_restored": before == weights_digest(pipe.network)}
+
+
+def table(results: dict) -> str:
+    lines = ["# Control and adapters on scenes", ""]
+    if "control" in results:
+        c = results["control"]
+        lines += [f"Held-out scenes: {c['n']}, sampled from their captions (CFG 3, dpmpp_2m, 20 steps).", "",
+                  "| method | scale | mIoU | edge F1 | FD (8x8 pixels) | prompt accuracy | NFE / image | "
+                  "training |", "|---|---|---|---|---|---|---|---|"]
+        for r in c["rows"]:
+            train_ = f"{r['training_steps']} steps, {r['training_seconds'] / 60:.0f} min" if "training_steps" in r \
+                else ""
+            scale = "" if r["scale"] is None else f"{r['scale']:g}"
+            lines.append(f"| {r['method']} | {scale} | {r['miou']:.3f} | {r['edge_f1']:.3f} | {r['fd']:.3f} | "
+                         f"{r['prompt_accuracy']:.0%} | {r['nfe']} | {train_} |")
+    if "lora" in results:
+        lo = results["lora"]
+        lines += ["", "New concept (magenta, 12 images), equal wall time:", "",
+                  "| method | concept accuracy | other colours kept | trainable parameters | steps |",
+                  "|---|---|---|---|---|"]
+        for r in lo["rows"]:
+            lines.append(f"| {r['method']} | {r['concept_accuracy']:.0%} | {r['other_colours_accuracy']:.0%} | "
+                         f"{r['trainable']} ({r['trainable_share']:.2%}) | {r.get('steps', '')} |")
+        lines += ["", f"Runtime LoRA vs merged weights: max |difference| {lo['runtime_vs_merged_max_abs']:.2e}; "
+                      f"weights restored bit for bit: {lo['weights_restored']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("train", "measure"))
+    parser.add_argument("--base", default="outputs/scenes_t2i/final")
+    parser.add_argument("--work", default="outputs/control")
+    parser.add_argument("--kind", choices=tuple(CHANNELS), default="segmentation")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--scales", default="0.5,1,1.5")
+    parser.add_argument("--lora-seconds", type=float, default=300)
+    parser.add_argument("--only", default="control,lora")
+    args = parser.parse_args()
+    if args.command == "train":
+        return train(args)
+    torch.set_num_threads(1)
+    pipe = Pipeline.from_pretrained(args.base)
+    path = RESULTS / "control.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    parts = args.only.split(",")
+    if "control" in parts:
+        results["control"] = bench_control(pipe, Path(args.work), args.n, [float(s) for s in args.scales.split(",")])
+    if "lora" in parts:
+        results["lora"] = bench_lora(pipe, args.lora_seconds, 48)
+    path.write_text(json.dumps(results, indent=1))
+    (RESULTS / "control.md").write_text(table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
