@@ -33,8 +33,8 @@ def fit(pipe: Any, images: Tensor, prompts: Sequence[str] | None, parameters: Se
         log: list[dict[str, float]] | None = None, max_seconds: float | None = None) -> int:
     """Optimise ``parameters`` for ``steps`` steps of ``step_loss`` on ``images`` (N, C, H, W) in
     [-1, 1] with their ``prompts``; deterministic for ``seed``. The network's other parameters are
-    frozen. ``log`` collects each step's loss and the seconds since the first step; ``max_seconds`` stops early (equal-time comparisons).
-    Returns the steps taken."""
+    frozen. ``log`` collects each step's loss and the seconds since the first step; ``max_seconds``
+    stops early (equal-time comparisons). Returns the steps taken."""
     if prompts is not None and len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     if prompts is None and pipe.text_encoder_config is not None:
