@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from difflab.interop.diffusers_unet import unet2d_from_diffusers
+from difflab.interop.lora_files import lora_from_file
 from difflab.interop.schedulers import ConversionError, SchedulerConversion, scheduler_from_diffusers
 
 #: diffusers model classes difflab converts, by ``_class_name``
@@ -30,5 +31,6 @@ def from_diffusers(path: str | os.PathLike):
     return MODELS[name](path)
 
 
-__all__ = ["MODELS", "ConversionError", "SchedulerConversion", "from_diffusers", "scheduler_from_diffusers",
+__all__ = ["MODELS", "ConversionError", "SchedulerConversion", "from_diffusers", "lora_from_file",
+           "scheduler_from_diffusers",
            "unet2d_from_diffusers"]
