@@ -109,10 +109,10 @@ def test_files_and_bad_input_are_refused_clearly(tmp_path):
         Controlled(den, Control(cn, torch.rand(3, 4, 16, 16)))(x, 0.5, **_cond())
     with pytest.raises(ControlError, match="another network"):
         Controlled(difflab.Denoiser(wider, processes.Flow(), "flow"), Control(cn, torch.rand(2, 4, 16, 16)))
-    with pytest.raises(ControlError, match="U-Net"):
-        from difflab.models import DiT, DiTConfig
+    with pytest.raises(ControlError, match="U-Net or DiT"):
+        from difflab.models import MLP, MLPConfig
 
-        ControlNet(DiT(DiTConfig(in_channels=2, hidden_size=32, depth=2, num_heads=2)), 1)
+        ControlNet(MLP(MLPConfig(dim=2)), 1)
     with pytest.raises(ControlError, match="end <= start"):
         Control(cn, torch.rand(2, 4, 16, 16), start=0.2, end=0.5)
     with pytest.raises(ControlError, match="power-of-two"):
@@ -144,3 +144,25 @@ def test_a_pipeline_samples_with_controls_and_loras_and_records_them():
         pipe.reproduce(out.settings[0])
     with pytest.raises(PipelineError, match=r"\(LoRA, scale\)"):
         pipe(2, loras=lora)
+
+
+def test_a_dit_controlnet_copies_the_first_blocks_and_starts_as_the_base():
+    from difflab.models import DiT, DiTConfig
+
+    net = randomise(DiT(DiTConfig(in_channels=2, patch_size=2, hidden_size=32, depth=4, num_heads=2,
+                                  context_dim=12)).eval())
+    den = difflab.Denoiser(net, processes.Flow(), "flow")
+    fresh = ControlNet(net, 1, downscale=2, blocks=2)
+    assert fresh.points == ["block.0", "block.1"] and len(fresh.copy.blocks) == 2
+    x, control, cond = torch.randn(2, 2, 8, 8), torch.rand(2, 1, 16, 16), _cond()
+    with torch.no_grad():
+        assert torch.equal(Controlled(den, Control(fresh, control))(x, 0.5, **cond), den(x, 0.5, **cond))
+        trained = randomise(ControlNet(net, 1, downscale=2, blocks=2), 3).eval()
+        x_in, time = den.network_inputs(x, 0.5)
+        residuals = trained(x_in, time, control, **cond)
+        assert residuals["block.0"].shape == (2, 16, 32)
+        out = Controlled(den, Control(trained, control, 0.7))(x, 0.5, **cond)
+        torch.testing.assert_close(out, den(x, 0.5, residuals={k: 0.7 * v for k, v in residuals.items()}, **cond))
+        assert not torch.allclose(out, den(x, 0.5, **cond), atol=1e-4)
+    with pytest.raises(ControlError, match="copies 1..4 blocks"):
+        ControlNet(net, 1, blocks=5)

@@ -45,7 +45,8 @@ class HintEncoder(nn.Module):
         super().__init__()
         halvings = round(math.log2(downscale)) if downscale >= 1 else -1
         if 2 ** halvings != downscale:
-            raise ControlError(f"the control image must be a power-of-two multiple of the input size, got {downscale}")
+            raise ControlError(f"the control image must be a power-of-two multiple of the network's feature grid, "
+                               f"got {downscale}")
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.SiLU()]
         ch = width
         for _ in range(halvings):
@@ -63,27 +64,39 @@ class HintEncoder(nn.Module):
 
 
 class ControlNet(nn.Module):
-    """A ControlNet for ``network`` (a difflab U-Net) taking control images of ``control_channels``
-    at ``downscale`` times the network's input size (a latent model's: the VAE's factor)."""
+    """A ControlNet for ``network`` taking control images of ``control_channels`` at ``downscale``
+    times the network's input size (a latent model's: the VAE's factor). For a difflab U-Net the
+    copy is the whole encoder and middle (Zhang et al. 2023); for a DiT it is the first ``blocks``
+    blocks (half by default) with zero-initialised linear outputs into the same blocks of the frozen
+    one (PixArt's ControlNet-Transformer, Chen et al. 2024)."""
 
-    def __init__(self, network: Any, control_channels: int, *, downscale: int = 1, hint_width: int = 16):
+    def __init__(self, network: Any, control_channels: int, *, downscale: int = 1, hint_width: int = 16,
+                 blocks: int | None = None):
         super().__init__()
-        if not hasattr(network, "encoder_copy") or not hasattr(network, "residual_widths"):
-            raise ControlError(f"a ControlNet needs a difflab U-Net (one with residual points at its skips); "
-                               f"got a {type(network).__name__}")
+        if not all(hasattr(network, a) for a in ("encoder_copy", "control_features", "hint_spec")):
+            raise ControlError(f"a ControlNet needs a difflab U-Net or DiT (a network with residual points and "
+                               f"control features); got a {type(network).__name__}")
         if isinstance(control_channels, bool) or not isinstance(control_channels, int) or control_channels < 1:
             raise ControlError(f"control_channels must be a whole number >= 1, got {control_channels!r}")
-        self.settings = {"control_channels": control_channels, "downscale": int(downscale), "hint_width": hint_width,
-                         "network": network.to_config()}
-        self.copy = network.encoder_copy()
+        if isinstance(downscale, bool) or not isinstance(downscale, int) or downscale < 1:
+            raise ControlError(f"downscale must be a whole number >= 1, got {downscale!r}")
+        self.settings = {"control_channels": control_channels, "downscale": downscale, "hint_width": hint_width,
+                         "blocks": blocks, "network": network.to_config()}
+        try:
+            self.copy = network.encoder_copy(blocks)
+        except ValueError as err:
+            raise ControlError(str(err)) from None
         self.copy.requires_grad_(True)
-        widths = network.residual_widths()
+        widths = self.copy.residual_widths()
         self.points = list(widths)
-        self.hint = HintEncoder(control_channels, network.config.model_channels, int(downscale), hint_width)
-        self.zero = nn.ModuleDict({p.replace(".", "_"): nn.Conv2d(w, w, 1) for p, w in widths.items()})
-        for conv in self.zero.values():
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        channels, stride = network.hint_spec()
+        self.hint = HintEncoder(control_channels, channels, downscale * stride, hint_width)
+        tokens = network.residual_layout == "tokens"
+        self.zero = nn.ModuleDict({p.replace(".", "_"): nn.Linear(w, w) if tokens else nn.Conv2d(w, w, 1)
+                                   for p, w in widths.items()})
+        for layer in self.zero.values():
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         self.to(next(network.parameters()).device)
 
     def check_control(self, control: Tensor, x: Tensor) -> None:
@@ -97,12 +110,9 @@ class ControlNet(nn.Module):
         """The residuals ``{point: tensor}`` for the network's input ``x`` at model time ``t`` (what
         the base network is called with) under ``control`` and the network's conditions."""
         self.check_control(control, x)
-        cond = {k: v for k, v in cond.items() if k not in ("residuals",)}
-        hint = self.hint(control.to(x.dtype))
-        hs, middle, _ = self.copy.encode(x, t, hint=hint, **cond)
-        out = {f"skip.{i}": self.zero[f"skip_{i}"](h) for i, h in enumerate(hs)}
-        out["middle"] = self.zero["middle"](middle)
-        return out
+        cond = {k: v for k, v in cond.items() if k != "residuals"}
+        features = self.copy.control_features(x, t, self.hint(control.to(x.dtype)), **cond)
+        return {point: self.zero[point.replace(".", "_")](h) for point, h in features.items()}
 
     def check_fits(self, network: Any) -> None:
         """Refuse a network of another architecture than the one this ControlNet was made for."""
@@ -134,7 +144,7 @@ class ControlNet(nn.Module):
                                f"not this one ({base_identity}); pass allow_other_base=True to load it anyway")
         _same_network(meta.get("network") or {}, network)
         net = cls(network, int(meta["control_channels"]), downscale=int(meta["downscale"]),
-                  hint_width=int(meta["hint_width"]))
+                  hint_width=int(meta["hint_width"]), blocks=meta.get("blocks"))
         net.load_state_dict(load_tensors(directory / "controlnet.safetensors", "ControlNet weights"))
         return net.eval()
 
@@ -205,9 +215,10 @@ class Controlled(nn.Module):
             if rest:
                 raise ControlError(f"control images for {c.image.shape[0]} images, called on a batch of {x.shape[0]}")
             image = c.image.to(x.device).repeat(reps, 1, 1, 1)
-            weight = (c.scale * active)[:, None, None, None]
+            weight = c.scale * active
             for point, r in c.controlnet(x_in, time, image, **net_cond).items():
-                total[point] = total[point] + weight * r if point in total else weight * r
+                r = weight.view(-1, *([1] * (r.ndim - 1))) * r  # channels (U-Net) or tokens (DiT)
+                total[point] = total[point] + r if point in total else r
         return total
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:

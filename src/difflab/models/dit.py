@@ -114,6 +114,8 @@ class DiT(Network):
 
     config_class = DiTConfig
     kind = "dit"
+    encoder_only = False
+    residual_layout = "tokens"  # residuals are (batch, tokens, width)
 
     def __init__(self, config: DiTConfig):
         super().__init__(config)
@@ -147,15 +149,15 @@ class DiT(Network):
         """``block.i``: added to block i's output tokens (the PixArt ControlNet-Transformer's point)."""
         return self.block_names()
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None, pooled: Tensor | None = None,
-                residuals: dict[str, Tensor] | None = None) -> Tensor:
+    def _embed(self, x: Tensor, t: Tensor, class_labels, context, pooled, hint: Tensor | None = None):
+        """Patch tokens (plus ``hint`` tokens: a ControlNet's), rotary angles, the condition and
+        the blocks' condition, and the number of prefix tokens."""
         self._check(x, class_labels, context)
-        residuals = self.check_residuals(residuals)
         c = self.config
-        b, _, height, width = x.shape
-        gh, gw = height // c.patch_size, width // c.patch_size
+        gh, gw = x.shape[-2] // c.patch_size, x.shape[-1] // c.patch_size
         tokens = self.patch(x).flatten(2).transpose(1, 2).contiguous()  # (batch, tokens, width), row-major
+        if hint is not None:
+            tokens = tokens + hint.flatten(2).transpose(1, 2).to(tokens.dtype)
         rope = None
         if c.position == "sincos":
             tokens = tokens + sincos_2d(gh, gw, c.hidden_size, x.device).to(tokens.dtype)[None]
@@ -175,13 +177,29 @@ class DiT(Network):
                 rope = (torch.cat([torch.ones_like(rope[0][:1]), rope[0]]),
                         torch.cat([torch.zeros_like(rope[1][:1]), rope[1]]))
         block_cond = self.global_ada(nn.functional.silu(cond)) if self.global_ada is not None else cond
+        return tokens, rope, cond, block_cond, n_prefix
+
+    def _block(self, i: int, tokens: Tensor, block_cond: Tensor, context, context_mask, rope, skip) -> Tensor:
+        block = self.blocks[i]
+        return self.run_block(
+            f"block.{i}", lambda h, s: checkpointed(
+                lambda h_, s_: block(h_, block_cond, context, context_mask, rope, s_),
+                self.config.gradient_checkpointing and self.training, h, s), tokens, skip)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None, pooled: Tensor | None = None,
+                residuals: dict[str, Tensor] | None = None) -> Tensor:
+        if self.encoder_only:
+            raise ValueError("this DiT is an encoder copy (a ControlNet's): it has no output layers")
+        residuals = self.check_residuals(residuals)
+        c = self.config
+        b, _, height, width = x.shape
+        gh, gw = height // c.patch_size, width // c.patch_size
+        tokens, rope, cond, block_cond, n_prefix = self._embed(x, t, class_labels, context, pooled)
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             skip = skips.pop() if block.skip is not None else None
-            tokens = self.run_block(
-                f"block.{i}", lambda h, s, blk=block: checkpointed(
-                    lambda h_, s_: blk(h_, block_cond, context, context_mask, rope, s_),
-                    c.gradient_checkpointing and self.training, h, s), tokens, skip)
+            tokens = self._block(i, tokens, block_cond, context, context_mask, rope, skip)
             if f"block.{i}" in residuals:
                 residual = residuals[f"block.{i}"]
                 tokens = tokens + (residual if n_prefix == 0 else nn.functional.pad(residual, (0, 0, n_prefix, 0)))
@@ -192,3 +210,37 @@ class DiT(Network):
         out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))
         out = out.view(b, gh, gw, c.patch_size, c.patch_size, self.out_channels)
         return out.permute(0, 5, 1, 3, 2, 4).reshape(b, self.out_channels, height, width)
+
+    # --- ControlNet (PixArt's ControlNet-Transformer, Chen et al. 2024) ---------------------------------
+    def hint_spec(self) -> tuple[int, int]:
+        """(channels, stride over the input) of the hint features :meth:`control_features` takes."""
+        return self.config.hidden_size, self.config.patch_size
+
+    def residual_widths(self) -> dict[str, int]:
+        return {name: self.config.hidden_size for name in self.residual_points()}
+
+    def control_features(self, x: Tensor, t: Tensor, hint: Tensor, class_labels: Tensor | None = None,
+                         context: Tensor | None = None, context_mask: Tensor | None = None,
+                         pooled: Tensor | None = None) -> dict[str, Tensor]:
+        """Each block's output tokens (without prefix tokens) with ``hint`` added to the patch tokens."""
+        tokens, rope, _, block_cond, n_prefix = self._embed(x, t, class_labels, context, pooled, hint)
+        out = {}
+        for i in range(len(self.blocks)):
+            tokens = self._block(i, tokens, block_cond, context, context_mask, rope, None)
+            out[f"block.{i}"] = tokens[:, n_prefix:]
+        return out
+
+    def encoder_copy(self, blocks: int | None = None) -> DiT:
+        """A trainable copy of the embeddings and the first ``blocks`` blocks (half by default)
+        without output layers: a ControlNet's copy."""
+        blocks = self.config.depth // 2 if blocks is None else blocks
+        if not 1 <= blocks <= self.config.depth:
+            raise ValueError(f"a ControlNet copies 1..{self.config.depth} blocks of this DiT, not {blocks}")
+        if self.config.long_skip and blocks > self.config.depth // 2:
+            raise ValueError("a ControlNet of a long-skip DiT copies at most the first half of its blocks")
+        twin = DiT(self.config)
+        twin.blocks = twin.blocks[:blocks]
+        twin.norm_out, twin.ada_out, twin.proj_out = nn.Identity(), None, None
+        twin.load_state_dict({k: v for k, v in self.state_dict().items() if k in twin.state_dict()})
+        twin.encoder_only = True
+        return twin.to(next(self.parameters()).device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ class UNet(Network):
     config_class = UNetConfig
     kind = "unet"
     encoder_only = False
+    residual_layout = "channels"  # residuals are (batch, channels, H, W)
 
     def __init__(self, config: UNetConfig):
         super().__init__(config)
@@ -170,13 +172,25 @@ class UNet(Network):
         h = self.run_block("mid", self._run, self.mid, h, emb, context, context_mask)
         return hs, h, emb
 
+    def hint_spec(self) -> tuple[int, int]:
+        """(channels, stride over the input) of the hint features :meth:`control_features` takes."""
+        return self.config.model_channels, 1
+
+    def control_features(self, x: Tensor, t: Tensor, hint: Tensor, **cond: Any) -> dict[str, Tensor]:
+        """The features at every residual point with ``hint`` added after the input convolution."""
+        hs, h, _ = self.encode(x, t, hint=hint, **cond)
+        return {**{f"skip.{i}": s for i, s in enumerate(hs)}, "middle": h}
+
     def residual_widths(self) -> dict[str, int]:
         """The channels of each residual point (what a ControlNet's zero convolutions output)."""
         return {**{f"skip.{i}": w for i, w in enumerate(self.skip_widths)}, "middle": self.skip_widths[-1]}
 
-    def encoder_copy(self) -> UNet:
+    def encoder_copy(self, blocks: int | None = None) -> UNet:
         """A trainable copy of the embeddings, input convolution, down blocks and middle, without the
-        decoder: ControlNet's copy (Zhang et al. 2023); only :meth:`encode` runs on it."""
+        decoder: ControlNet's copy (Zhang et al. 2023); only :meth:`encode` runs on it. (``blocks``:
+        the whole encoder is copied, as ControlNet does.)"""
+        if blocks is not None:
+            raise ValueError("a U-Net ControlNet copies the whole encoder; blocks= is for DiTs")
         twin = UNet(self.config)
         twin.up, twin.norm_out, twin.conv_out = nn.ModuleList(), nn.Identity(), nn.Identity()
         own = self.state_dict()
