@@ -164,5 +164,5 @@ def test_a_dit_controlnet_copies_the_first_blocks_and_starts_as_the_base():
         out = Controlled(den, Control(trained, control, 0.7))(x, 0.5, **cond)
         torch.testing.assert_close(out, den(x, 0.5, residuals={k: 0.7 * v for k, v in residuals.items()}, **cond))
         assert not torch.allclose(out, den(x, 0.5, **cond), atol=1e-4)
-    with pytest.raises(ControlError, match="copies 1..4 blocks"):
+    with pytest.raises(ControlError, match=r"copies 1\.\.4 blocks"):
         ControlNet(net, 1, blocks=5)
