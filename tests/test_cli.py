@@ -54,3 +54,31 @@ def test_export_and_train_refuse_to_replace_earlier_results(tmp_path, capsys):
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"), "--overwrite"]) == 0
     assert torch.equal(Pipeline.from_pretrained(tmp_path / "pipe")(2).images,
                        Pipeline.from_pretrained(tmp_path / "run" / "final")(2).images)
+
+
+def test_sample_with_loras_and_controls_from_files(tmp_path, capsys):
+    from PIL import Image
+
+    from difflab.adapters import ControlNet, LoRA
+    from tests.conftest import randomise
+
+    net = randomise(UNet(UNetConfig(in_channels=1, model_channels=8, channel_mult=(1,), num_res_blocks=1,
+                                    attention_levels=(0,), head_dim=8, norm_groups=4)))
+    pipe = Pipeline(net, Flow(), "flow", sample_shape=(1, 8, 8), steps=2)
+    pipe.save_pretrained(tmp_path / "pipe")
+    randomise(LoRA(net, rank=2), 1).save_pretrained(tmp_path / "lora", base_identity=pipe.identity())
+    randomise(ControlNet(net, 1), 2).save_pretrained(tmp_path / "cn", base_identity=pipe.identity())
+    Image.new("L", (8, 8), 255).save(tmp_path / "edges.png")
+    args = ["sample", str(tmp_path / "pipe"), "--n", "2", "--no-progress", "--lora", str(tmp_path / "lora"),
+            "--lora-scale", "0.5", "--control", str(tmp_path / "cn"), str(tmp_path / "edges.png")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    record = json.loads((tmp_path / "a" / "00001.json").read_text())["adapters"]
+    assert record["loras"][0]["scale"] == 0.5 and record["controls"][0]["scale"] == 1.0
+    assert main(["sample", str(tmp_path / "pipe"), "--n", "2", "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    assert "adapters" not in json.loads((tmp_path / "b" / "00001.json").read_text())
+    LoRA(net, rank=2).save_pretrained(tmp_path / "other", base_identity="0123456789abcdef")
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "pipe"), "--lora", str(tmp_path / "other"), "--out", str(tmp_path / "c")]) == 1
+    assert "another model" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "pipe"), "--lora", str(tmp_path / "other"), "--other-base", "--no-progress",
+                 "--out", str(tmp_path / "d")]) == 0

@@ -105,13 +105,41 @@ def _sample(args: argparse.Namespace) -> int:
     labels = args.class_label or None
     prompts = args.prompt or None
     n = args.n if args.n is not None else (len(prompts) if prompts and len(prompts) > 1 else 16)
+    loras, controls = _adapters(args, pipe, n)
     result = pipe(n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
                   class_labels=labels if labels is None or len(labels) > 1 else labels[0], prompts=prompts,
                   guidance=args.guidance, guidance_options=_guidance_options(args), batch_size=args.batch_size,
-                  progress=not args.no_progress, accelerator=_accelerator(args))
+                  progress=not args.no_progress, accelerator=_accelerator(args), loras=loras, controls=controls)
     grid = result.save(out)
     print(f"wrote {grid}, {len(result.settings)} images with their settings (NNNNN.png, NNNNN.json) to {out}")
     return 0
+
+
+def _scales(given: list[float] | None, count: int, what: str) -> list[float]:
+    given = list(given or [])
+    if len(given) > count:
+        raise ValueError(f"{len(given)} --{what}-scale values for {count} --{what}")
+    return given + [1.0] * (count - len(given))
+
+
+def _adapters(args: argparse.Namespace, pipe, n: int) -> tuple[list, list]:
+    """``--lora PATH`` and ``--control CONTROLNET IMAGE`` (one control image for every image), with
+    their scales in order."""
+    from difflab.adapters import Control, ControlNet, LoRA
+    from difflab.data.folder import read_images
+
+    identity = pipe.identity() if (args.lora or args.control) else None
+    loras = [(LoRA.from_pretrained(path, pipe.network, base_identity=identity, allow_other_base=args.other_base),
+              scale) for path, scale in zip(args.lora or [], _scales(args.lora_scale, len(args.lora or []), "lora"),
+                                            strict=True)]
+    controls = []
+    for (folder, image), scale in zip(args.control or [], _scales(args.control_scale, len(args.control or []),
+                                                                   "control"), strict=True):
+        net = ControlNet.from_pretrained(folder, pipe.network, base_identity=identity,
+                                         allow_other_base=args.other_base)
+        picture = (read_images([image], net.settings["control_channels"], "control image") + 1) / 2
+        controls.append(Control(net, picture.expand(n, -1, -1, -1), scale))
+    return loras, controls
 
 
 def _edit(args: argparse.Namespace) -> int:
@@ -240,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-label", type=int, action="append", help="class of the images (repeat for one each)")
     p.add_argument("--prompt", action="append", help="text prompt (repeat for one per image)")
     p.add_argument("--settings", help="an image's JSON: make exactly that image again")
+    p.add_argument("--lora", action="append", metavar="PATH", help="a LoRA folder to apply (repeat for several)")
+    p.add_argument("--lora-scale", type=float, action="append", help="each --lora's scale, in order (default 1)")
+    p.add_argument("--control", nargs=2, action="append", metavar=("CONTROLNET", "IMAGE"),
+                   help="a ControlNet folder and its control image (PNG, used for every image; repeat for "
+                        "multi-control)")
+    p.add_argument("--control-scale", type=float, action="append", help="each --control's scale, in order")
+    p.add_argument("--other-base", action="store_true",
+                   help="load LoRAs and ControlNets trained on other weights than this pipeline's")
     p.add_argument("--out", default="outputs/samples")
     p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out (default: refuse)")
     p.set_defaults(func=_sample)

@@ -15,8 +15,12 @@ EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def to_tensor(image: Image.Image, resolution: int | None, channels: int = 3) -> torch.Tensor:
-    """PIL image -> (C, H, W) in [-1, 1], center-cropped and resized to ``resolution``."""
-    image = image.convert("RGB" if channels == 3 else "L")
+    """PIL image -> (C, H, W) in [-1, 1] with 1 (grey), 3 (RGB) or 4 (RGBA) channels, center-cropped
+    and resized to ``resolution``."""
+    modes = {1: "L", 3: "RGB", 4: "RGBA"}
+    if channels not in modes:
+        raise ValueError(f"images are read with 1, 3 or 4 channels, not {channels}")
+    image = image.convert(modes[channels])
     if resolution is not None:
         w, h = image.size
         side = min(w, h)
