@@ -58,9 +58,9 @@ def test_export_and_train_refuse_to_replace_earlier_results(tmp_path, capsys):
 
 def test_sample_with_loras_and_controls_from_files(tmp_path, capsys):
     from PIL import Image
+    from tests.conftest import randomise
 
     from difflab.adapters import ControlNet, LoRA
-    from tests.conftest import randomise
 
     net = randomise(UNet(UNetConfig(in_channels=1, model_channels=8, channel_mult=(1,), num_res_blocks=1,
                                     attention_levels=(0,), head_dim=8, norm_groups=4)))
