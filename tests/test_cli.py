@@ -78,7 +78,7 @@ def test_sample_with_loras_and_controls_from_files(tmp_path, capsys):
     assert "adapters" not in json.loads((tmp_path / "b" / "00001.json").read_text())
     LoRA(net, rank=2).save_pretrained(tmp_path / "other", base_identity="0123456789abcdef")
     capsys.readouterr()
-    assert main(["sample", str(tmp_path / "pipe"), "--lora", str(tmp_path / "other"), "--out", str(tmp_path / "c")]) == 1
+    other = ["sample", str(tmp_path / "pipe"), "--lora", str(tmp_path / "other")]
+    assert main([*other, "--out", str(tmp_path / "c")]) == 1
     assert "another model" in capsys.readouterr().err
-    assert main(["sample", str(tmp_path / "pipe"), "--lora", str(tmp_path / "other"), "--other-base", "--no-progress",
-                 "--out", str(tmp_path / "d")]) == 0
+    assert main([*other, "--other-base", "--no-progress", "--out", str(tmp_path / "d")]) == 0
