@@ -2,6 +2,8 @@
 
 * ``train``: a ControlNet (Zhang et al. 2023) for the scenes text-to-image base (``scenes_t2i``
   recipe) on the training scenes' colour segmentation (4 channels) or edge map (1 channel).
+* ``train --plus``: ControlNet++ (Li et al. 2024) from that ControlNet: a small segmenter trained on
+  scenes gives the cycle-consistency reward of lightly noised, one-step-denoised training images.
 * ``control``: held-out scenes sampled from their captions alone (the uncontrolled base) and under
   segmentation, edge and both controls at a sweep of conditioning scales: mIoU of the generated
   images' exact colour segmentation against the input map, edge F1 (1-pixel tolerance), FD on
@@ -71,7 +73,8 @@ def scores(images: torch.Tensor, ref: dict) -> dict[str, float]:
 
 
 def train(args) -> None:
-    from difflab.training.adapters import train_controlnet
+    from difflab.metrics.control import train_segmenter
+    from difflab.training.adapters import train_controlnet, train_controlnet_reward
 
     torch.set_num_threads(1)
     pipe = Pipeline.from_pretrained(args.base)
@@ -79,16 +82,40 @@ def train(args) -> None:
     items = [data[i] for i in range(len(data))]
     images = torch.stack([it["x"] for it in items])
     controls = torch.stack([it[args.kind] for it in items])
+    captions = [it["caption"] for it in items]
     log: list = []
-    cn = train_controlnet(pipe, images, [it["caption"] for it in items], controls, steps=args.steps,
-                          batch_size=args.batch_size, lr=args.lr, log=log)
-    seconds = log[-1]["seconds"]  # the steps alone (encoding the captions once comes before)
-    out = Path(args.work) / f"controlnet_{args.kind}"
+    record: dict = {"lr": args.lr, "batch_size": args.batch_size}
+    work = Path(args.work)
+    if args.plus:  # ControlNet++ from the trained ControlNet of this kind
+        start = work / f"controlnet_{args.kind}"
+        cn = ControlNet.from_pretrained(start, pipe.network, base_identity=pipe.identity())
+        t0 = time.perf_counter()
+        segmenter = train_segmenter(images, torch.stack([it["classes"] for it in items]))
+        record["segmenter_seconds"] = time.perf_counter() - t0
+        check = held_out(256)
+        with torch.no_grad():
+            record["segmenter_pixel_accuracy"] = float((segmenter(check["x"]).argmax(1) == check["classes"])
+                                                       .float().mean())
+        consistency: list = []
+        cn = train_controlnet_reward(pipe, cn, images, captions, controls, torch.stack([it["classes"] for it in items]),
+                                     segmenter, steps=args.steps, batch_size=args.batch_size, lr=args.lr, log=log,
+                                     consistency_log=consistency)
+        previous = json.loads((start / "training.json").read_text())
+        record.update(steps=previous["steps"] + args.steps, plus_steps=args.steps,
+                      consistency_first=sum(consistency[:20]) / 20, consistency_last=sum(consistency[-20:]) / 20)
+        out = work / f"controlnet_{args.kind}_plus"
+    else:
+        cn = train_controlnet(pipe, images, captions, controls, steps=args.steps, batch_size=args.batch_size,
+                              lr=args.lr, log=log)
+        record["steps"] = args.steps
+        out = work / f"controlnet_{args.kind}"
+    record["seconds"] = log[-1]["seconds"]  # the steps alone (encoding the captions once comes before)
+    if args.plus:
+        record["seconds"] += previous["seconds"]
+    record["final_loss"] = sum(r["loss"] for r in log[-50:]) / len(log[-50:])
     cn.save_pretrained(out, base_identity=pipe.identity())
-    (out / "training.json").write_text(json.dumps({"steps": args.steps, "seconds": seconds, "lr": args.lr,
-                                                   "batch_size": args.batch_size,
-                                                   "final_loss": sum(r["loss"] for r in log[-50:]) / len(log[-50:])}))
-    print(f"trained {args.kind} ControlNet in {seconds:.0f} s -> {out}")
+    (out / "training.json").write_text(json.dumps(record))
+    print(f"trained {out.name} in {record['seconds']:.0f} s -> {out}: {record}")
 
 
 def bench_control(pipe: Pipeline, work: Path, n: int, scales: list[float]) -> dict:
@@ -104,7 +131,7 @@ def bench_control(pipe: Pipeline, work: Path, n: int, scales: list[float]) -> di
     rows.append({"method": "text only (uncontrolled base)", "scale": None, **scores(base.images, ref),
                  "nfe": base.settings[0]["denoiser_calls"], "seconds": time.perf_counter() - t0})
     nets = {}
-    for kind in CHANNELS:
+    for kind in (*CHANNELS, "segmentation_plus"):
         folder = work / f"controlnet_{kind}"
         if (folder / "controlnet.json").is_file():
             nets[kind] = ControlNet.from_pretrained(folder, pipe.network, base_identity=pipe.identity())
@@ -113,14 +140,15 @@ def bench_control(pipe: Pipeline, work: Path, n: int, scales: list[float]) -> di
     for kind, cn in nets.items():
         for scale in scales:
             t0 = time.perf_counter()
-            out = pipe(n, **common, controls=Control(cn, ref[kind], scale))
-            rows.append({"method": f"ControlNet {kind}", "scale": scale, **scores(out.images, ref),
+            out = pipe(n, **common, controls=Control(cn, ref[kind.removesuffix("_plus")], scale))
+            name = "ControlNet++ segmentation" if kind.endswith("_plus") else f"ControlNet {kind}"
+            rows.append({"method": name, "scale": scale, **scores(out.images, ref),
                          "nfe": out.settings[0]["denoiser_calls"], "seconds": time.perf_counter() - t0,
                          "training_steps": cn.training_record["steps"],
                          "training_seconds": cn.training_record["seconds"]})
             images[(kind, scale)] = out.images
             print(rows[-1])
-    if len(nets) == 2:
+    if "segmentation" in nets and "edges" in nets:
         for scale in scales:
             out = pipe(n, **common, controls=[Control(nets["segmentation"], ref["segmentation"], scale),
                                              Control(nets["edges"], ref["edges"], scale)])
@@ -138,7 +166,7 @@ def picture(ref, base, images, path: Path) -> None:
     k = 8
     columns = [ref["x"][:k], (ref["segmentation"][:k, :3] * 2 - 1), ref["edges"][:k].repeat(1, 3, 1, 1) * 2 - 1,
                base[:k]]
-    for key in (("segmentation", 1.0), ("edges", 1.0), ("multi", 1.0)):
+    for key in (("segmentation", 1.0), ("segmentation_plus", 1.0), ("edges", 1.0), ("multi", 1.0)):
         if key in images:
             columns.append(images[key][:k])
     image_grid(torch.cat(columns), nrow=k, scale=4).save(path)
@@ -245,6 +273,7 @@ def main() -> None:
     parser.add_argument("--work", default="outputs/control")
     parser.add_argument("--kind", choices=tuple(CHANNELS), default="segmentation")
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--plus", action="store_true", help="ControlNet++: fine-tune the trained ControlNet")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--n", type=int, default=256)

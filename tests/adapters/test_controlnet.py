@@ -166,3 +166,39 @@ def test_a_dit_controlnet_copies_the_first_blocks_and_starts_as_the_base():
         assert not torch.allclose(out, den(x, 0.5, **cond), atol=1e-4)
     with pytest.raises(ControlError, match=r"copies 1\.\.4 blocks"):
         ControlNet(net, 1, blocks=5)
+
+
+def test_controlnet_training_and_controlnet_plus_change_only_the_controlnet():
+    from difflab.data import Scenes
+    from difflab.metrics.control import train_segmenter
+    from difflab.pipeline import Pipeline
+    from difflab.training.adapters import train_controlnet, train_controlnet_reward
+
+    scenes = Scenes(n=24, resolution=16, seed=0)
+    items = [scenes[i] for i in range(24)]
+    images = torch.stack([it["x"] for it in items])
+    classes = torch.stack([it["classes"] for it in items])
+    seg = torch.stack([it["segmentation"] for it in items])
+    net = randomise(UNet(UNetConfig(in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                    attention_levels=(1,), head_dim=8, norm_groups=8, num_classes=2)).eval())
+    pipe = Pipeline(net, processes.Flow(), "flow", sample_shape=(3, 16, 16), steps=2, num_classes=2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    labels = torch.tensor([it["count"] % 2 for it in items])
+    a = train_controlnet(pipe, images, None, seg, steps=3, batch_size=4, progress=False, labels=labels)
+    b = train_controlnet(pipe, images, None, seg, steps=3, batch_size=4, progress=False, labels=labels)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert any(float(p.abs().max()) > 0 for name, p in a.named_parameters() if name.startswith("zero"))
+    segmenter = train_segmenter(images, classes, steps=150, batch_size=16)
+    with torch.no_grad():
+        assert float((segmenter(images).argmax(1) == classes).float().mean()) > 0.9
+    zero_before = a.zero["middle"].weight.clone()
+    consistency: list = []
+    plus = train_controlnet_reward(pipe, a, images, None, seg, classes, segmenter, steps=3, batch_size=4,
+                                   progress=False, consistency_log=consistency, labels=labels)
+    assert len(consistency) == 3 and all(c > 0 for c in consistency)
+    assert not torch.equal(plus.zero["middle"].weight, zero_before)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the base never changes
+    with pytest.raises(ValueError, match="control images for"):
+        train_controlnet(pipe, images, None, seg[:3], steps=1, labels=labels)
+    with pytest.raises(ValueError, match="class-conditional: give labels"):
+        train_controlnet(pipe, images, None, seg, steps=1)

@@ -30,15 +30,22 @@ StepLoss = Callable[[dict[str, Any]], Tensor]
 def fit(pipe: Any, images: Tensor, prompts: Sequence[str] | None, parameters: Sequence[torch.nn.Parameter],
         step_loss: StepLoss, *, steps: int, batch_size: int = 32, lr: float = 1e-4, seed: int = 0,
         text_dropout: float = 0.1, progress: bool = True, desc: str = "adapter",
-        log: list[dict[str, float]] | None = None, max_seconds: float | None = None) -> int:
+        log: list[dict[str, float]] | None = None, max_seconds: float | None = None,
+        labels: Tensor | None = None) -> int:
     """Optimise ``parameters`` for ``steps`` steps of ``step_loss`` on ``images`` (N, C, H, W) in
     [-1, 1] with their ``prompts``; deterministic for ``seed``. The network's other parameters are
     frozen. ``log`` collects each step's loss and the seconds since the first step; ``max_seconds``
-    stops early (equal-time comparisons). Returns the steps taken."""
+    stops early (equal-time comparisons). ``labels``: the images' classes for a class-conditional
+    pipeline (dropped to the null class like the text). Returns the steps taken."""
     if prompts is not None and len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     if prompts is None and pipe.text_encoder_config is not None:
         raise ValueError("this pipeline is text-conditional: give a prompt for each training image")
+    if (labels is None) != (not pipe.num_classes):
+        raise ValueError("this pipeline is class-conditional: give labels=, a class for each training image"
+                         if pipe.num_classes else "this pipeline takes no class labels")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(images)} images for {len(labels)} labels")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     parameters = list(parameters)
@@ -72,6 +79,8 @@ def fit(pipe: Any, images: Tensor, prompts: Sequence[str] | None, parameters: Se
         if text is not None:
             cond = {k: torch.where(drop.view(-1, *([1] * (v.ndim - 1))), null[k].expand_as(v[idx]), v[idx])
                     for k, v in text.items() if k != "pooled" or getattr(pipe.network.config, "pooled_dim", None)}
+        if labels is not None:
+            cond["class_labels"] = torch.where(drop, -1, labels[idx].to(device))
         loss = step_loss({"x0": data[idx.to(device)], "t": t, "noise": noise, "cond": cond, "index": idx,
                           "generator": g})
         optimizer.zero_grad(set_to_none=True)
@@ -91,7 +100,7 @@ def train_lora(pipe: Any, images: Tensor, prompts: Sequence[str] | None = None, 
                steps: int = 1000, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                prior: tuple[Tensor, Sequence[str]] | None = None, prior_weight: float = 1.0,
                text_dropout: float = 0.1, progress: bool = True, log: list | None = None,
-               max_seconds: float | None = None) -> LoRA:
+               max_seconds: float | None = None, labels: Tensor | None = None) -> LoRA:
     """A LoRA for ``pipe`` trained on ``images`` (and their ``prompts``). ``prior``: (images,
     prompts) of the class the new concept belongs to, made by the base model, whose loss (times
     ``prior_weight``) keeps the LoRA from forgetting the class (DreamBooth's prior preservation,
@@ -119,7 +128,7 @@ def train_lora(pipe: Any, images: Tensor, prompts: Sequence[str] | None = None, 
 
     fit(pipe, images, prompts, list(lora.parameters()), step_loss, steps=steps, batch_size=batch_size, lr=lr,
         seed=seed, text_dropout=text_dropout, progress=progress, desc=f"LoRA rank {rank}", log=log,
-        max_seconds=max_seconds)
+        max_seconds=max_seconds, labels=labels)
     return lora.eval()
 
 
@@ -147,7 +156,7 @@ def finetune(pipe: Any, images: Tensor, prompts: Sequence[str] | None = None, *,
 def train_controlnet(pipe: Any, images: Tensor, prompts: Sequence[str] | None, controls: Tensor, *,
                      steps: int = 2000, batch_size: int = 32, lr: float = 1e-4, seed: int = 0,
                      text_dropout: float = 0.1, controlnet: ControlNet | None = None, progress: bool = True,
-                     log: list | None = None) -> ControlNet:
+                     log: list | None = None, labels: Tensor | None = None) -> ControlNet:
     """A ControlNet for ``pipe`` trained on ``images`` with their control images ``controls``
     (N, C, H, W; for a latent model at the images' size, the VAE's factor above the latents).
     ``controlnet`` continues training one."""
@@ -171,8 +180,51 @@ def train_controlnet(pipe: Any, images: Tensor, prompts: Sequence[str] | None, c
                               **batch["cond"]).mean()
 
     fit(pipe, images, prompts, list(cn.parameters()), step_loss, steps=steps, batch_size=batch_size, lr=lr,
-        seed=seed, text_dropout=text_dropout, progress=progress, desc="ControlNet", log=log)
+        seed=seed, text_dropout=text_dropout, progress=progress, desc="ControlNet", log=log, labels=labels)
     return cn.eval()
+
+
+def train_controlnet_reward(pipe: Any, controlnet: ControlNet, images: Tensor, prompts: Sequence[str] | None,
+                            controls: Tensor, classes: Tensor, segmenter: torch.nn.Module, *, steps: int = 500,
+                            batch_size: int = 32, lr: float = 5e-5, reward_weight: float = 0.5, t_max: float = 0.25,
+                            seed: int = 0, text_dropout: float = 0.1, progress: bool = True,
+                            log: list | None = None, consistency_log: list | None = None,
+                            labels: Tensor | None = None) -> ControlNet:
+    """ControlNet++ (Li et al. 2024, "ControlNet++: Improving Conditional Controls with Efficient
+    Consistency Feedback"): fine-tune ``controlnet`` with its diffusion loss plus ``reward_weight``
+    times a cycle-consistency loss — the training image noised lightly (t below ``t_max``),
+    denoised in one step under its control, decoded, segmented by the differentiable ``segmenter``
+    and compared (cross-entropy) with the input's ``classes`` map (N, H, W) — so the control is
+    followed, not just learned on average. ``consistency_log`` collects each step's consistency loss."""
+    controls, classes = controls.to(pipe.device), classes.to(pipe.device)
+    net, process, prediction = pipe.network, pipe.process, pipe.prediction
+    segmenter.requires_grad_(False)
+    if pipe.vae is not None:
+        pipe.vae.requires_grad_(False)
+    from difflab.denoiser import Denoiser
+
+    def step_loss(batch: dict[str, Any]) -> Tensor:
+        idx = batch["index"].to(controls.device)
+        control = controls[idx]
+
+        def controlled(x: Tensor, time: Tensor, **cond: Any) -> Tensor:
+            return net(x, time, residuals=controlnet(x, time, control, **cond), **cond)
+
+        diffusion = diffusion_loss(controlled, batch["x0"], process, prediction, t=batch["t"], noise=batch["noise"],
+                                   **batch["cond"]).mean()
+        t = batch["t"] * t_max  # lightly noised: one step recovers the image
+        x_t = process.alpha(t).view(-1, 1, 1, 1).to(batch["x0"]) * batch["x0"] + \
+            process.sigma(t).view(-1, 1, 1, 1).to(batch["x0"]) * batch["noise"]
+        x0 = Denoiser(controlled, process, prediction)(x_t, t, **batch["cond"])
+        image = pipe.vae.from_latent(x0) if pipe.vae is not None else x0
+        consistency = torch.nn.functional.cross_entropy(segmenter(image.clamp(-1, 1)), classes[idx])
+        if consistency_log is not None:
+            consistency_log.append(float(consistency.detach()))
+        return diffusion + reward_weight * consistency
+
+    fit(pipe, images, prompts, list(controlnet.parameters()), step_loss, steps=steps, batch_size=batch_size, lr=lr,
+        seed=seed, text_dropout=text_dropout, progress=progress, desc="ControlNet++", log=log, labels=labels)
+    return controlnet.eval()
 
 
 def train_image_prompt(pipe: Any, images: Tensor, prompts: Sequence[str], *, steps: int = 1500,
