@@ -127,7 +127,7 @@ def test_files_keep_the_base_identity_and_bad_loras_are_refused(tmp_path):
     lora = _lora(net, 1, rank=3, alpha=1.5, targets=("*.to_k", "*.conv1"))
     lora.save_pretrained(tmp_path / "lora", base_identity="base123")
     again = LoRA.from_pretrained(tmp_path / "lora", net, base_identity="base123")
-    assert again.layers == lora.layers and again.alpha == 1.5
+    assert again.layers == lora.layers and again.alpha == 1.5  # in its order
     assert all(torch.equal(x, y) for x, y in zip(lora.state_dict().values(), again.state_dict().values(), strict=True))
     with pytest.raises(LoRAError, match=r"another model.*allow_other_base"):
         LoRA.from_pretrained(tmp_path / "lora", net, base_identity="other")

@@ -159,6 +159,8 @@ class LoRA(nn.Module):
             raise LoRAError(f"the LoRA in {directory} was trained on another model (weights {made_for}), not this "
                             f"one ({base_identity}); pass allow_other_base=True to load it anyway")
         tensors = load_tensors(directory / "lora.safetensors", "LoRA weights")
+        order = {name: i for i, name in enumerate(meta.get("layers", []))}  # the file's keys are sorted
+        tensors = dict(sorted(tensors.items(), key=lambda kv: order.get(kv[0].rsplit(".", 2)[0], len(order))))
         return cls.from_tensors(network, tensors, rank=int(meta["rank"]), alpha=float(meta["alpha"]),
                                 targets=meta.get("targets", DEFAULT_TARGETS), alphas=meta.get("alphas") or {})
 
