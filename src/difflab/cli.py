@@ -1,4 +1,4 @@
-"""Command line: ``difflab info | demo | train | sample | edit | eval | export``."""
+"""Command line: ``difflab info | demo | train | adapt | sample | edit | eval | export``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,16 @@ def _train(args: argparse.Namespace) -> int:
         grid = trainer.sample_grid(trainer.out / "samples" / "final.png")
         print(json.dumps(last))
         print(f"wrote {trainer.out}/final (a pipeline of the EMA weights), {grid} and {trainer.out}/metrics.jsonl")
+    return 0
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from difflab.training import config as train_config
+    from difflab.training.adapters import run_recipe
+
+    cfg = train_config.load(args.config, args.set, kind=train_config.ADAPTER)
+    out = run_recipe(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote the {cfg['kind']} for {cfg['base']} to {out}")
     return 0
 
 
@@ -262,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in out_dir (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
+    p = sub.add_parser("adapt", help="train a LoRA (DreamBooth-style, with prior preservation) or a ControlNet "
+                                      "on a frozen pipeline from a TOML adapter recipe")
+    p.add_argument("config", help="TOML adapter recipe (a file or a built-in name: dreambooth_lora, scenes_controlnet)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier adapter in out_dir")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_adapt)
     p = sub.add_parser("sample", help="sample a pipeline: a grid, the images, and per image a JSON of its settings")
     _add_sampling_options(p)
     p.add_argument("--n", type=int, help="number of images (default 16, or one per prompt)")

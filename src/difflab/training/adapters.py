@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -255,3 +256,78 @@ def train_image_prompt(pipe: Any, images: Tensor, prompts: Sequence[str], *, ste
         seed=seed, text_dropout=text_dropout, progress=progress, desc="image-prompt adapter")
     return adapter.eval()
 
+
+
+#: what an adapter recipe writes into its out_dir (removed first when it is overwritten)
+ADAPTER_OUTPUTS = ("lora.json", "lora.safetensors", "controlnet.json", "controlnet.safetensors", "recipe.json",
+                   "prior.png", "training.jsonl")
+
+
+def run_recipe(config: dict[str, Any], *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Train what an adapter recipe describes (``difflab adapt``; :data:`~difflab.training.config.
+    ADAPTER_DEFAULTS`): a LoRA — with DreamBooth's prior preservation when ``prior.n`` > 0, its
+    class images made by the base from ``prior.prompts`` — or a ControlNet on the dataset's
+    ``data.control`` maps. Writes the adapter (with the base's identity), the recipe and the losses
+    to ``out_dir``; returns it."""
+    import json
+
+    from difflab import data as datasets
+    from difflab.files import claim_output, write_atomic
+    from difflab.pipeline import Pipeline
+    from difflab.training.config import ConfigError
+
+    if not config["base"]:
+        raise ConfigError("base is empty: give the pipeline folder the adapter is trained for (e.g. a training "
+                          "run's OUT_DIR/final)")
+    pipe = Pipeline.from_pretrained(config["base"])
+    out = claim_output(config["out_dir"], ADAPTER_OUTPUTS, overwrite=overwrite, what="adapter")
+    t = config["train"]
+    if t["num_threads"]:
+        torch.set_num_threads(int(t["num_threads"]))
+    try:
+        dataset = datasets.build(config["data"]["name"], **config["data"]["options"])
+    except TypeError as err:
+        raise ConfigError(f"[data.options] for {config['data']['name']!r}: {err}") from err
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([it["x"] for it in items])
+    prompts = labels = None
+    if pipe.text_encoder_config is not None:
+        if "caption" not in items[0]:
+            raise ConfigError(f"the base is text-conditional but the {config['data']['name']!r} data has no captions "
+                              "(an image folder takes NAME.txt beside NAME.png)")
+        prompts = [it["caption"] for it in items]
+    elif pipe.num_classes:
+        labels = torch.tensor([it["label"] for it in items])
+    common = {"steps": t["steps"], "batch_size": t["batch_size"], "lr": t["lr"], "seed": config["seed"],
+              "text_dropout": t["text_dropout"], "progress": progress, "labels": labels}
+    log: list[dict[str, float]] = []
+    if config["kind"] == "lora":
+        lo, prior = config["lora"], None
+        if config["prior"]["n"]:
+            if not config["prior"]["prompts"] or prompts is None:
+                raise ConfigError("prior.n > 0 needs prior.prompts (the class the concept belongs to) and a "
+                                  "text-conditional base")
+            wanted = [config["prior"]["prompts"][i % len(config["prior"]["prompts"])]
+                      for i in range(config["prior"]["n"])]
+            from difflab.plotting import image_grid
+
+            made = pipe(len(wanted), prompts=wanted, steps=config["prior"]["steps"], seed=10**6 + config["seed"])
+            image_grid(made.images, scale=max(1, 64 // made.images.shape[-1])).save(out / "prior.png")
+            prior = (made.images, wanted)
+        adapter = train_lora(pipe, images, prompts, rank=lo["rank"], alpha=lo["alpha"] or None,
+                             targets=tuple(lo["targets"]), dropout=lo["dropout"], prior=prior,
+                             prior_weight=config["prior"]["weight"], log=log, **common)
+    else:
+        key = config["data"]["control"]
+        if key not in items[0] or not isinstance(items[0][key], torch.Tensor) or items[0][key].ndim != 3:
+            maps = [k for k, v in items[0].items() if isinstance(v, torch.Tensor) and v.ndim == 3 and k != "x"]
+            raise ConfigError(f"data.control = {key!r} is not a control map of the {config['data']['name']!r} data; "
+                              f"it has: {', '.join(maps) or 'none'}")
+        controls = torch.stack([it[key].float() for it in items])
+        cn = ControlNet(pipe.network, controls.shape[1], downscale=images.shape[-1] // pipe.sample_shape[-1],
+                        hint_width=config["controlnet"]["hint_width"], blocks=config["controlnet"]["blocks"] or None)
+        adapter = train_controlnet(pipe, images, prompts, controls, controlnet=cn, log=log, **common)
+    adapter.save_pretrained(out, base_identity=pipe.identity())
+    write_atomic(out / "recipe.json", json.dumps(config, indent=1).encode())
+    write_atomic(out / "training.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
+    return out

@@ -90,45 +90,79 @@ RULES: dict[str, Rule] = {
     "text.max_tokens": AT_LEAST_ONE, "latent.train_steps": NON_NEGATIVE, "latent.batch_size": AT_LEAST_ONE,
     "latent.lr": POSITIVE, "latent.kl_weight": NON_NEGATIVE, "sample.steps": AT_LEAST_ONE, "sample.n": AT_LEAST_ONE,
 }
+#: an adapter recipe (``difflab adapt``): a LoRA or a ControlNet trained on a frozen base pipeline
+ADAPTER_DEFAULTS: dict[str, Any] = {
+    "kind": "lora",
+    "base": "",
+    "out_dir": "outputs/adapter",
+    "seed": 0,
+    "data": {"name": "folder", "options": {}, "control": ""},
+    "lora": {"rank": 4, "alpha": 0.0, "targets": ["*.to_q", "*.to_k", "*.to_v", "*.to_out"], "dropout": 0.0},
+    "controlnet": {"hint_width": 16, "blocks": 0},
+    "prior": {"prompts": [], "n": 0, "weight": 1.0, "steps": 20},
+    "train": {"steps": 1000, "batch_size": 32, "lr": 1e-4, "text_dropout": 0.1, "num_threads": 0},
+}
+ADAPTER_RULES: dict[str, Rule] = {
+    "kind": Rule(choices=("lora", "controlnet")), "seed": NON_NEGATIVE, "lora.rank": AT_LEAST_ONE,
+    "lora.alpha": NON_NEGATIVE, "lora.dropout": Rule(0, 1, high_open=True), "controlnet.hint_width": AT_LEAST_ONE,
+    "controlnet.blocks": NON_NEGATIVE, "prior.n": NON_NEGATIVE, "prior.weight": NON_NEGATIVE,
+    "prior.steps": AT_LEAST_ONE, "train.steps": AT_LEAST_ONE, "train.batch_size": AT_LEAST_ONE,
+    "train.lr": POSITIVE, "train.text_dropout": UNIT_OPEN, "train.num_threads": NON_NEGATIVE,
+}
 TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", list: "a list"}
 
 
-def schema() -> dict[str, tuple[type, Rule | None]]:
+@dataclass(frozen=True)
+class Schema:
+    """A kind of config: its defaults (which give every key its type), rules, and the sections
+    whose keys are free (passed on to another component that checks them)."""
+
+    defaults: dict[str, Any]
+    rules: dict[str, Rule]
+    open_sections: tuple[str, ...] = ()
+    free_keys: tuple[str, ...] = ()
+
+
+TRAINING = Schema(DEFAULTS, RULES, OPEN_SECTIONS, ("prediction",))
+ADAPTER = Schema(ADAPTER_DEFAULTS, ADAPTER_RULES, ("data.options",))
+
+
+def schema(kind: Schema = TRAINING) -> dict[str, tuple[type, Rule | None]]:
     """Every checked key with its type and rule (open sections are passed on and checked there)."""
     out = {}
-    for key, default in flatten(DEFAULTS).items():
-        if any(key == s or key.startswith(s + ".") for s in OPEN_SECTIONS) or key == "prediction":
+    for key, default in flatten(kind.defaults).items():
+        if any(key == s or key.startswith(s + ".") for s in kind.open_sections) or key in kind.free_keys:
             continue
-        out[key] = (type(default), RULES.get(key))
+        out[key] = (type(default), kind.rules.get(key))
     return out
 
 
-def validate(config: dict, origins: dict[str, str] | None = None) -> dict:
+def validate(config: dict, origins: dict[str, str] | None = None, kind: Schema = TRAINING) -> dict:
     """Check every key's type, range and allowed values; the error names the key, where its value
     came from (the file, --set or the defaults), what was given and what is allowed."""
     flat = flatten(config)
-    for key, (kind, rule) in schema().items():
+    for key, (kind_, rule) in schema(kind).items():
         if key not in flat:
             continue
         value, where = flat[key], (origins or {}).get(key, "the config")
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float:
+        ok = isinstance(value, kind_) and not (kind_ is int and isinstance(value, bool))
+        if kind_ is float:
             ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         if not ok:
-            raise ConfigError(f"{key} must be {TYPE_NAMES.get(kind, kind.__name__)}, got {value!r} ({where})")
+            raise ConfigError(f"{key} must be {TYPE_NAMES.get(kind_, kind_.__name__)}, got {value!r} ({where})")
         if rule is not None and not rule.allows(value):
             raise ConfigError(f"{key} must be {rule.describe()}, got {value!r} ({where})")
     prediction = config.get("prediction")
-    if not isinstance(prediction, str | dict):
+    if kind is TRAINING and not isinstance(prediction, str | dict):
         raise ConfigError(f"prediction must be a name or a table, got {prediction!r}")
     return config
 
 
-def _merge(base: dict, update: dict, prefix: str = "") -> dict:
+def _merge(base: dict, update: dict, prefix: str = "", open_sections: tuple[str, ...] = OPEN_SECTIONS) -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():
         path = f"{prefix}{key}"
-        if path.rstrip(".") in OPEN_SECTIONS or any(path.startswith(s + ".") for s in OPEN_SECTIONS):
+        if path.rstrip(".") in open_sections or any(path.startswith(s + ".") for s in open_sections):
             if isinstance(value, dict) and isinstance(out.get(key), dict):
                 out[key] = {**out[key], **value}
             else:
@@ -140,7 +174,7 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} is a section; give it a table, not {value!r}")
-            out[key] = _merge(base[key], value, f"{path}.")
+            out[key] = _merge(base[key], value, f"{path}.", open_sections)
         else:
             out[key] = value
     return out
@@ -173,8 +207,10 @@ def parse_assignment(item: str) -> tuple[str, Any]:
     return key.strip(), parse_value(text.strip())
 
 
-def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Defaults, then the TOML file (a path or a built-in recipe name), then ``key.sub=value`` overrides."""
+def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+         kind: Schema = TRAINING) -> dict[str, Any]:
+    """Defaults, then the TOML file (a path or a built-in recipe name), then ``key.sub=value``
+    overrides, checked: a training recipe, or with ``kind=ADAPTER`` an adapter recipe."""
     tomllib = _toml()
 
     update: dict[str, Any] = {}
@@ -187,7 +223,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
             update = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path} is not valid TOML: {err}") from err
-    config = _merge(DEFAULTS, update)
+    config = _merge(kind.defaults, update, open_sections=kind.open_sections)
     origins.update(dict.fromkeys(flatten(update), f"in {path}"))
     for item in overrides or []:
         key, value = parse_assignment(item)
@@ -197,9 +233,9 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
         for part in parts[:-1]:
             cur = cur.setdefault(part, {})
         cur[parts[-1]] = value
-        config = _merge(config, nested)
+        config = _merge(config, nested, open_sections=kind.open_sections)
         origins[key] = f"from --set {item}"
-    return validate(config, origins)
+    return validate(config, origins, kind)
 
 
 def complete(config: dict) -> dict:
