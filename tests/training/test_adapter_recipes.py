@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from tests.conftest import randomise
 
 from difflab.adapters import ControlNet, LoRA
 from difflab.cli import main
@@ -13,7 +14,6 @@ from difflab.models import UNet, UNetConfig
 from difflab.pipeline import Pipeline
 from difflab.processes import Flow
 from difflab.training import config as train_config
-from tests.conftest import randomise
 
 
 @pytest.fixture
