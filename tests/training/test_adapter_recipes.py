@@ -54,11 +54,11 @@ def test_controlnet_recipe_on_scenes_and_recipe_errors(tmp_path, base):
     out = run_recipe(cfg, progress=False)
     cn = ControlNet.from_pretrained(out, pipe.network, base_identity=pipe.identity())
     assert cn.settings["control_channels"] == 1
-    with pytest.raises(train_config.ConfigError, match="unknown config key 'lora.rnak'"):
+    with pytest.raises(train_config.ConfigError, match=r"unknown config key 'lora\.rnak'"):
         train_config.load("dreambooth_lora", ["lora.rnak=3"], kind=train_config.ADAPTER)
     with pytest.raises(train_config.ConfigError, match="kind must be one of 'lora', 'controlnet'"):
         train_config.load("dreambooth_lora", ["kind='ipadapter'"], kind=train_config.ADAPTER)
     bad = {**cfg, "data": {**cfg["data"], "control": "depth"}, "out_dir": str(tmp_path / "cn2")}
-    with pytest.raises(train_config.ConfigError, match="'depth' is not a control map.*edges"):
+    with pytest.raises(train_config.ConfigError, match=r"'depth' is not a control map.*edges"):
         run_recipe(bad, progress=False)
     assert torch.isfinite(pipe(1, prompts="a red circle").images).all()
