@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab.adapters.files import read_adapter, save_adapter
 from difflab.batch import batch_times
-from difflab.files import load_tensors, read_json, save_tensors, write_json
 from difflab.hooks import network_of
 
 Tensor = torch.Tensor
@@ -120,32 +120,19 @@ class ControlNet(nn.Module):
 
     # --- files ----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, base_identity: str = "") -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_tensors(directory / "controlnet.safetensors", self.state_dict())
-        write_json(directory / "controlnet.json", {"format": FORMAT, "kind": "controlnet", **self.settings,
-                                                   "base_model": base_identity})
-        return directory
+        return save_adapter(directory, "controlnet", FORMAT, self.state_dict(), self.settings, base_identity)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, network: Any, *, base_identity: str | None = None,
                         allow_other_base: bool = False) -> ControlNet:
         """Load a saved ControlNet for ``network``; one for another architecture is refused, one
         trained on other weights too unless ``allow_other_base``."""
-        directory = Path(directory)
-        if not (directory / "controlnet.json").is_file():
-            raise ControlError(f"{directory} holds no difflab ControlNet (controlnet.json)")
-        meta = read_json(directory / "controlnet.json", "ControlNet config")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ControlError(f"{directory / 'controlnet.json'} is not a difflab ControlNet config")
-        made_for = meta.get("base_model", "")
-        if base_identity is not None and made_for and made_for != base_identity and not allow_other_base:
-            raise ControlError(f"the ControlNet in {directory} was trained on another model (weights {made_for}), "
-                               f"not this one ({base_identity}); pass allow_other_base=True to load it anyway")
+        meta, weights = read_adapter(directory, "controlnet", FORMAT, "ControlNet", ControlError,
+                                     base_identity=base_identity, allow_other_base=allow_other_base)
         _same_network(meta.get("network") or {}, network)
         net = cls(network, int(meta["control_channels"]), downscale=int(meta["downscale"]),
                   hint_width=int(meta["hint_width"]), blocks=meta.get("blocks"))
-        net.load_state_dict(load_tensors(directory / "controlnet.safetensors", "ControlNet weights"))
+        net.load_state_dict(weights)
         return net.eval()
 
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.adapters.files import read_adapter, save_adapter
 from difflab.batch import batch_times
-from difflab.files import load_tensors, read_json, save_tensors, write_json
 from difflab.hooks import network_of
 
 Tensor = torch.Tensor
@@ -104,26 +104,17 @@ class ImagePromptAdapter(nn.Module):
 
     # --- files ----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, base_identity: str = "") -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_tensors(directory / "adapter.safetensors", self.state_dict())
-        write_json(directory / "adapter.json", {"format": FORMAT, "kind": "ip_adapter", **self.settings,
-                                                "base_model": base_identity})
-        return directory
+        return save_adapter(directory, "adapter", FORMAT, self.state_dict(), {"kind": "ip_adapter", **self.settings},
+                            base_identity)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, network: Any, base_identity: str | None = None
-                        ) -> ImagePromptAdapter:
-        directory = Path(directory)
-        meta = read_json(directory / "adapter.json", "adapter config")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{directory} holds no difflab image-prompt adapter (adapter.json)")
-        if base_identity is not None and meta.get("base_model") not in ("", base_identity):
-            raise ValueError(f"the adapter in {directory} was trained on another model (weights "
-                             f"{meta['base_model']}), not this one ({base_identity})")
+    def from_pretrained(cls, directory: str | os.PathLike, network: Any, base_identity: str | None = None,
+                        allow_other_base: bool = False) -> ImagePromptAdapter:
+        meta, weights = read_adapter(directory, "adapter", FORMAT, "image-prompt adapter", ValueError,
+                                     base_identity=base_identity, allow_other_base=allow_other_base)
         adapter = cls(network, image_channels=meta["image_channels"], tokens=meta["tokens"], dim=meta["dim"],
                       width=meta["width"])
-        adapter.load_state_dict(load_tensors(directory / "adapter.safetensors", "adapter weights"))
+        adapter.load_state_dict(weights)
         return adapter
 
 

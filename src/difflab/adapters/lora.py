@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflab.files import load_tensors, read_json, save_tensors, write_json
+from difflab.adapters.files import read_adapter, save_adapter
 from difflab.hooks import network_of
 
 Tensor = torch.Tensor
@@ -130,16 +130,11 @@ class LoRA(nn.Module):
     # --- files ----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, base_identity: str = "") -> Path:
         """``lora.safetensors`` + ``lora.json`` (settings, base model identity), each written atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for name in self.layers:
             tensors[f"{name}.lora_A.weight"] = self.down[_slot(name)].weight
             tensors[f"{name}.lora_B.weight"] = self.up[_slot(name)].weight
-        save_tensors(directory / "lora.safetensors", tensors)
-        write_json(directory / "lora.json", {"format": FORMAT, "kind": "lora", **self.settings(),
-                                             "base_model": base_identity})
-        return directory
+        return save_adapter(directory, "lora", FORMAT, tensors, self.settings(), base_identity)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, network: Any, *, base_identity: str | None = None,
@@ -147,18 +142,9 @@ class LoRA(nn.Module):
         """Load a saved LoRA onto ``network``. One made for another base (its identity differs from
         ``base_identity``) is refused unless ``allow_other_base``; one whose layers the network lacks
         is refused with their names. Nothing is loaded half-way."""
-        directory = Path(directory)
-        if not (directory / "lora.json").is_file():
-            raise LoRAError(f"{directory} holds no difflab LoRA (lora.json); PEFT, diffusers and kohya files load "
-                            "with difflab.interop.lora_from_file")
-        meta = read_json(directory / "lora.json", "LoRA config")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise LoRAError(f"{directory / 'lora.json'} is not a difflab LoRA config")
-        made_for = meta.get("base_model", "")
-        if base_identity is not None and made_for and made_for != base_identity and not allow_other_base:
-            raise LoRAError(f"the LoRA in {directory} was trained on another model (weights {made_for}), not this "
-                            f"one ({base_identity}); pass allow_other_base=True to load it anyway")
-        tensors = load_tensors(directory / "lora.safetensors", "LoRA weights")
+        meta, tensors = read_adapter(directory, "lora", FORMAT, "LoRA", LoRAError, base_identity=base_identity,
+                                     allow_other_base=allow_other_base,
+                                     hint="; PEFT, diffusers and kohya files load with difflab.interop.lora_from_file")
         order = {name: i for i, name in enumerate(meta.get("layers", []))}  # the file's keys are sorted
         tensors = dict(sorted(tensors.items(), key=lambda kv: order.get(kv[0].rsplit(".", 2)[0], len(order))))
         return cls.from_tensors(network, tensors, rank=int(meta["rank"]), alpha=float(meta["alpha"]),
