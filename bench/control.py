@@ -280,10 +280,11 @@ def main() -> None:
     parser.add_argument("--lora-seconds", type=float, default=300)
     parser.add_argument("--lora-n", type=int, default=48, help="images per LoRA quality measure")
     parser.add_argument("--only", default="control,lora")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of measure (alone on the machine)")
     args = parser.parse_args()
     if args.command == "train":
         return train(args)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     pipe = Pipeline.from_pretrained(args.base)
     path = RESULTS / "control.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
