@@ -101,9 +101,10 @@ def train(args) -> None:
         consistency: list = []
         cn = train_controlnet_reward(pipe, cn, images, captions, controls, torch.stack([it["classes"] for it in items]),
                                      segmenter, steps=args.steps, batch_size=args.batch_size, lr=args.lr, log=log,
-                                     consistency_log=consistency)
+                                     consistency_log=consistency, reward_weight=args.reward_weight, t_max=args.t_max)
         previous = json.loads((start / "training.json").read_text())
-        record.update(steps=previous["steps"] + args.steps, plus_steps=args.steps,
+        record.update(steps=previous["steps"] + args.steps, plus_steps=args.steps, reward_weight=args.reward_weight,
+                      t_max=args.t_max,
                       consistency_first=sum(consistency[:20]) / 20, consistency_last=sum(consistency[-20:]) / 20)
         out = work / f"controlnet_{args.kind}_plus"
     else:
@@ -283,6 +284,8 @@ def main() -> None:
     parser.add_argument("--kind", choices=tuple(CHANNELS), default="segmentation")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--plus", action="store_true", help="ControlNet++: fine-tune the trained ControlNet")
+    parser.add_argument("--reward-weight", type=float, default=0.5, help="ControlNet++'s consistency weight")
+    parser.add_argument("--t-max", type=float, default=0.25, help="ControlNet++: the most noise of its reward step")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--n", type=int, default=256)
