@@ -211,6 +211,13 @@ def applied(network: Any, loras: LoRA | Sequence[tuple[LoRA, float]] | Sequence[
     items = _as_list(loras)
     for lora, _ in items:
         lora.check_fits(network)
+    with _installed(network, items):
+        yield
+
+
+@contextlib.contextmanager
+def _installed(network: Any, items: list[tuple[LoRA, float]]) -> Iterator[None]:
+    """The LoRAs' hooks, already checked to fit (a sampling step should not walk the layers again)."""
     with contextlib.ExitStack() as stack:
         for lora, scale in items:
             if scale != 0:
@@ -270,5 +277,5 @@ class WithLoRA(nn.Module):
             lora.check_fits(network)
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
-        with applied(self.network, self.loras):
+        with _installed(self.network, self.loras):  # checked once, in __init__
             return self.denoiser(x, t, **cond)

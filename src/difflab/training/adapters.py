@@ -214,8 +214,7 @@ def train_controlnet_reward(pipe: Any, controlnet: ControlNet, images: Tensor, p
         diffusion = diffusion_loss(controlled, batch["x0"], process, prediction, t=batch["t"], noise=batch["noise"],
                                    **batch["cond"]).mean()
         t = batch["t"] * t_max  # lightly noised: one step recovers the image
-        x_t = process.alpha(t).view(-1, 1, 1, 1).to(batch["x0"]) * batch["x0"] + \
-            process.sigma(t).view(-1, 1, 1, 1).to(batch["x0"]) * batch["noise"]
+        x_t = process.add_noise(batch["x0"], batch["noise"], t)
         x0 = Denoiser(controlled, process, prediction)(x_t, t, **batch["cond"])
         image = pipe.vae.from_latent(x0) if pipe.vae is not None else x0
         consistency = torch.nn.functional.cross_entropy(segmenter(image.clamp(-1, 1)), classes[idx])
