@@ -1,7 +1,8 @@
 """Values given per sample of a batch: the one place that shapes and checks them.
 
 ``batch_times(t, x)`` turns a scalar or one-per-sample time into a ``(batch,)`` vector;
-``per_sample(v, x)`` shapes a scalar or one-per-sample value to broadcast against ``x``.
+``per_sample(v, x)`` shapes a scalar or one-per-sample value to broadcast against ``x``;
+``tiled(v, batch, what)`` repeats per-image inputs over a guidance batch (a multiple of the images).
 """
 
 from __future__ import annotations
@@ -40,3 +41,12 @@ def per_sample(v: Tensor | float, x: Tensor, dtype: torch.dtype | None = None) -
         raise ValueError(f"expected a scalar or one value per sample: got shape {tuple(v.shape)} "
                          f"for a batch of shape {tuple(x.shape)}")
     return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def tiled(values: Tensor, batch: int, what: str, error: type[Exception] = ValueError) -> Tensor:
+    """Per-image ``values`` (N, ...) repeated to a batch of ``batch`` = k * N rows (guidance calls
+    a denoiser on [cond, uncond, ...]); anything else is refused, naming ``what`` they are."""
+    reps, rest = divmod(batch, values.shape[0])
+    if rest or not reps:
+        raise error(f"{what} for {values.shape[0]} images, called on a batch of {batch}")
+    return values if reps == 1 else values.repeat(reps, *([1] * (values.ndim - 1)))

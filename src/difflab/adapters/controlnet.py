@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from difflab.adapters.files import read_adapter, save_adapter
-from difflab.batch import batch_times
+from difflab.batch import batch_times, tiled
 from difflab.hooks import network_of
 
 Tensor = torch.Tensor
@@ -198,10 +198,7 @@ class Controlled(nn.Module):
             active = ((t <= c.start) & (t >= c.end)).to(x.dtype)
             if c.scale == 0 or not bool(active.any()):
                 continue
-            reps, rest = divmod(x.shape[0], c.image.shape[0])
-            if rest:
-                raise ControlError(f"control images for {c.image.shape[0]} images, called on a batch of {x.shape[0]}")
-            image = c.image.to(x.device).repeat(reps, 1, 1, 1)
+            image = tiled(c.image.to(x.device), x.shape[0], "control images", ControlError)
             weight = c.scale * active
             for point, r in c.controlnet(x_in, time, image, **net_cond).items():
                 r = weight.view(-1, *([1] * (r.ndim - 1))) * r  # channels (U-Net) or tokens (DiT)

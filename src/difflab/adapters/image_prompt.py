@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.adapters.files import read_adapter, save_adapter
-from difflab.batch import batch_times
+from difflab.batch import batch_times, tiled
 from difflab.hooks import network_of
 
 Tensor = torch.Tensor
@@ -93,10 +93,7 @@ class ImagePromptAdapter(nn.Module):
             slot = self._slot.get(id(attn))
             if slot is None:
                 raise ValueError("this adapter was made for another network: an attention layer is unknown to it")
-            reps, rest = divmod(x.shape[0], tokens.shape[0])
-            if rest:
-                raise ValueError(f"image tokens for {tokens.shape[0]} images, the network got a batch of {x.shape[0]}")
-            t = tokens.repeat(reps, 1, 1).to(x.dtype)
+            t = tiled(tokens, x.shape[0], "image tokens").to(x.dtype)
             k_img, v_img = _heads(attn, self.keys[slot](t)), _heads(attn, self.values[slot](t))
             return attn.out(text + scale * attn.attend(q, k_img, v_img))
 

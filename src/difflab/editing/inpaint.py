@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab.batch import tiled
 from difflab.editing.img2img import noised, start_grid
 from difflab.editing.inputs import check_image, check_mask
 from difflab.samplers import Generator, PartialGrid, noise_like, run
@@ -58,10 +59,7 @@ class WithInputs(nn.Module):
         self.denoiser, self.process, self.concat = denoiser, denoiser.process, concat
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
-        reps, rest = divmod(x.shape[0], self.concat.shape[0])
-        if rest:
-            raise ValueError(f"inpainting inputs for {self.concat.shape[0]} images, called on a batch of {x.shape[0]}")
-        return self.denoiser(x, t, concat=self.concat.repeat(reps, 1, 1, 1), **cond)
+        return self.denoiser(x, t, concat=tiled(self.concat, x.shape[0], "inpainting inputs"), **cond)
 
 
 def renoise(process: Any, x: Tensor, t_from: float, t_to: float, generator: Generator) -> Tensor:
