@@ -61,7 +61,8 @@ def fit(pipe: Any, images: Tensor, prompts: Sequence[str] | None, parameters: Se
     if prompts is not None:
         encoder = pipe.text_encoder()
         distinct = sorted(set(prompts))
-        rows = torch.tensor([distinct.index(p) for p in prompts])
+        row = {p: i for i, p in enumerate(distinct)}
+        rows = torch.tensor([row[p] for p in prompts])
         table = {k: v.to(device) for k, v in encoder(distinct).items()}
         text = {k: v[rows.to(device)] for k, v in table.items()}
         null = {k: v.to(device) for k, v in encoder.null(1).items()}
