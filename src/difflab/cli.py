@@ -97,18 +97,18 @@ SAMPLE_OUTPUTS = ("grid.png", "[0-9][0-9][0-9][0-9][0-9].png", "[0-9][0-9][0-9][
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from difflab.files import claim_output, read_json, write_atomic
+    from difflab.files import claim_output, png_bytes, read_settings, write_atomic
     from difflab.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.pipeline)
     out = claim_output(args.out, SAMPLE_OUTPUTS, overwrite=args.overwrite, what="samples")
     if args.settings:
-        settings = read_json(args.settings, "settings record")
+        settings = read_settings(args.settings)
         image = pipe.reproduce(settings)
         out.mkdir(parents=True, exist_ok=True)
         from difflab.pipeline import Output
 
-        Output(image[None], [settings]).pil[0].save(out / "reproduced.png")
+        write_atomic(out / "reproduced.png", png_bytes(Output(image[None], [settings]).pil[0], settings))
         write_atomic(out / "reproduced.json", json.dumps(settings, indent=1).encode())
         print(f"wrote {out}/reproduced.png")
         return 0
@@ -183,6 +183,13 @@ def _edit(args: argparse.Namespace) -> int:
                        mask_sources=[str(Path(p).resolve()) for p in args.mask] if args.mask else None)
     grid = result.save(out)
     print(f"wrote {grid} and {len(result.settings)} edited images with their settings to {out}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from difflab.serve import start
+
+    start(args.pipelines, host=args.host, port=args.port, concurrency=args.concurrency, out_dir=args.out)
     return 0
 
 
@@ -284,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="number of images (default 16, or one per prompt)")
     p.add_argument("--class-label", type=int, action="append", help="class of the images (repeat for one each)")
     p.add_argument("--prompt", action="append", help="text prompt (repeat for one per image)")
-    p.add_argument("--settings", help="an image's JSON: make exactly that image again")
+    p.add_argument("--settings", help="an image's JSON, or a PNG difflab wrote (its settings are inside): make "
+                   "exactly that image again")
     p.add_argument("--lora", action="append", metavar="PATH", help="a LoRA folder to apply (repeat for several)")
     p.add_argument("--lora-scale", type=float, action="append", help="each --lora's scale, in order (default 1)")
     p.add_argument("--control", nargs=2, action="append", metavar=("CONTROLNET", "IMAGE"),
@@ -322,6 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/edits")
     p.add_argument("--overwrite", action="store_true", help="replace earlier edits in --out (default: refuse)")
     p.set_defaults(func=_edit)
+    p = sub.add_parser("serve", help="a local web page over pipelines: live previews, cancel, history, PNGs that "
+                       "restore their settings, side-by-side comparison, a JSON API")
+    p.add_argument("pipelines", nargs="+", metavar="PIPELINE", help="pipeline folders (one or more)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    p.add_argument("--concurrency", type=int, default=1, help="generations run at once; the rest queue")
+    p.add_argument("--out", default=None, help="where the PNGs go (default: a new temporary folder)")
+    p.set_defaults(func=_serve)
     p = sub.add_parser("eval", help="FD / KID / precision-recall of a pipeline's samples against reference images")
     _add_sampling_options(p)
     p.add_argument("--metrics", default="fd,kid,pr", help="comma-separated: fd, kid, pr")

@@ -119,3 +119,44 @@ def claim_output(directory: str | os.PathLike, patterns: tuple[str, ...], *, ove
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     directory.mkdir(parents=True, exist_ok=True)
     return directory
+
+
+#: the PNG text chunk that carries an image's settings record (the JSON `difflab sample` writes beside it)
+PNG_SETTINGS_KEY = "difflab"
+
+
+def png_bytes(image: Any, settings: dict[str, Any] | None = None) -> bytes:
+    """A PIL image as PNG bytes with its settings record in a text chunk; the same image and
+    settings always give the same bytes (no time stamp is written)."""
+    import io
+
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if settings is not None:
+        info.add_text(PNG_SETTINGS_KEY, json.dumps(settings, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """An image's settings record: its JSON file, or the record inside a PNG that difflab wrote."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        return read_json(path, "settings record")
+    _exists(path, "PNG image")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            text = image.text.get(PNG_SETTINGS_KEY) if hasattr(image, "text") else None
+    except (UnidentifiedImageError, OSError) as err:
+        raise FileError(f"{path} is not a readable PNG ({err})") from None
+    if text is None:
+        raise FileError(f"{path} carries no difflab settings: only PNGs written by difflab (`difflab sample`, "
+                        "`difflab serve`) do. Give its NNNNN.json instead, if there is one.")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FileError(f"{path}: its difflab settings are not valid JSON ({err})") from None

@@ -28,7 +28,7 @@ import torch
 from difflab import predictions, processes
 from difflab.checks import describe, fits
 from difflab.denoiser import Denoiser
-from difflab.files import write_atomic
+from difflab.files import png_bytes, write_atomic
 from difflab.models import Network
 
 Tensor = torch.Tensor
@@ -129,13 +129,14 @@ class Output:
         return [image_grid(img[None], nrow=1, pad=0) for img in self.images]
 
     def save(self, out: str | os.PathLike, grid_name: str = "grid.png") -> Path:
-        """Write ``grid.png``, ``NNNNN.png`` per image and ``NNNNN.json`` with its settings."""
+        """Write ``grid.png``, ``NNNNN.png`` per image (its settings inside, :func:`~difflab.files.png_bytes`)
+        and ``NNNNN.json`` with the same settings."""
         from difflab.plotting import image_grid
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         for i, (pil, settings) in enumerate(zip(self.pil, self.settings, strict=True)):
-            pil.save(out / f"{i:05d}.png")
+            write_atomic(out / f"{i:05d}.png", png_bytes(pil, settings))
             write_atomic(out / f"{i:05d}.json", json.dumps(settings, indent=1).encode())
         scale = max(1, 64 // self.images.shape[-1])
         image_grid(self.images, scale=scale).save(out / grid_name)
@@ -690,6 +691,10 @@ class Pipeline:
         if not isinstance(batch, list) or not batch or not isinstance(settings["batch_index"], int) \
                 or not 0 <= settings["batch_index"] < len(batch):
             raise PipelineError("the settings record's batch_seeds / batch_index do not describe an image of a batch")
+        if "cancelled_after_step" in settings:
+            raise PipelineError(f"this image is the preview of a run cancelled after step "
+                                f"{settings['cancelled_after_step']} of {settings['steps']}: it cannot be remade; its "
+                                "settings (in `difflab serve`, drop the PNG on the page) make the finished image")
         if "adapters" in settings:
             raise PipelineError("this image was made with LoRAs or controls: call the pipeline again with the same "
                                 "adapters (their weights' hashes are in the record) and these settings")

@@ -1,0 +1,216 @@
+"""`difflab serve` in a real browser (Debian's Chromium driven by Playwright), against a server this
+test starts on a free localhost port with two tiny pipelines (text and class-conditional)."""
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+playwright = pytest.importorskip("playwright.sync_api", reason="the browser tests need `pip install playwright`")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="the browser tests need Debian's chromium "
+                                "(apt-get install chromium); .ci/run installs it")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]
+SHOTS = Path(os.environ.get("DIFFLAB_SCREENSHOTS", "test-artifacts/serve"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from tests.conftest import randomise
+
+    from difflab import processes
+    from difflab.models import UNet, UNetConfig
+    from difflab.pipeline import Pipeline
+    from difflab.serve import start
+
+    root = tmp_path_factory.mktemp("serve")
+    small = {"model_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1, "attention_levels": (1,),
+             "head_dim": 16, "norm_groups": 8}
+    text = randomise(UNet(UNetConfig(in_channels=3, context_dim=384, **small)), 1)
+    Pipeline(text, processes.Flow(), "flow", sample_shape=(3, 8, 8), steps=8, cond_dropout=0.1,
+             text_encoder={"name": "minilm", "max_tokens": 8}).save_pretrained(root / "shapes")
+    digits = randomise(UNet(UNetConfig(in_channels=1, num_classes=10, **small)), 2)
+    Pipeline(digits, processes.Flow(), "flow", sample_shape=(1, 8, 8), steps=8, num_classes=10, cond_dropout=0.1,
+             guidance={"method": "cfg", "options": {"scale": 2.0}}).save_pretrained(root / "digits")
+    torch.set_num_threads(1)
+    app, url = start([root / "shapes", root / "digits"], port=_free_port(), out_dir=root / "out", block=False,
+                     quiet=True)
+    yield url
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+def _page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
+    page.goto(url)
+    page.wait_for_selector("#generate")
+    return page
+
+
+def _set(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def _choose(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input").first
+    box.fill(value)
+    page.get_by_role("option", name=value, exact=True).click()
+
+
+def _status(page) -> str:
+    return page.locator("#status").inner_text()
+
+
+def _wait_status(page, pattern: str, timeout: float = 60_000) -> str:
+    page.wait_for_function(f"() => /{pattern}/.test(document.querySelector('#status').innerText)", timeout=timeout)
+    return _status(page)
+
+
+def _download(page, index: int = 0) -> bytes:
+    link = page.locator("#downloads a").nth(index)
+    return page.request.get(link.get_attribute("href")).body()
+
+
+def test_generate_shows_previews_then_images_and_history(browser, server):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = _page(browser, server)
+    _set(page, "prompt", "a red circle")
+    _set(page, "steps", 60)
+    # record every status the page shows, so "a preview came before the final image" is observed, not assumed
+    page.evaluate("""() => { window.seen = [];
+        new MutationObserver(() => window.seen.push([document.querySelector('#status').innerText,
+                                                     document.querySelectorAll('#gallery img').length]))
+            .observe(document.querySelector('#status'), {subtree: true, childList: true, characterData: true}); }""")
+    page.locator("#generate").click()
+    final = _wait_status(page, "finished")
+    seen = page.evaluate("window.seen")
+    previews = [s for s, imgs in seen if re.search(r"step \d+/60", s)]
+    assert previews, f"no preview before the final image: {seen}"
+    assert "4 image(s), 60 steps, 60 NFE" in final and page.locator("#gallery img").count() == 4
+    page.screenshot(path=SHOTS / "generate.png", full_page=True)
+    page.get_by_role("tab", name="History").click()
+    assert page.locator("#history_table").inner_text().count("finished") == 1
+    page.close()
+
+
+def test_cancel_stops_within_one_step_and_the_run_stays_in_the_history(browser, server):
+    page = _page(browser, server)
+    _set(page, "prompt", "a blue square")
+    _set(page, "steps", 500)
+    page.locator("#generate").click()
+    _wait_status(page, r"step \d+\/500")
+    page.locator("#cancel").click()
+    text = _wait_status(page, "cancelled")
+    done, arrived = map(int, re.search(r"after step (\d+) of 500 \(cancel arrived at step (\d+)\)", text).groups())
+    assert done - arrived <= 1 and done < 500
+    page.get_by_role("tab", name="History").click()
+    assert "cancelled" in page.locator("#history_table").inner_text()
+    assert page.locator("#history img").count() == 1  # its last preview is kept
+    page.screenshot(path=SHOTS / "history.png", full_page=True)
+    page.close()
+
+
+def test_a_dropped_png_restores_every_setting_and_regenerates_the_same_bytes(browser, server, tmp_path):
+    page = _page(browser, server)
+    _choose(page, "pipeline", "digits")
+    _choose(page, "class_label", "7")
+    _set(page, "seed", 41)
+    _set(page, "n", 3)
+    _choose(page, "sampler", "heun")
+    _set(page, "steps", 5)
+    _set(page, "scale", 3.5)
+    page.locator("#generate").click()
+    _wait_status(page, "finished")
+    original = _download(page, 2)
+    (tmp_path / "image.png").write_bytes(original)
+    page.close()
+
+    page = _page(browser, server)  # a fresh page: every control at its default
+    page.locator("#restore input[type=file]").set_input_files(str(tmp_path / "image.png"))
+    _wait_status(page, "restored the settings")
+    values = {k: page.locator(f"#{k} input").first.input_value()
+              for k in ("pipeline", "class_label", "seed", "n", "sampler", "steps", "scale")}
+    assert values == {"pipeline": "digits", "class_label": "7", "seed": "41", "n": "3", "sampler": "heun",
+                      "steps": "5", "scale": "3.5"}
+    page.locator("#generate").click()
+    _wait_status(page, "finished")
+    assert _download(page, 2) == original
+    page.close()
+
+
+def test_compare_shows_one_column_per_configuration(browser, server):
+    page = _page(browser, server)
+    _set(page, "prompt", "a green triangle")
+    _set(page, "n", 2)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#use2 input").check()
+    page.locator("#compare").click()
+    page.wait_for_function("() => document.querySelectorAll('#compare_gallery img').length === 6", timeout=60_000)
+    table = page.locator("#compare_table").inner_text()
+    cells = table.split()
+    rows = [cells[i: i + 10] for i in range(cells.index("image") + 1, len(cells), 10)]  # after the header
+    assert [(r[0], r[1], r[7]) for r in rows] == [("1", "dpmpp_2m", "8"), ("2", "euler", "8"), ("3", "heun", "7")]
+    captions = page.locator("#compare_gallery").inner_text()
+    assert captions.index("1: dpmpp_2m") < captions.index("2: euler") < captions.index("3: heun")
+    page.screenshot(path=SHOTS / "compare.png", full_page=True)
+    page.close()
+
+
+def test_two_sessions_generating_at_once_each_get_their_own_images(browser, server):
+    pages = []
+    for seed in (3, 9):
+        context = browser.new_context(viewport={"width": 1400, "height": 1100})
+        page = context.new_page()
+        page.goto(server)
+        page.wait_for_selector("#generate")
+        _set(page, "prompt", "a red circle")
+        _set(page, "seed", seed)
+        _set(page, "n", 1)
+        _set(page, "steps", 30)
+        pages.append((seed, page))
+    for _, page in pages:
+        page.locator("#generate").click()
+    made = []
+    for seed, page in pages:
+        _wait_status(page, "finished")
+        record = page.locator("#record").inner_text().replace("\n", " ")
+        assert re.search(rf'"seed"\s*:\s*{seed}\b', record), record
+        made.append(_download(page))
+        page.context.close()
+    assert made[0] != made[1]  # each session got its own image, not the other's
+
+
+def test_bad_input_gets_a_message_on_the_page_and_the_server_keeps_running(browser, server):
+    page = _page(browser, server)
+    _set(page, "prompt", "a red circle")
+    _set(page, "steps", 0)
+    page.locator("#generate").click()
+    page.get_by_text("steps must be a whole number from 1 to 500").first.wait_for(timeout=20_000)
+    _set(page, "steps", 4)
+    _set(page, "n", 1000)
+    page.locator("#generate").click()
+    page.get_by_text("at most 16 per request").first.wait_for(timeout=20_000)
+    _set(page, "n", 1)
+    page.locator("#generate").click()
+    assert "1 image(s), 4 steps" in _wait_status(page, "finished")
+    page.close()
