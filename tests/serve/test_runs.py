@@ -98,3 +98,12 @@ def test_serve_refuses_to_start_on_a_folder_that_is_not_a_pipeline_or_a_port_in_
         port = taken.getsockname()[1]
         with pytest.raises(ServeError, match=f"127.0.0.1:{port} .*choose another with --port"):
             start([tmp_path / "digits"], port=port, block=False)
+
+
+def test_difflab_serve_on_a_folder_that_is_not_a_pipeline_exits_1_with_one_line(tmp_path, capsys):
+    from difflab.cli import main
+
+    (tmp_path / "photos").mkdir()
+    assert main(["serve", str(tmp_path / "photos")]) == 1
+    err = capsys.readouterr().err
+    assert "difflab serve: error:" in err and "is not a difflab pipeline" in err and "Traceback" not in err
