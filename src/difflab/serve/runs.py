@@ -8,6 +8,7 @@ The web page (:mod:`difflab.serve.app`) and its JSON API are thin layers over :f
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import threading
@@ -80,8 +81,12 @@ class Served:
 
     @property
     def default_guidance(self) -> tuple[str, float]:
+        """The pipeline's guidance method and scale: its saved scale, else the method's own default."""
         method = self.pipeline.guidance.get("method") or NONE
-        return method, float(self.pipeline.guidance.get("options", {}).get("scale", 1.0 if method == NONE else 3.0))
+        if method == NONE:
+            return method, 1.0
+        own = inspect.signature(guidance.get(method)).parameters["scale"].default
+        return method, float(self.pipeline.guidance.get("options", {}).get("scale", own))
 
 
 def load_served(paths: Sequence[str | Path]) -> dict[str, Served]:
@@ -268,20 +273,17 @@ _run_ids = itertools.count(1)
 def _call_arguments(served: Served, req: Request) -> dict[str, Any]:
     """The pipeline call a request makes: the pipeline's default guidance options stay under the
     request's scale when it keeps the default method."""
-    pipe = served.pipeline
     default_method, _ = served.default_guidance
     method = req.guidance
     options = dict(req.guidance_options)
-    if req.scale is not None:
+    if req.scale is not None and (method or default_method) != NONE:  # no scale is recorded for no guidance
         options["scale"] = req.scale
     accelerator = None if req.accelerator == NONE else {"name": req.accelerator, **req.accelerator_options}
     cond: dict[str, Any] = {}
     if served.conditioning == "text":
         cond["prompts"] = req.prompt
-    elif served.conditioning == "class" and req.class_label is not None:
-        cond["class_labels"] = req.class_label
-    elif served.conditioning == "class":  # no label given: the classes in turn, as `difflab sample` does
-        cond["class_labels"] = [i % pipe.num_classes for i in range(req.n)]
+    elif served.conditioning == "class" and req.class_label is not None:  # none given: the pipeline takes
+        cond["class_labels"] = req.class_label                                 # the classes in turn
     return {"seed": req.seed, "n": req.n, "steps": req.steps, "sampler": req.sampler, "schedule": req.schedule,
             "guidance": None if method in (None, default_method) and method != NONE else method,
             "guidance_options": options, "accelerator": accelerator, "batch_size": req.n, **cond,
