@@ -59,8 +59,13 @@ def _train(args: argparse.Namespace) -> int:
     from difflab.training.trainer import Trainer
 
     cfg = train_config.load(args.config, args.set)
-    trainer = Trainer(cfg, overwrite=args.overwrite)
-    last = trainer.run(resume=args.resume, progress=not args.no_progress)
+    if cfg["distill"]["method"]:  # a student distilled from a teacher pipeline
+        from difflab.training import distill
+
+        trainer, last = distill.run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    else:
+        trainer = Trainer(cfg, overwrite=args.overwrite)
+        last = trainer.run(resume=args.resume, progress=not args.no_progress)
     if trainer.rank == 0:
         grid = trainer.sample_grid(trainer.out / "samples" / "final.png")
         print(json.dumps(last))

@@ -151,7 +151,9 @@ class Pipeline:
     ``sample_shape`` and decode them. ``cond_dropout``: the rate the model was trained with (0 means
     it has no unconditional branch, so CFG-type guidance is refused in favour of ICG).
     ``inpainting``: the network is a trained inpainting model (``concat`` takes the mask and the
-    masked image); plain sampling gives it an all-repaint mask.
+    masked image); plain sampling gives it an all-repaint mask. ``student``: a distilled model's
+    record ``{"method", "sampler", "steps"}`` (the sampler and step counts it was trained for);
+    sampling it otherwise warns.
     """
 
     def __init__(self, network: Network, process: processes.Process,
@@ -159,7 +161,8 @@ class Pipeline:
                  sample_shape: Sequence[int], sampler: str = "dpmpp_2m", steps: int = 20, schedule: str = "karras",
                  num_classes: int | None = None, text_encoder: dict[str, Any] | None = None,
                  vae: Network | None = None, guidance: dict[str, Any] | None = None,
-                 cond_dropout: float | None = None, inpainting: bool = False):
+                 cond_dropout: float | None = None, inpainting: bool = False,
+                 student: dict[str, Any] | None = None):
         self.network, self.process, self.prediction = network, process, predictions.get(prediction)
         self.sample_shape = tuple(int(s) for s in sample_shape)
         from difflab.samplers import SamplerSpec
@@ -171,6 +174,7 @@ class Pipeline:
         self.sampler, self.steps, self.schedule = sampler, int(steps), schedule
         self.num_classes, self.text_encoder_config, self.vae = num_classes, text_encoder, vae
         self.guidance, self.cond_dropout, self.inpainting = dict(guidance or {}), cond_dropout, bool(inpainting)
+        self.student = dict(student) if student else None
         self._encoder, self._identity = None, None
 
     # --- folder ---------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ class Pipeline:
                 "sampler": self.sampler, "steps": self.steps, "schedule": self.schedule,
                 "num_classes": self.num_classes, "text_encoder": self.text_encoder_config,
                 "latent": self.vae is not None, "guidance": self.guidance, "cond_dropout": self.cond_dropout,
-                "inpainting": self.inpainting}
+                "inpainting": self.inpainting, **({"student": self.student} if self.student else {})}
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write the folder; ``pipeline.json`` last, so a half-written folder is never a pipeline."""
@@ -222,7 +226,8 @@ class Pipeline:
                    sample_shape=config["sample_shape"], sampler=config["sampler"], steps=config["steps"],
                    schedule=config["schedule"], num_classes=config.get("num_classes"),
                    text_encoder=config.get("text_encoder"), vae=vae, guidance=config.get("guidance"),
-                   cond_dropout=config.get("cond_dropout"), inpainting=bool(config.get("inpainting", False)))
+                   cond_dropout=config.get("cond_dropout"), inpainting=bool(config.get("inpainting", False)),
+                   student=config.get("student"))
 
     def to(self, device: str | torch.device) -> Pipeline:
         self.network.to(device)
@@ -296,6 +301,18 @@ class Pipeline:
         return (self.steps if steps is None else steps, sampler or self.sampler, schedule or self.schedule, guidance,
                 dict(guidance_options or {}))
 
+    def _check_student(self, sampler: str, steps: int) -> None:
+        """Warn when a distilled student is sampled with a sampler or step count it was not trained for."""
+        if not self.student:
+            return
+        trained_steps = self.student.get("steps") or []
+        if sampler != self.student["sampler"] or (trained_steps and steps not in trained_steps):
+            counts = ", ".join(str(k) for k in trained_steps) or "any"
+            warnings.warn(f"this pipeline is a {self.student['method']} student trained for the "
+                          f"{self.student['sampler']!r} sampler at {counts} step(s); sampling it with {sampler!r} at "
+                          f"{steps} step(s) is outside what it learned and may look worse than its teacher",
+                          stacklevel=3)
+
     def _guided(self, den: Denoiser, method: str | None, options: dict[str, Any]):
         if not method or method == "none":
             return den
@@ -356,6 +373,7 @@ class Pipeline:
                                 f"default of {self.steps})")
         steps, sampler, schedule, guidance, guidance_options = self._sampling(steps, sampler, schedule, guidance,
                                                                               guidance_options)
+        self._check_student(sampler, steps)
         cond_settings, cond = self._conditions(n, class_labels, prompts)
         den = self.denoiser()
         adapters, control_list = self._adapters(n, loras, controls)

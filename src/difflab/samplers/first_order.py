@@ -1,4 +1,5 @@
-"""First-order samplers: DDIM (with eta), DDPM ancestral sampling, Euler with churn."""
+"""First-order samplers: DDIM (with eta), DDPM ancestral sampling, Euler with churn, and the
+multistep consistency sampler."""
 
 from __future__ import annotations
 
@@ -100,3 +101,21 @@ def sample_euler(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = N
         x = cx * x + cd * d
     return x
 
+
+
+@register("consistency", "Song et al. 2023, Consistency Models (Algorithm 1, multistep sampling)", stochastic=True)
+def sample_consistency(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = None,
+                       callback: Callback = None) -> Tensor:
+    """Jump to clean data with one evaluation, then noise that estimate afresh to the next point:
+    ``x_j = alpha_j D(x_i, t_i) + sigma_j z``. One step is the consistency model's one-step map;
+    more steps trade evaluations for quality. For a diffusion model (not a consistency student) this
+    is ancestral sampling that forgets the state, and needs many steps."""
+    grid = Grid.build(denoiser.process, ts, x)
+    times = grid.times()
+    for i in range(grid.steps):
+        d = evaluate(denoiser, x, times[i], i, callback)
+        j = i + 1
+        x = grid.alpha[j] * d
+        if grid.sigma[j] > 0:
+            x = x + grid.sigma[j] * noise_like(d, generator)
+    return x

@@ -51,8 +51,10 @@ class BatchPlan:
     def draw(self, step: int, micro: int, process: Process, x: Tensor, labels: Tensor | None = None,
              captions: Tensor | None = None) -> dict[str, Tensor]:
         """This rank's share of the batch of (step, micro): ``x0``, ``noise``, ``t``, and ``labels`` /
-        ``caption`` (row indices, -1 = the null condition) after condition dropout, and ``seeds``: one
-        integer per sample for objectives that draw more (an inpainting model's masks). On the CPU."""
+        ``caption`` (row indices, -1 = the null condition) after condition dropout, ``seeds``: one
+        integer per sample for objectives that draw more (an inpainting model's masks), ``index``:
+        each sample's row in ``x`` (data paired with more, as reflow's noise) and ``step`` (curricula).
+        On the CPU."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 64 + micro)
         idx = self.indices(step * self.accumulate + micro)
         x0 = x[idx]
@@ -66,5 +68,6 @@ class BatchPlan:
         if captions is not None:
             out["caption"] = drop_condition(captions[idx], self.cond_dropout, g)
         out["seeds"] = torch.randint(0, 2**62, (len(idx),), generator=g)
+        out["index"], out["step"] = idx, torch.full((len(idx),), step)
         share = len(idx) // self.world
         return {k: v[self.rank * share: (self.rank + 1) * share] for k, v in out.items()}

@@ -29,9 +29,11 @@ DEFAULTS: dict[str, Any] = {
     "latent": {"vae": "", "train_steps": 0, "batch_size": 32, "lr": 1e-3, "kl_weight": 1e-6, "model": {}},
     "sample": {"sampler": "dpmpp_2m", "steps": 20, "schedule": "karras", "n": 64, "guidance": "none",
                "guidance_options": {}},
+    # distillation (difflab.training.distill): a student trained from a teacher pipeline
+    "distill": {"method": "", "teacher": "", "guidance_scale": 1.0, "options": {}},
 }
 #: sections whose keys are free (they are passed on to another component's own config)
-OPEN_SECTIONS = ("data.options", "model", "process", "sample.guidance_options", "latent.model")
+OPEN_SECTIONS = ("data.options", "model", "process", "sample.guidance_options", "latent.model", "distill.options")
 #: keys a resumed run may change without breaking exactness (and every sample.* key)
 RESUMABLE_CHANGES = ("out_dir", "train.checkpoint_every", "train.keep_last", "train.log_every",
                      "train.sample_every", "train.num_threads", "train.tensorboard", "train.divergence",
@@ -89,6 +91,8 @@ RULES: dict[str, Rule] = {
     "train.divergence_patience": AT_LEAST_ONE,
     "text.max_tokens": AT_LEAST_ONE, "latent.train_steps": NON_NEGATIVE, "latent.batch_size": AT_LEAST_ONE,
     "latent.lr": POSITIVE, "latent.kl_weight": NON_NEGATIVE, "sample.steps": AT_LEAST_ONE, "sample.n": AT_LEAST_ONE,
+    "distill.method": Rule(choices=("", "progressive", "consistency", "reflow", "instaflow")),
+    "distill.guidance_scale": Rule(1),
 }
 #: an adapter recipe (``difflab adapt``): a LoRA or a ControlNet trained on a frozen base pipeline
 ADAPTER_DEFAULTS: dict[str, Any] = {

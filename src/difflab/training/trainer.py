@@ -10,6 +10,7 @@ step's record to its caller; :meth:`Trainer.run` attaches the logs (``logs.py``)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -140,7 +141,8 @@ def _check_sampling(section: dict[str, Any]) -> None:
 
 
 #: what a run writes into its out_dir (removed first when a run is overwritten)
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoints", "final", "samples", "tensorboard", "vae")
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoints", "final", "samples", "tensorboard", "vae",
+               "pairs.safetensors", "pairs.json", "round_*")
 
 
 class Trainer:
@@ -160,6 +162,7 @@ class Trainer:
         self.out = Path(config["out_dir"])
         self._claimed = False  # this trainer has claimed out_dir for its run
         self._restarting = False  # resumed before any checkpoint: the earlier attempt is replaced
+        self.student: dict[str, Any] | None = None  # a distilled model's record (set by distillation)
         if overwrite and self.runtime.main:  # an earlier run's files go before this one writes any
             claim_output(self.out, RUN_OUTPUTS, overwrite=True, what="run")
         data_cfg = config["data"]
@@ -263,6 +266,16 @@ class Trainer:
                             progress=progress and self.rank == 0, **lcfg["model"])
         self.x = encode_dataset(vae, self.x)
         return vae
+
+    def use_data(self, x: Tensor, labels: Tensor | None = None, caption_rows: Tensor | None = None) -> None:
+        """Train on other samples than the dataset's (reflow: the teacher's), each with its class or
+        its row of the caption tables; the batch plan follows the new size."""
+        self.x = x
+        if self.num_classes:
+            self.labels = labels
+        if self.text is not None:
+            self.text = {**self.text, "index": caption_rows}
+        self.plan = dataclasses.replace(self.plan, size=len(x))
 
     # --- one step's batch and loss ------------------------------------------------------------------
     def _batch(self, step: int, micro: int) -> dict[str, Tensor]:
@@ -441,7 +454,7 @@ class Trainer:
         return Pipeline(network, self.process, self.prediction, sample_shape=tuple(self.x.shape[1:]),
                         sampler=s["sampler"], steps=s["steps"], schedule=s["schedule"], num_classes=self.num_classes,
                         text_encoder=text, vae=vae, guidance=guidance, cond_dropout=dropout,
-                        inpainting=self.config["loss"]["task"] == "inpaint")
+                        inpainting=self.config["loss"]["task"] == "inpaint", student=self.student)
 
     def pipeline_config(self, checkpoint_dir: Path) -> dict[str, Any]:
         """What a checkpoint at ``checkpoint_dir`` carries for export: the pipeline's config, the

@@ -1,0 +1,247 @@
+"""Distillation to few steps on the common trainer: a training recipe with a ``[distill]`` section.
+
+``method`` is one of :data:`METHODS`; ``teacher`` a pipeline folder. The student takes the
+teacher's network (as its initial weights), process, prediction, text encoder and VAE, so a recipe
+names only the data (whose conditions the student learns on), the method's options and the
+training budget. The loop is :class:`~difflab.training.trainer.Trainer` with the method's objective:
+exact resume, EMA, checkpoints and DDP come with it, and every objective keeps no state of its own.
+The exported pipeline's default sampler is the student's own, and its ``student`` record makes
+sampling it otherwise warn.
+
+- ``progressive`` (Salimans & Ho 2022): rounds, each halving the DDIM steps; options
+  ``start_steps`` (the teacher's, default 32) and ``end_steps`` (default 4). Round k lives in
+  ``OUT_DIR/round_k``; ``OUT_DIR/final`` is the last round's student.
+- ``consistency`` (Song et al. 2023; Song & Dhariwal 2023): options ``target`` (``"teacher"``:
+  distillation with the teacher's ``solver``, ``"data"``: consistency training), ``schedule``,
+  ``steps_start`` / ``steps_end`` (the discretisation curriculum), ``huber_c``.
+- ``reflow`` (Liu et al. 2023) and ``instaflow`` (Liu et al. 2024): options ``pairs`` (how many
+  noise/sample pairs the teacher makes, once, kept in ``OUT_DIR/pairs.safetensors``),
+  ``sampler`` / ``steps`` / ``schedule`` (the teacher's deterministic sampler). Rectified-flow
+  teachers only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab import predictions, processes
+from difflab.files import load_tensors, read_json, save_tensors, write_json
+from difflab.training.config import DEFAULTS, ConfigError
+from difflab.training.distill.consistency import ConsistencyObjective
+from difflab.training.distill.progressive import ProgressiveObjective
+from difflab.training.distill.reflow import PairedObjective, teacher_pairs
+from difflab.training.distill.teacher import SOLVERS, Teacher
+from difflab.training.trainer import Trainer
+
+Tensor = torch.Tensor
+METHODS = ("progressive", "consistency", "reflow", "instaflow")
+#: each method's options and their defaults (anything else in ``distill.options`` is refused)
+OPTIONS: dict[str, dict[str, Any]] = {
+    "progressive": {"start_steps": 32, "end_steps": 4},
+    "consistency": {"target": "teacher", "solver": "heun", "schedule": "karras", "steps_start": 10,
+                    "steps_end": 80, "huber_c": -1.0},
+    "reflow": {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256},
+    "instaflow": {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256},
+}
+#: the sampler (and schedule) each student is made for; None: the recipe's own
+STUDENT_SAMPLERS = {"progressive": ("ddim", "trailing"), "consistency": ("consistency", "trailing"),
+                    "reflow": None, "instaflow": ("euler", "trailing")}
+
+
+def options(config: dict[str, Any]) -> dict[str, Any]:
+    """The method's options: its defaults under the recipe's, unknown keys refused."""
+    method = config["distill"]["method"]
+    if method not in METHODS:
+        raise ConfigError(f"distill.method must be one of {', '.join(METHODS)}, got {method!r}")
+    given = dict(config["distill"]["options"])
+    unknown = sorted(set(given) - set(OPTIONS[method]))
+    if unknown:
+        raise ConfigError(f"distill.options for {method}: unknown {', '.join(unknown)}; valid: "
+                          f"{', '.join(OPTIONS[method])}")
+    return {**OPTIONS[method], **given}
+
+
+def _teacher_pipeline(path: str):
+    from difflab.pipeline import Pipeline, PipelineError
+
+    if not path:
+        raise ConfigError("distill.teacher is empty: give the teacher's pipeline folder (e.g. outputs/digits/final)")
+    try:
+        return Pipeline.from_pretrained(path)
+    except (PipelineError, OSError) as err:
+        raise ConfigError(f"distill.teacher = {path!r}: {err}") from err
+
+
+def _check_teacher(method: str, process: processes.Process, prediction: predictions.Prediction,
+                   opts: dict[str, Any]) -> None:
+    """Refuse a teacher the method cannot distil, with the reason."""
+    if method in ("reflow", "instaflow") and not isinstance(process, processes.Flow):
+        raise ConfigError(f"{method} straightens a rectified-flow model (x_t = (1 - t) x0 + t noise); the teacher's "
+                          f"process is {process!r}. Distil it with progressive or consistency instead.")
+    if method == "consistency" and prediction.name == "x0":
+        raise ConfigError("consistency distillation needs D(x, 0) = x, which an x0-prediction network does not give; "
+                          "use progressive, or a teacher with eps, v, flow or edm prediction")
+    if method == "consistency" and opts["solver"] not in SOLVERS:
+        raise ConfigError(f"distill.options.solver must be one of {', '.join(SOLVERS)}, got {opts['solver']!r}")
+    if method == "consistency" and opts["target"] not in ("teacher", "data"):
+        raise ConfigError(f"distill.options.target must be 'teacher' or 'data', got {opts['target']!r}")
+    if method == "progressive":
+        start, end = int(opts["start_steps"]), int(opts["end_steps"])
+        if end < 1 or start <= end or start & (start - 1) or end & (end - 1):
+            raise ConfigError(f"progressive distillation halves the steps: start_steps ({start}) and end_steps "
+                              f"({end}) must be powers of two with start > end >= 1")
+
+
+def from_teacher(config: dict[str, Any], pipe: Any, path: str) -> dict[str, Any]:
+    """The recipe completed from the teacher pipeline at ``path``: the student's network config,
+    process, prediction, text encoder and VAE are the teacher's, and it starts from its weights. A
+    recipe that sets them otherwise is refused: the student could not start from the teacher."""
+    config = copy.deepcopy(config)
+    teacher_parts = {"model": pipe.network.to_config(), "process": pipe.process.to_config(),
+                     "prediction": pipe.prediction.to_config()}
+    given_parts = {"model": config["model"], "process": processes.from_config(config["process"]).to_config(),
+                   "prediction": predictions.get(config["prediction"]).to_config()}
+    defaults = {"model": DEFAULTS["model"], "process": processes.from_config(DEFAULTS["process"]).to_config(),
+                "prediction": predictions.get(DEFAULTS["prediction"]).to_config()}
+    for key, value in teacher_parts.items():
+        given = given_parts[key]
+        if given != defaults[key] and any(json.dumps(v) != json.dumps(value.get(k)) for k, v in given.items()):
+            raise ConfigError(f"the recipe's [{key}] differs from the teacher's; a distilled student takes the "
+                              f"teacher's {key}: leave [{key}] out of a distillation recipe")
+        config[key] = value
+    if pipe.text_encoder_config is not None:
+        config["text"] = {"encoder": pipe.text_encoder_config["name"],
+                          "max_tokens": int(pipe.text_encoder_config.get("max_tokens", DEFAULTS["text"]["max_tokens"]))}
+    if pipe.vae is not None:
+        config["latent"] = {**config["latent"], "vae": str(Path(path) / "vae"), "train_steps": 0}
+    if not config["train"]["init"]:
+        config["train"]["init"] = str(path)
+    return config
+
+
+def _student_sampling(config: dict[str, Any], method: str, steps: int | None = None) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    chosen = STUDENT_SAMPLERS[method]
+    if chosen is not None:
+        config["sample"]["sampler"], config["sample"]["schedule"] = chosen
+    if steps is not None:
+        config["sample"]["steps"] = steps
+    return config
+
+
+def _student_record(config: dict[str, Any], method: str) -> dict[str, Any] | None:
+    s = config["sample"]
+    if method == "reflow":  # a rectified flow again: any sampler, it is only straighter
+        return None
+    steps = [s["steps"]] if method in ("progressive", "instaflow") else []
+    return {"method": method, "sampler": s["sampler"], "steps": steps}
+
+
+def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite: bool = False,
+            progress: bool = True, round_steps: int | None = None) -> Trainer:
+    """The trainer of a distillation recipe. ``teacher``: a :class:`Teacher` to use instead of the
+    recipe's pipeline (an analytic mixture in tests); the recipe then names the student's model,
+    process and prediction itself. ``round_steps``: the student's steps of one progressive round."""
+    method = config["distill"]["method"]
+    opts = options(config)
+    from_scratch = method == "consistency" and opts["target"] == "data" and not config["distill"]["teacher"]
+    if teacher is None and not from_scratch:
+        pipe = _teacher_pipeline(config["distill"]["teacher"])
+        config = from_teacher(config, pipe, config["distill"]["teacher"])
+        teacher = Teacher.from_pipeline(pipe, float(config["distill"]["guidance_scale"]))
+    process = processes.from_config(config["process"])
+    prediction = predictions.get(config["prediction"])
+    _check_teacher(method, process, prediction, opts)
+    if teacher is not None and teacher.process.to_config() != process.to_config():
+        raise ConfigError(f"the teacher's process ({teacher.process!r}) is not the student's ({process!r}); a student "
+                          "distils a teacher on its own process")
+    if method == "progressive":
+        round_steps = round_steps or int(opts["start_steps"]) // 2
+    config = _student_sampling(config, method, round_steps if method == "progressive" else
+                               (1 if method == "instaflow" else None))
+    steps = int(config["train"]["steps"])
+    if method == "progressive":
+        objective: Any = ProgressiveObjective(teacher, process, prediction, round_steps)
+    elif method == "consistency":
+        objective = ConsistencyObjective(process, prediction, teacher if opts["target"] == "teacher" else None, steps,
+                                         opts["schedule"], int(opts["steps_start"]), int(opts["steps_end"]),
+                                         opts["solver"], None if opts["huber_c"] < 0 else float(opts["huber_c"]))
+    else:
+        objective = None  # set below, once the pairs exist
+    run = Trainer(config, objective=objective, overwrite=overwrite)
+    run.student = _student_record(config, method)
+    if method in ("reflow", "instaflow"):
+        pairs = _pairs(run, teacher, opts, progress)
+        size = len(run.labels if run.labels is not None else run.x)
+        data_rows = torch.arange(len(pairs["x0"])) % size
+        run.use_data(pairs["x0"], run.labels[data_rows] if run.num_classes else None,
+                     run.text["index"][data_rows] if run.text is not None else None)
+        run.objective = PairedObjective(process, prediction, pairs["noise"], one_step=method == "instaflow",
+                                        weighting=config["loss"]["weighting"])
+    return run
+
+
+def _pairs(run: Trainer, teacher: Teacher, opts: dict[str, Any], progress: bool) -> dict[str, Tensor]:
+    """The teacher's (noise, sample) pairs, made once per run directory and read back on resume."""
+    record = {"pairs": int(opts["pairs"]), "sampler": opts["sampler"], "steps": int(opts["steps"]),
+              "schedule": opts["schedule"], "seed": int(run.config["seed"]), "shape": list(run.x.shape[1:])}
+    path, meta = run.out / "pairs.safetensors", run.out / "pairs.json"
+    if path.is_file() and meta.is_file() and read_json(meta, "reflow pairs record") == record:
+        return load_tensors(path, "reflow pairs")
+    size = len(run.x)
+
+    def conditions(rows: Tensor) -> dict[str, Tensor]:
+        data_rows = rows % size
+        if run.num_classes:
+            return {"class_labels": run.labels[data_rows].to(run.device)}
+        if run.text is not None:
+            return run._conditions({"caption": run.text["index"][data_rows].to(run.device)})
+        return {}
+
+    pairs = teacher_pairs(teacher, tuple(run.x.shape[1:]), int(opts["pairs"]), conditions, sampler=opts["sampler"],
+                          steps=int(opts["steps"]), schedule=opts["schedule"], seed=int(run.config["seed"]),
+                          batch_size=int(opts["batch_size"]), device=run.device, progress=progress)
+    if run.runtime.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_tensors(path, pairs)
+        write_json(meta, record)
+    return pairs
+
+
+def run(config: dict[str, Any], *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        teacher: Teacher | None = None) -> tuple[Trainer, dict[str, Any]]:
+    """Train the recipe's student to ``train.steps`` (per round for ``progressive``) and write
+    ``OUT_DIR/final``. Returns the (last) trainer and its last record."""
+    if config["distill"]["method"] != "progressive":
+        student = trainer(config, teacher=teacher, overwrite=overwrite, progress=progress)
+        return student, student.run(resume=resume, progress=progress)
+    opts = options(config)
+    out = Path(config["out_dir"])
+    if overwrite:
+        from difflab.files import claim_output
+        from difflab.training.trainer import RUN_OUTPUTS
+
+        claim_output(out, RUN_OUTPUTS, overwrite=True, what="run")
+    source, steps, k = config["distill"]["teacher"], int(opts["start_steps"]) // 2, 0
+    while True:
+        round_config = copy.deepcopy(config)
+        round_config["out_dir"] = str(out / f"round_{k}")
+        round_config["distill"]["teacher"] = source
+        round_config["train"]["init"] = source if k else config["train"]["init"]
+        finished = (Path(round_config["out_dir"]) / "final" / "pipeline.json").is_file()
+        if not (resume and finished) or steps == int(opts["end_steps"]):  # a resumed run skips finished rounds
+            student = trainer(round_config, teacher=teacher if k == 0 else None, progress=progress,
+                              round_steps=steps)
+            started = (Path(round_config["out_dir"]) / "config.json").is_file()
+            last = student.run(resume=resume and started, progress=progress)
+        source, teacher = str(Path(round_config["out_dir"]) / "final"), None
+        if steps == int(opts["end_steps"]):
+            break
+        steps, k = steps // 2, k + 1
+    student.pipeline().save_pretrained(out / "final")
+    return student, last

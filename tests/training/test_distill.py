@@ -1,0 +1,251 @@
+"""Distillation on the analytic mixture: each method does what its paper says against the exact ODE,
+resume is bit-exact mid-distillation, and a teacher a method cannot use is refused with the reason."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from difflab import processes, samplers
+from difflab.analytic import GaussianMixture
+from difflab.metrics.ode_error import straightness
+from difflab.models import from_config as network_from_config
+from difflab.pipeline import Pipeline
+from difflab.training import config as train_config
+from difflab.training import distill
+from difflab.training.config import ConfigError
+from difflab.training.distill.progressive import step_target
+from difflab.training.distill.teacher import Teacher, ddim_step
+
+MIX = GaussianMixture.ring(num_components=8, std=0.08, num_classes=4)
+FLOW = processes.Flow()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def recipe(tmp_path, method: str, steps: int, *extra: str) -> dict:
+    """A distillation of the exact ring mixture into a small MLP (the toy data is that mixture's samples)."""
+    return train_config.load(None, [
+        f"out_dir='{tmp_path / method}'", "data.name='toy2d'", "data.options={kind='mixture', n=4096}",
+        "data.batch_size=256", "model={kind='mlp', hidden=96, depth=3}", "prediction='flow'", "process={kind='flow'}",
+        f"train.steps={steps}", "train.checkpoint_every=100000", "train.tensorboard=false", "optim.lr=1e-3",
+        "optim.warmup_steps=20", "ema.decay=0.99", "loss.cond_dropout=0.0", f"distill.method='{method}'", *extra])
+
+
+def exact_teacher() -> Teacher:
+    return Teacher(MIX.denoiser(FLOW), FLOW)
+
+
+def probe(n: int = 256):
+    """Start noise, classes, and the exact ODE end points from them."""
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    labels = torch.arange(n) % 4
+    return z, labels, MIX.ode_solve(z, FLOW, 1.0, labels=labels)
+
+
+def rmse(a, b) -> float:
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+def one_step_error(student, z, labels, ref) -> float:
+    x0 = student(z.float(), torch.tensor(1.0), class_labels=labels)
+    return rmse(x0, ref)
+
+
+def test_consistency_distillation_one_step_map_approaches_the_exact_ode_end_point(tmp_path):
+    z, labels, ref = probe()
+    run = distill.trainer(recipe(tmp_path, "consistency", 900, "distill.options={steps_start=8, steps_end=32}"),
+                          teacher=exact_teacher(), progress=False)
+    errors = {}
+    for record in run.steps():
+        if record["step"] in (100, 900):
+            with torch.no_grad():
+                errors[record["step"]] = one_step_error(run.pipeline(use_ema=False).denoiser(), z, labels, ref)
+    exact_one_step = rmse(samplers.sample(MIX.denoiser(FLOW), z, "dpmpp_2m", 1, "karras",
+                                          cond={"class_labels": labels}), ref)
+    assert errors[900] < 0.6 * errors[100], errors
+    assert errors[900] < 0.5 * exact_one_step, (errors, exact_one_step)  # the teacher's own best 1-step is worse
+
+
+def test_consistency_training_needs_no_teacher(tmp_path):
+    z, labels, ref = probe()
+    student, _ = distill.run(recipe(tmp_path, "consistency", 600, "distill.options={target='data', steps_start=8, "
+                                    "steps_end=32}"), progress=False)
+    assert student.student == {"method": "consistency", "sampler": "consistency", "steps": []}
+    exact_one_step = rmse(samplers.sample(MIX.denoiser(FLOW), z, "euler", 1, "trailing",
+                                          cond={"class_labels": labels}), ref)
+    with torch.no_grad():
+        assert one_step_error(student.pipeline().denoiser(), z, labels, ref) < 0.8 * exact_one_step
+
+
+def test_progressive_student_step_equals_two_teacher_steps(tmp_path):
+    teacher = exact_teacher()
+    student, _ = distill.run(recipe(tmp_path, "progressive", 300, "distill.options={start_steps=4, end_steps=1}"),
+                             teacher=teacher, progress=False)
+    assert [p.name for p in sorted((tmp_path / "progressive").glob("round_*"))] == ["round_0", "round_1"]
+    pipe = student.pipeline()
+    assert (pipe.sampler, pipe.steps, pipe.schedule) == ("ddim", 1, "trailing")
+    # the last round: the student's one step 1 -> 0 against its teacher's (round 0's student) two steps
+    teacher = Teacher.from_pipeline(Pipeline.from_pretrained(tmp_path / "progressive" / "round_0" / "final"))
+    teacher.denoiser = teacher.denoiser.double()
+    fine = torch.linspace(1, 0, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    x0 = MIX.sample(512, generator=gen, labels=torch.arange(512) % 4).double()
+    labels = torch.arange(512) % 4
+    den = pipe.denoiser().double()
+    for i in (0,):
+        t, mid, s = (fine[2 * i + k].expand(512) for k in range(3))
+        a = lambda u: teacher.scales(u, x0)  # noqa: E731
+        x_t = a(t)[0] * x0 + a(t)[1] * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+        z_mid = ddim_step(x_t, teacher(x_t, t, class_labels=labels), *a(t), *a(mid))
+        two = ddim_step(z_mid, teacher(z_mid, mid, class_labels=labels), *a(mid), *a(s))
+        one = ddim_step(x_t, teacher(x_t, t, class_labels=labels), *a(t), *a(s))
+        with torch.no_grad():
+            student_step = ddim_step(x_t, den(x_t, t, class_labels=labels), *a(t), *a(s))
+        assert rmse(student_step, two) < 0.25 * rmse(one, two), (i, rmse(student_step, two), rmse(one, two))
+        # the regression target is exactly the x0 that makes one DDIM step land on the two steps' end
+        target = step_target(x_t, two, *a(t), *a(s))
+        assert rmse(ddim_step(x_t, target, *a(t), *a(s)), two) < 1e-12
+
+
+def test_reflow_straightens_the_paths_and_keeps_the_coupling(tmp_path):
+    z, labels, ref = probe()
+    student, _ = distill.run(recipe(tmp_path, "reflow", 1000, "distill.options={pairs=2048, steps=16}",
+                                    "loss.t_distribution='uniform'"), teacher=exact_teacher(), progress=False)
+    assert (tmp_path / "reflow" / "pairs.safetensors").is_file()
+    den = student.pipeline().denoiser()
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(9))
+    before = straightness(MIX.denoiser(FLOW), noise.double(), cond={"class_labels": labels})
+    after = straightness(den, noise, cond={"class_labels": labels})
+    assert after < 0.1 * before, (before, after)
+    with torch.no_grad():  # one Euler step of the straightened flow lands near the exact ODE end point
+        one = rmse(samplers.sample(den, z.float(), "euler", 1, "trailing", cond={"class_labels": labels}), ref)
+    teacher_one = rmse(samplers.sample(MIX.denoiser(FLOW), z, "euler", 1, "trailing",
+                                       cond={"class_labels": labels}), ref)
+    assert one < 0.4 * teacher_one, (one, teacher_one)
+
+
+def test_instaflow_student_is_one_step(tmp_path):
+    z, labels, ref = probe()
+    student, _ = distill.run(recipe(tmp_path, "instaflow", 600, "distill.options={pairs=2048, steps=16}"),
+                             teacher=exact_teacher(), progress=False)
+    pipe = student.pipeline()
+    assert (pipe.sampler, pipe.steps) == ("euler", 1)
+    teacher_one = rmse(samplers.sample(MIX.denoiser(FLOW), z, "euler", 1, "trailing",
+                                       cond={"class_labels": labels}), ref)
+    with torch.no_grad():
+        assert one_step_error(pipe.denoiser(), z, labels, ref) < 0.4 * teacher_one
+
+
+@pytest.mark.parametrize("method, options", [("consistency", "{steps_start=4, steps_end=16}"),
+                                             ("reflow", "{pairs=512, steps=4}")])
+def test_resume_mid_distillation_is_bit_exact(tmp_path, method, options):
+    def final_weights(out: str, stop: int | None) -> dict:
+        cfg = recipe(tmp_path, method, 12, f"distill.options={options}", f"out_dir='{tmp_path / out}'",
+                     "train.checkpoint_every=6")
+        if stop is None:
+            run, _ = distill.run(cfg, teacher=exact_teacher(), progress=False)
+        else:
+            first = distill.trainer(cfg, teacher=exact_teacher(), progress=False)
+            for record in first.steps():
+                if record["step"] == stop:
+                    break
+            run, _ = distill.run(cfg, teacher=exact_teacher(), progress=False, resume=True)
+        return {k: v.clone() for k, v in run.model.state_dict().items()}
+
+    whole, resumed = final_weights("whole", None), final_weights("resumed", 6)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def tiny_pipeline(tmp_path, process: processes.Process, prediction: str = "flow", **kw) -> str:
+    net = network_from_config({"kind": "mlp", "dim": 2, "hidden": 16, "depth": 1, "num_classes": 4})
+    pipe = Pipeline(net, process, prediction, sample_shape=(2,), num_classes=4, cond_dropout=0.1, **kw)
+    return str(pipe.save_pretrained(tmp_path / f"teacher_{prediction}_{type(process).__name__}"))
+
+
+def test_a_teacher_the_method_cannot_use_is_refused(tmp_path):
+    vp = tiny_pipeline(tmp_path, processes.DiscreteVP.scaled_linear(), "v")
+    x0 = tiny_pipeline(tmp_path, processes.Flow(), "x0")
+    with pytest.raises(ConfigError, match="rectified-flow"):
+        distill.trainer(train_config.load(None, [f"out_dir='{tmp_path / 'r'}'", "data.name='toy2d'",
+                                                 "data.options={kind='mixture', n=64}", "distill.method='reflow'",
+                                                 f"distill.teacher='{vp}'"]), progress=False)
+    with pytest.raises(ConfigError, match="D\\(x, 0\\) = x"):
+        distill.trainer(train_config.load(None, [f"out_dir='{tmp_path / 'c'}'", "data.name='toy2d'",
+                                                 "data.options={kind='mixture', n=64}", "distill.method='consistency'",
+                                                 f"distill.teacher='{x0}'"]), progress=False)
+    with pytest.raises(ConfigError, match="leave \\[model\\] out"):
+        distill.trainer(train_config.load(None, [f"out_dir='{tmp_path / 'm'}'", "data.name='toy2d'",
+                                                 "data.options={kind='mixture', n=64}", "model={kind='mlp', hidden=8}",
+                                                 "distill.method='progressive'", f"distill.teacher='{vp}'"]),
+                        progress=False)
+    with pytest.raises(ConfigError, match="powers of two"):
+        distill.trainer(recipe(tmp_path, "progressive", 1, "distill.options={start_steps=6, end_steps=2}"),
+                        teacher=exact_teacher(), progress=False)
+    with pytest.raises(ConfigError, match="unknown shortcut"):
+        distill.trainer(recipe(tmp_path, "consistency", 1, "distill.options={shortcut=1}"), teacher=exact_teacher())
+    with pytest.raises(ConfigError, match="teacher's pipeline folder"):
+        distill.trainer(train_config.load(None, ["distill.method='consistency'"]))
+
+
+def test_a_vp_teacher_distils_progressively_from_its_pipeline(tmp_path):
+    vp = tiny_pipeline(tmp_path, processes.DiscreteVP.scaled_linear(), "v")
+    cfg = train_config.load(None, [f"out_dir='{tmp_path / 'p'}'", "data.name='toy2d'",
+                                   "data.options={kind='mixture', n=64}",
+                                   "data.batch_size=32", "train.steps=2", "train.tensorboard=false",
+                                   "distill.method='progressive'", f"distill.teacher='{vp}'",
+                                   "distill.options={start_steps=4, end_steps=2}"])
+    distill.run(cfg, progress=False)
+    pipe = Pipeline.from_pretrained(tmp_path / "p" / "final")
+    assert pipe.process.to_config() == processes.DiscreteVP.scaled_linear().to_config()
+    assert pipe.prediction.name == "v" and pipe.student["steps"] == [2]
+
+
+def test_a_student_sampled_otherwise_warns(tmp_path):
+    net = network_from_config({"kind": "mlp", "dim": 2, "hidden": 16, "depth": 1})
+    pipe = Pipeline(net, FLOW, "flow", sample_shape=(2,), sampler="euler", steps=1, schedule="trailing",
+                    student={"method": "instaflow", "sampler": "euler", "steps": [1]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe(2)
+    with pytest.warns(UserWarning, match="instaflow student trained for the 'euler' sampler at 1 step"):
+        pipe(2, steps=8)
+    with pytest.warns(UserWarning, match="sampling it with 'dpmpp_2m'"):
+        pipe(2, sampler="dpmpp_2m", steps=1)
+    again = Pipeline.from_pretrained(pipe.save_pretrained(tmp_path / "student"))
+    assert again.student == pipe.student
+
+
+def test_heun_teacher_step_is_second_order():
+    teacher = exact_teacher()
+    z, labels, _ = probe(128)
+    x = z * 0.6 + 0.4 * MIX.sample(128, generator=torch.Generator().manual_seed(2), labels=labels).double()
+    errors = {}
+    for solver in ("euler", "heun"):
+        errors[solver] = [rmse(teacher.step(x, torch.full((128,), 0.6, dtype=torch.float64),
+                                            torch.full((128,), 0.6 - h, dtype=torch.float64), solver,
+                                            class_labels=labels), MIX.ode_solve(x, FLOW, 0.6, 0.6 - h, labels=labels))
+                          for h in (0.1, 0.05)]
+    assert errors["euler"][0] / errors["euler"][1] == pytest.approx(4, rel=0.35)  # error of one step ~ h^2
+    assert errors["heun"][0] / errors["heun"][1] == pytest.approx(8, rel=0.35)  # ~ h^3
+    assert errors["heun"][1] < 0.2 * errors["euler"][1]
+
+
+def test_consistency_sampler_one_step_is_the_denoised_estimate():
+    den = MIX.denoiser(FLOW)
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = samplers.sample(den, z, "consistency", 1, "trailing")
+    assert torch.equal(out, den(z, 1.0))
+    # two steps: D at t = 1, noised afresh to t = 0.5, D again
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    two = samplers.sample(den, z, "consistency", 2, "trailing", generator=g1)
+    noise = torch.randn(z.shape, generator=g2, dtype=torch.float64)
+    assert torch.allclose(two, den(0.5 * den(z, 1.0) + 0.5 * noise, 0.5), atol=1e-12)
