@@ -82,3 +82,19 @@ def test_sample_with_loras_and_controls_from_files(tmp_path, capsys):
     assert main([*other, "--out", str(tmp_path / "c")]) == 1
     assert "another model" in capsys.readouterr().err
     assert main([*other, "--other-base", "--no-progress", "--out", str(tmp_path / "d")]) == 0
+
+
+def test_train_distils_progressively_from_a_teacher_run(tmp_path, capsys):
+    sets = ["--set", "model.hidden=16", "--set", "model.depth=1", "--set", "train.steps=2",
+            "--set", "train.num_threads=1", "--set", f"out_dir={tmp_path / 'teacher'}"]
+    assert main(["train", "toy2d", "--no-progress", *sets]) == 0
+    student = ["--set", "distill.method='progressive'", "--set", f"distill.teacher='{tmp_path / 'teacher' / 'final'}'",
+               "--set", "distill.options={start_steps=4, end_steps=1}", "--set", "data.name='toy2d'",
+               "--set", "train.steps=2", "--set", "train.num_threads=1", "--set", f"out_dir='{tmp_path / 'student'}'"]
+    assert main(["train", "--no-progress", *student]) == 0
+    assert f"wrote {tmp_path / 'student'}/final" in capsys.readouterr().out
+    pipe = Pipeline.from_pretrained(tmp_path / "student" / "final")
+    assert (pipe.sampler, pipe.steps, pipe.student["method"]) == ("ddim", 1, "progressive")
+    assert main(["train", "--no-progress", *student]) == 1  # a second run would mix with the first
+    assert "holds an earlier run" in capsys.readouterr().err
+    assert main(["train", "--no-progress", *student, "--resume"]) == 0  # finished rounds are skipped

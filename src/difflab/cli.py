@@ -67,9 +67,10 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, overwrite=args.overwrite)
         last = trainer.run(resume=args.resume, progress=not args.no_progress)
     if trainer.rank == 0:
-        grid = trainer.sample_grid(trainer.out / "samples" / "final.png")
+        out = Path(cfg["out_dir"])  # a progressive distillation's last round trains in out/round_k
+        grid = trainer.sample_grid(out / "samples" / "final.png")
         print(json.dumps(last))
-        print(f"wrote {trainer.out}/final (a pipeline of the EMA weights), {grid} and {trainer.out}/metrics.jsonl")
+        print(f"wrote {out}/final (a pipeline of the EMA weights), {grid} and {trainer.out}/metrics.jsonl")
     return 0
 
 
