@@ -313,6 +313,15 @@ class Pipeline:
                           f"{steps} step(s) is outside what it learned and may look worse than its teacher",
                           stacklevel=3)
 
+    def _step_size(self, cond: dict[str, Tensor] | None, n: int, steps: int, schedule: str) -> dict[str, Tensor] | None:
+        """A shortcut model (Frans et al. 2024) is told the size of the even steps it takes."""
+        if not getattr(self.network.config, "step_size_embedding", False):
+            return cond
+        if schedule != "trailing":
+            raise PipelineError(f"a shortcut model takes even steps t_max/steps; sample it with schedule='trailing' "
+                                f"(got {schedule!r})")
+        return {**(cond or {}), "step_size": torch.full((n,), float(self.process.t_max) / steps)}
+
     def _guided(self, den: Denoiser, method: str | None, options: dict[str, Any]):
         if not method or method == "none":
             return den
@@ -375,6 +384,7 @@ class Pipeline:
                                                                               guidance_options)
         self._check_student(sampler, steps)
         cond_settings, cond = self._conditions(n, class_labels, prompts)
+        cond = self._step_size(cond, n, steps, schedule)
         den = self.denoiser()
         adapters, control_list = self._adapters(n, loras, controls)
         if loras:

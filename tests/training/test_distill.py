@@ -249,3 +249,45 @@ def test_consistency_sampler_one_step_is_the_denoised_estimate():
     two = samplers.sample(den, z, "consistency", 2, "trailing", generator=g1)
     noise = torch.randn(z.shape, generator=g2, dtype=torch.float64)
     assert torch.allclose(two, den(0.5 * den(z, 1.0) + 0.5 * noise, 0.5), atol=1e-12)
+
+
+def test_shortcut_model_one_step_equals_two_half_steps_and_beats_plain_flow(tmp_path):
+    z, labels, ref = probe()
+    student, _ = distill.run(recipe(tmp_path, "shortcut", 1500, "distill.options={max_steps=16}",
+                                    "loss.cond_dropout=0.0"), progress=False)
+    pipe = student.pipeline()
+    assert (pipe.sampler, pipe.schedule, pipe.steps) == ("euler", "trailing", 1)
+    assert pipe.student["steps"] == [1, 2, 4, 8, 16]
+    assert torch.equal(pipe(4, seed=0, class_labels=labels[:4]).images,  # the pipeline passes the step size
+                       samplers.sample(pipe.denoiser(), torch.stack([torch.randn(2, generator=torch.Generator()
+                                                                                .manual_seed(i)) for i in range(4)]),
+                                       "euler", 1, "trailing", cond={"class_labels": labels[:4],
+                                                                     "step_size": torch.ones(4)}).clamp(-1, 1))
+    with torch.no_grad():
+        errors = {k: rmse(samplers.sample(pipe.denoiser(), z.float(), "euler", k, "trailing",
+                                         cond={"class_labels": labels, "step_size": torch.full((256,), 1.0 / k)}), ref)
+                  for k in (1, 2, 16)}
+        plain = rmse(samplers.sample(pipe.denoiser(), z.float(), "euler", 1, "trailing",
+                                     cond={"class_labels": labels, "step_size": torch.zeros(256)}), ref)
+    assert errors[1] < 0.5 * plain, (errors, plain)  # the step-size input is what makes one step work
+    assert errors[16] < 0.2  # and the model is still a flow at fine steps
+    with pytest.raises(Exception, match="schedule='trailing'"):
+        pipe(2, schedule="karras")
+
+
+def test_a_step_size_embedding_starts_from_the_teachers_network_unchanged():
+    torch.manual_seed(0)
+    for kind in ({"kind": "mlp", "dim": 2, "hidden": 16, "depth": 2, "num_classes": 4},
+                 {"kind": "unet", "in_channels": 1, "model_channels": 16, "channel_mult": [1], "num_res_blocks": 1,
+                  "attention_levels": [], "norm_groups": 8, "num_classes": 4}):
+        plain = network_from_config(kind)
+        for p in plain.parameters():  # outputs that are not zero-initialised, so equality means something
+            torch.nn.init.normal_(p, std=0.1)
+        shortcut = network_from_config({**kind, "step_size_embedding": True})
+        assert shortcut.load_widened(plain.state_dict()) == []
+        x = torch.randn(3, 2) if kind["kind"] == "mlp" else torch.randn(3, 1, 8, 8)
+        t, labels = torch.tensor([100.0, 500.0, 900.0]), torch.tensor([0, 1, -1])
+        for d in (None, torch.full((3,), 0.5)):
+            assert torch.equal(shortcut(x, t, class_labels=labels, step_size=d), plain(x, t, class_labels=labels))
+        with pytest.raises(ValueError, match="takes no step_size"):
+            plain(x, t, class_labels=labels, step_size=torch.ones(3))

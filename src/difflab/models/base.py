@@ -17,6 +17,9 @@ from difflab.checks import describe, fits
 from difflab.files import FileError, load_state, load_tensors, read_json, save_tensors, write_json
 from difflab.models.layers import Attention, attention_layers, attention_processor
 
+#: modules whose output starts at zero, so weights without them still give the same network
+ZERO_START_MODULES = ("step_embed.",)
+
 
 class Network(nn.Module):
     """Base class of difflab's networks; subclasses set ``config_class`` and ``kind``."""
@@ -173,9 +176,11 @@ class Network(nn.Module):
         (an inpainting model made from a trained one, Rombach et al. 2022): those weights fill the
         leading input channels and the new ones are zero, so the network computes what the original
         did whatever the new inputs are. Returns the widened weights' names; anything else that does
-        not fit is refused."""
+        not fit is refused. Embeddings that start at zero (a shortcut model's step size) may be missing
+        from the weights: they keep their initialisation, which adds nothing."""
         own, widened = self.state_dict(), []
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        added = sorted(k for k in set(own) - set(state) if k.startswith(ZERO_START_MODULES))
+        missing, unexpected = sorted(set(own) - set(state) - set(added)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(f"the weights do not fit this {type(self).__name__}: missing {missing[:4]}, "
                              f"unexpected {unexpected[:4]}")
@@ -193,6 +198,7 @@ class Network(nn.Module):
             wide[:, : value.shape[1]] = value
             fitted[key] = wide
             widened.append(key)
+        fitted.update({key: own[key] for key in added})
         self.load_state_dict(fitted)
         return widened
 

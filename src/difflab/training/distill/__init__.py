@@ -14,6 +14,9 @@ sampling it otherwise warn.
 - ``consistency`` (Song et al. 2023; Song & Dhariwal 2023): options ``target`` (``"teacher"``:
   distillation with the teacher's ``solver``, ``"data"``: consistency training), ``schedule``,
   ``steps_start`` / ``steps_end`` (the discretisation curriculum), ``huber_c``.
+- ``shortcut`` (Frans et al. 2024): a network conditioned on the step size, from scratch or from a
+  rectified-flow teacher's weights (no teacher outputs are used); options ``max_steps`` (a power of
+  two: the finest step) and ``consistency_fraction``. Samples with 1, 2, 4, ... ``max_steps`` Euler steps.
 - ``reflow`` (Liu et al. 2023) and ``instaflow`` (Liu et al. 2024): options ``pairs`` (how many
   noise/sample pairs the teacher makes, once, kept in ``OUT_DIR/pairs.safetensors``),
   ``sampler`` / ``steps`` / ``schedule`` (the teacher's deterministic sampler). Rectified-flow
@@ -35,11 +38,12 @@ from difflab.training.config import DEFAULTS, ConfigError
 from difflab.training.distill.consistency import ConsistencyObjective
 from difflab.training.distill.progressive import ProgressiveObjective
 from difflab.training.distill.reflow import PairedObjective, teacher_pairs
+from difflab.training.distill.shortcut import ShortcutObjective
 from difflab.training.distill.teacher import SOLVERS, Teacher
 from difflab.training.trainer import Trainer
 
 Tensor = torch.Tensor
-METHODS = ("progressive", "consistency", "reflow", "instaflow")
+METHODS = ("progressive", "consistency", "reflow", "instaflow", "shortcut")
 #: each method's options and their defaults (anything else in ``distill.options`` is refused)
 OPTIONS: dict[str, dict[str, Any]] = {
     "progressive": {"start_steps": 32, "end_steps": 4},
@@ -47,10 +51,11 @@ OPTIONS: dict[str, dict[str, Any]] = {
                     "steps_end": 80, "huber_c": -1.0},
     "reflow": {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256},
     "instaflow": {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256},
+    "shortcut": {"max_steps": 128, "consistency_fraction": 0.25},
 }
 #: the sampler (and schedule) each student is made for; None: the recipe's own
 STUDENT_SAMPLERS = {"progressive": ("ddim", "trailing"), "consistency": ("consistency", "trailing"),
-                    "reflow": None, "instaflow": ("euler", "trailing")}
+                    "reflow": None, "instaflow": ("euler", "trailing"), "shortcut": ("euler", "trailing")}
 
 
 def options(config: dict[str, Any]) -> dict[str, Any]:
@@ -90,6 +95,9 @@ def _check_teacher(method: str, process: processes.Process, prediction: predicti
         raise ConfigError(f"distill.options.solver must be one of {', '.join(SOLVERS)}, got {opts['solver']!r}")
     if method == "consistency" and opts["target"] not in ("teacher", "data"):
         raise ConfigError(f"distill.options.target must be 'teacher' or 'data', got {opts['target']!r}")
+    if method == "shortcut" and not (isinstance(process, processes.Flow) and process.shift == 1.0):
+        raise ConfigError(f"shortcut models take even Euler steps on rectified flow (shift 1); the process is "
+                          f"{process!r}")
     if method == "progressive":
         start, end = int(opts["start_steps"]), int(opts["end_steps"])
         if end < 1 or start <= end or start & (start - 1) or end & (end - 1):
@@ -131,6 +139,8 @@ def _student_sampling(config: dict[str, Any], method: str, steps: int | None = N
         config["sample"]["sampler"], config["sample"]["schedule"] = chosen
     if steps is not None:
         config["sample"]["steps"] = steps
+    elif method in ("consistency", "shortcut") and config["sample"]["steps"] == DEFAULTS["sample"]["steps"]:
+        config["sample"]["steps"] = 1  # one evaluation, unless the recipe's [sample] asks for more
     return config
 
 
@@ -139,6 +149,9 @@ def _student_record(config: dict[str, Any], method: str) -> dict[str, Any] | Non
     if method == "reflow":  # a rectified flow again: any sampler, it is only straighter
         return None
     steps = [s["steps"]] if method in ("progressive", "instaflow") else []
+    if method == "shortcut":
+        finest = int(options(config)["max_steps"])
+        steps = [2**k for k in range(finest.bit_length()) if 2**k <= finest]
     return {"method": method, "sampler": s["sampler"], "steps": steps}
 
 
@@ -149,8 +162,14 @@ def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite
     process and prediction itself. ``round_steps``: the student's steps of one progressive round."""
     method = config["distill"]["method"]
     opts = options(config)
-    from_scratch = method == "consistency" and opts["target"] == "data" and not config["distill"]["teacher"]
-    if teacher is None and not from_scratch:
+    from_scratch = method in ("consistency", "shortcut") and not config["distill"]["teacher"] and (
+        method == "shortcut" or opts["target"] == "data")
+    if method == "shortcut":
+        if config["distill"]["teacher"]:  # its weights only: the student is a shortcut model of the same network
+            config = from_teacher(config, _teacher_pipeline(config["distill"]["teacher"]), config["distill"]["teacher"])
+        config["model"] = {**config["model"], "step_size_embedding": True}
+        teacher = None
+    elif teacher is None and not from_scratch:
         pipe = _teacher_pipeline(config["distill"]["teacher"])
         config = from_teacher(config, pipe, config["distill"]["teacher"])
         teacher = Teacher.from_pipeline(pipe, float(config["distill"]["guidance_scale"]))
@@ -171,6 +190,8 @@ def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite
         objective = ConsistencyObjective(process, prediction, teacher if opts["target"] == "teacher" else None, steps,
                                          opts["schedule"], int(opts["steps_start"]), int(opts["steps_end"]),
                                          opts["solver"], None if opts["huber_c"] < 0 else float(opts["huber_c"]))
+    elif method == "shortcut":
+        objective = ShortcutObjective(process, prediction, int(opts["max_steps"]), float(opts["consistency_fraction"]))
     else:
         objective = None  # set below, once the pairs exist
     run = Trainer(config, objective=objective, overwrite=overwrite)
