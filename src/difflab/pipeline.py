@@ -313,14 +313,22 @@ class Pipeline:
                           f"{steps} step(s) is outside what it learned and may look worse than its teacher",
                           stacklevel=3)
 
-    def _step_size(self, cond: dict[str, Tensor] | None, n: int, steps: int, schedule: str) -> dict[str, Tensor] | None:
-        """A shortcut model (Frans et al. 2024) is told the size of the even steps it takes."""
-        if not getattr(self.network.config, "step_size_embedding", False):
-            return cond
-        if schedule != "trailing":
-            raise PipelineError(f"a shortcut model takes even steps t_max/steps; sample it with schedule='trailing' "
-                                f"(got {schedule!r})")
-        return {**(cond or {}), "step_size": torch.full((n,), float(self.process.t_max) / steps)}
+    def _scalar_conditions(self, cond: dict[str, Tensor] | None, n: int, steps: int, schedule: str,
+                           guidance: str | None, options: dict[str, Any]
+                           ) -> tuple[dict[str, Tensor] | None, str | None]:
+        """The numbers a distilled network is told, and the guidance left to run: a shortcut model
+        (Frans et al. 2024) gets the size of its even steps; a latent consistency model (Luo et al.
+        2023) gets the CFG scale as an input instead of running CFG's second branch."""
+        config = self.network.config
+        if getattr(config, "step_size_embedding", False):
+            if schedule != "trailing":
+                raise PipelineError(f"a shortcut model takes even steps t_max/steps; sample it with "
+                                    f"schedule='trailing' (got {schedule!r})")
+            cond = {**(cond or {}), "step_size": torch.full((n,), float(self.process.t_max) / steps)}
+        if getattr(config, "guidance_embedding", False) and guidance == "cfg":
+            scale = float(options.get("scale", 1.0))
+            cond, guidance = {**(cond or {}), "guidance_scale": torch.full((n,), scale)}, None
+        return cond, guidance
 
     def _guided(self, den: Denoiser, method: str | None, options: dict[str, Any]):
         if not method or method == "none":
@@ -384,7 +392,7 @@ class Pipeline:
                                                                               guidance_options)
         self._check_student(sampler, steps)
         cond_settings, cond = self._conditions(n, class_labels, prompts)
-        cond = self._step_size(cond, n, steps, schedule)
+        cond, applied_guidance = self._scalar_conditions(cond, n, steps, schedule, guidance, guidance_options)
         den = self.denoiser()
         adapters, control_list = self._adapters(n, loras, controls)
         if loras:
@@ -419,7 +427,7 @@ class Pipeline:
 
                         full = torch.ones_like(noise[:, :1])
                         fast = WithInputs(fast, inpainting_inputs(torch.zeros_like(noise), full))
-                    model = self._guided(fast, guidance, guidance_options)
+                    model = self._guided(fast, applied_guidance, guidance_options)
                     if image_prompt:
                         from difflab.adapters import ImagePrompted
 

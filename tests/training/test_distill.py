@@ -291,3 +291,33 @@ def test_a_step_size_embedding_starts_from_the_teachers_network_unchanged():
             assert torch.equal(shortcut(x, t, class_labels=labels, step_size=d), plain(x, t, class_labels=labels))
         with pytest.raises(ValueError, match="takes no step_size"):
             plain(x, t, class_labels=labels, step_size=torch.ones(3))
+
+
+def test_latent_consistency_student_carries_the_guidance_scale(tmp_path):
+    def null(cond):
+        return {**cond, "class_labels": torch.full_like(cond["class_labels"], -1)}
+
+    teacher = Teacher(MIX.denoiser(FLOW), FLOW, null=null)
+    student, _ = distill.run(recipe(tmp_path, "consistency", 1200, "loss.cond_dropout=0.1",
+                                    "distill.options={steps_start=8, steps_end=32, skip=2, guidance_range=[1.0, 4.0]}"),
+                             teacher=teacher, progress=False)
+    pipe = student.pipeline()
+    assert pipe.network.config.guidance_embedding and pipe.guidance == {"method": "cfg", "options": {"scale": 2.5}}
+    z, labels, _ = probe()
+    refs = {w: samplers.sample(Teacher(MIX.denoiser(FLOW), FLOW, scale=w, null=null), z, "dpmpp_2m", 64, "karras",
+                               cond={"class_labels": labels}) for w in (1.0, 4.0)}
+    with torch.no_grad():
+        outs = {w: samplers.sample(pipe.denoiser(), z.float(), "consistency", 1, "trailing",
+                                   cond={"class_labels": labels, "guidance_scale": torch.full((256,), w)})
+                for w in (1.0, 4.0)}
+    # what guidance changes in the guided ODE's end points, the scale input changes in one step
+    change, wanted = outs[4.0] - outs[1.0], refs[4.0] - refs[1.0]
+    assert rmse(change, wanted) < 0.5 * rmse(wanted, 0 * wanted), (rmse(change, wanted), rmse(wanted, 0 * wanted))
+    # the pipeline turns cfg into the input: one evaluation per image, the same images
+    out = pipe(4, seed=0, class_labels=labels[:4], guidance="cfg", guidance_options={"scale": 4.0})
+    assert out.settings[0]["denoiser_calls"] == 1
+    noise = torch.stack([torch.randn(2, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    with torch.no_grad():
+        direct = samplers.sample(pipe.denoiser(), noise, "consistency", 1, "trailing",
+                                 cond={"class_labels": labels[:4], "guidance_scale": torch.full((4,), 4.0)})
+    assert torch.equal(out.images, direct.clamp(-1, 1))

@@ -17,8 +17,12 @@ from difflab.checks import describe, fits
 from difflab.files import FileError, load_state, load_tensors, read_json, save_tensors, write_json
 from difflab.models.layers import Attention, attention_layers, attention_processor
 
+Tensor = torch.Tensor
 #: modules whose output starts at zero, so weights without them still give the same network
-ZERO_START_MODULES = ("step_embed.",)
+ZERO_START_MODULES = ("step_embed.", "guidance_embed.")
+#: the scalar conditions a network may embed: (forward keyword, config flag, attribute, default value)
+SCALAR_CONDITIONS = (("step_size", "step_size_embedding", "step_embed", 0.0),
+                     ("guidance_scale", "guidance_embedding", "guidance_embed", 1.0))
 
 
 class Network(nn.Module):
@@ -54,6 +58,26 @@ class Network(nn.Module):
 
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self.config)}
+
+    def scalar_embedders(self, width: int, frequency_dim: int) -> None:
+        """Build the :class:`~difflab.models.layers.ScalarEmbedder` of each scalar condition its
+        config asks for (``step_size_embedding``, ``guidance_embedding``)."""
+        from difflab.models.layers import ScalarEmbedder
+
+        for _, flag, attribute, default in SCALAR_CONDITIONS:
+            wanted = getattr(self.config, flag, False)
+            setattr(self, attribute, ScalarEmbedder(width, frequency_dim, default=default) if wanted else None)
+
+    def add_scalar_conditions(self, emb: Tensor, like: Tensor, **values: Tensor | None) -> Tensor:
+        """``emb`` plus the embedding of each scalar condition (step_size=, guidance_scale=); a value
+        the network was not built for is refused."""
+        for keyword, flag, attribute, _ in SCALAR_CONDITIONS:
+            embedder, value = getattr(self, attribute, None), values.get(keyword)
+            if embedder is not None:
+                emb = emb + embedder(value, like).to(emb.dtype)
+            elif value is not None:
+                raise ValueError(f"this {type(self).__name__} takes no {keyword}; build it with {flag}=True")
+        return emb
 
     # --- the hook interface (difflab.hooks.Hookable) ----------------------------------------------
     def named_blocks(self) -> list[tuple[str, nn.Module]]:

@@ -64,22 +64,22 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
-class StepSizeEmbedder(nn.Module):
-    """The step size a shortcut model is asked to take (Frans et al. 2024, One Step Diffusion via
-    Shortcut Models), embedded like the time (``scale * d``) and added to the time embedding. Its
-    output layer starts at zero, so a network widened with it equals the network it came from;
-    ``d = 0`` (the default when none is given) asks for the instantaneous velocity."""
+class ScalarEmbedder(nn.Module):
+    """One number per sample embedded like the time (``scale * value``) and added to the time
+    embedding: a shortcut model's step size (Frans et al. 2024) or a latent consistency model's
+    guidance scale (Luo et al. 2023). Its output layer starts at zero, so a network widened with it
+    equals the network it came from; ``default`` is used when no value is given."""
 
-    def __init__(self, dim: int, frequency_dim: int = 256, scale: float = 1000.0):
+    def __init__(self, dim: int, frequency_dim: int = 256, scale: float = 1000.0, default: float = 0.0):
         super().__init__()
-        self.scale = scale
+        self.scale, self.default = scale, default
         self.embed = TimestepEmbedder(dim, frequency_dim)
         zero_(self.embed.mlp[-1])
 
-    def forward(self, step_size: Tensor | None, like: Tensor) -> Tensor:
-        if step_size is None:
-            step_size = torch.zeros(like.shape[0], device=like.device)
-        return self.embed(step_size.to(like.device).float().reshape(-1).expand(like.shape[0]) * self.scale)
+    def forward(self, value: Tensor | float | None, like: Tensor) -> Tensor:
+        value = self.default if value is None else value
+        value = torch.as_tensor(value, device=like.device, dtype=torch.float32).reshape(-1).expand(like.shape[0])
+        return self.embed(value * self.scale)
 
 
 class LabelEmbedder(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 
 from difflab.batch import batch_times
 from difflab.models.base import Network, check_conditioning
-from difflab.models.layers import LabelEmbedder, LayerNorm, StepSizeEmbedder, TimestepEmbedder, checkpointed, zero_
+from difflab.models.layers import LabelEmbedder, LayerNorm, TimestepEmbedder, checkpointed, zero_
 
 Tensor = torch.Tensor
 
@@ -23,13 +23,15 @@ class MLPConfig:
     num_classes: int | None = None
     dropout: float = 0.0
     step_size_embedding: bool = False  # a shortcut model's step size (forward's step_size=)
+    guidance_embedding: bool = False  # a latent consistency model's guidance scale (forward's guidance_scale=)
     gradient_checkpointing: bool = False
 
 
 class MLP(Network):
     """Pre-norm residual MLP with the time (and label) embedding added in every block;
-    zero-initialised output. ``forward(x, t, class_labels=None, step_size=None)`` with x of shape
-    (batch, dim); ``step_size`` with ``step_size_embedding`` (shortcut models)."""
+    zero-initialised output. ``forward(x, t, class_labels=None, step_size=None, guidance_scale=None)`` with x of shape
+    (batch, dim); ``step_size`` / ``guidance_scale`` with ``step_size_embedding`` / ``guidance_embedding``
+    (shortcut models, latent consistency models)."""
 
     config_class = MLPConfig
     kind = "mlp"
@@ -40,7 +42,7 @@ class MLP(Network):
         self.inp = nn.Linear(c.dim, c.hidden)
         self.time_embed = TimestepEmbedder(c.hidden, frequency_dim=min(256, 2 * c.hidden))
         self.label_embed = LabelEmbedder(c.num_classes, c.hidden) if c.num_classes else None
-        self.step_embed = StepSizeEmbedder(c.hidden, min(256, 2 * c.hidden)) if c.step_size_embedding else None
+        self.scalar_embedders(c.hidden, min(256, 2 * c.hidden))
         self.blocks = nn.ModuleList(
             nn.ModuleDict({"norm": LayerNorm(c.hidden), "emb": nn.Linear(c.hidden, c.hidden),
                            "fc1": nn.Linear(c.hidden, 2 * c.hidden), "fc2": zero_(nn.Linear(2 * c.hidden, c.hidden))})
@@ -57,7 +59,8 @@ class MLP(Network):
         return self.block_names()
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None,
-                residuals: dict[str, Tensor] | None = None, step_size: Tensor | None = None) -> Tensor:
+                residuals: dict[str, Tensor] | None = None, step_size: Tensor | None = None,
+                guidance_scale: Tensor | None = None) -> Tensor:
         c = self.config
         residuals = self.check_residuals(residuals)
         if x.ndim != 2 or x.shape[1] != c.dim:
@@ -66,10 +69,7 @@ class MLP(Network):
         emb = self.time_embed(batch_times(t, x))
         if self.label_embed is not None:
             emb = emb + self.label_embed(class_labels)
-        if self.step_embed is not None:
-            emb = emb + self.step_embed(step_size, x)
-        elif step_size is not None:
-            raise ValueError("this MLP takes no step_size; build it with step_size_embedding=True (shortcut models)")
+        emb = self.add_scalar_conditions(emb, x, step_size=step_size, guidance_scale=guidance_scale)
         h = self.inp(x)
         for i, block in enumerate(self.blocks):
             def fn(h: Tensor, block=block) -> Tensor:

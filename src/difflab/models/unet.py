@@ -16,7 +16,6 @@ from difflab.models.layers import (
     GroupNorm,
     LabelEmbedder,
     PooledEmbedder,
-    StepSizeEmbedder,
     TimestepEmbedder,
     checkpointed,
     zero_,
@@ -41,6 +40,7 @@ class UNetConfig:
     pooled_dim: int | None = None  # pooled text embedding added to the time embedding
     concat_channels: int = 0  # inputs concatenated to x (an inpainting model's mask and masked image)
     step_size_embedding: bool = False  # a shortcut model's step size (forward's step_size=)
+    guidance_embedding: bool = False  # a latent consistency model's guidance scale (forward's guidance_scale=)
     norm_groups: int = 32
     qk_norm: bool = False
     fp32_norm: bool = False
@@ -59,7 +59,8 @@ class UNet(Network):
     cross-attention to text tokens and a pooled embedding; zero-initialised output.
 
     ``forward(x, t, class_labels=None, context=None, context_mask=None, pooled=None, concat=None,
-    step_size=None)``; ``step_size`` with ``step_size_embedding`` (shortcut models);
+    step_size=None, guidance_scale=None)``; ``step_size`` / ``guidance_scale`` with
+    ``step_size_embedding`` / ``guidance_embedding`` (shortcut models, latent consistency models);
     use class label -1 (or ``num_classes``) for the unconditional "null" class. ``concat``: the
     ``concat_channels`` extra input channels (an inpainting model's mask and masked image, as Stable
     Diffusion's inpainting U-Nets take them), joined to x before the first convolution.
@@ -79,7 +80,7 @@ class UNet(Network):
                                            cos_first=c.time_cos_first, freq_shift=c.time_freq_shift)
         self.label_embed = LabelEmbedder(c.num_classes, emb_dim) if c.num_classes else None
         self.pooled_embed = PooledEmbedder(c.pooled_dim, emb_dim) if c.pooled_dim else None
-        self.step_embed = StepSizeEmbedder(emb_dim, frequency_dim=mc) if c.step_size_embedding else None
+        self.scalar_embedders(emb_dim, mc)
         self.conv_in = nn.Conv2d(c.in_channels + c.concat_channels, mc, 3, padding=1)
 
         def attn(ch: int, name: str, norm: bool = True) -> SpatialTransformer:
@@ -137,11 +138,12 @@ class UNet(Network):
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, pooled: Tensor | None = None,
                 residuals: dict[str, Tensor] | None = None, concat: Tensor | None = None,
-                step_size: Tensor | None = None) -> Tensor:
+                step_size: Tensor | None = None, guidance_scale: Tensor | None = None) -> Tensor:
         if self.encoder_only:
             raise ValueError("this U-Net is an encoder copy (a ControlNet's): it has no decoder; call encode()")
         residuals = self.check_residuals(residuals)
-        hs, h, emb = self.encode(x, t, class_labels, context, context_mask, pooled, concat, step_size=step_size)
+        hs, h, emb = self.encode(x, t, class_labels, context, context_mask, pooled, concat, step_size=step_size,
+                                 guidance_scale=guidance_scale)
         if residuals:  # ControlNet: added to the skip connections and the middle, after the down pass
             hs = [s + residuals[f"skip.{i}"] if f"skip.{i}" in residuals else s for i, s in enumerate(hs)]
             h = h + residuals["middle"] if "middle" in residuals else h
@@ -152,7 +154,8 @@ class UNet(Network):
 
     def encode(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
                context_mask: Tensor | None = None, pooled: Tensor | None = None, concat: Tensor | None = None,
-               hint: Tensor | None = None, step_size: Tensor | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
+               hint: Tensor | None = None, step_size: Tensor | None = None,
+               guidance_scale: Tensor | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
         """The down pass and the middle: (the skip features ``skip.0..N``, the middle's output, the
         time/condition embedding). ``hint`` is added after the input convolution (ControlNet's
         conditioning features, Zhang et al. 2023)."""
@@ -171,10 +174,7 @@ class UNet(Network):
             emb = emb + self.label_embed(class_labels)
         if self.pooled_embed is not None and pooled is not None:
             emb = emb + self.pooled_embed(pooled)
-        if self.step_embed is not None:
-            emb = emb + self.step_embed(step_size, x)
-        elif step_size is not None:
-            raise ValueError("this UNet takes no step_size; build it with step_size_embedding=True (shortcut models)")
+        emb = self.add_scalar_conditions(emb, x, step_size=step_size, guidance_scale=guidance_scale)
         emb = emb.to(x.dtype) if emb.dtype != x.dtype else emb
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

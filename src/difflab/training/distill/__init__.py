@@ -13,7 +13,9 @@ sampling it otherwise warn.
   ``OUT_DIR/round_k``; ``OUT_DIR/final`` is the last round's student.
 - ``consistency`` (Song et al. 2023; Song & Dhariwal 2023): options ``target`` (``"teacher"``:
   distillation with the teacher's ``solver``, ``"data"``: consistency training), ``schedule``,
-  ``steps_start`` / ``steps_end`` (the discretisation curriculum), ``huber_c``.
+  ``steps_start`` / ``steps_end`` (the discretisation curriculum), ``huber_c``; LCM's (Luo et al.
+  2023) ``skip`` (grid points per teacher step) and ``guidance_range = [w_min, w_max]`` (the student
+  gets a guidance-scale input and its pipeline turns ``cfg`` into that input: one evaluation per step).
 - ``shortcut`` (Frans et al. 2024): a network conditioned on the step size, from scratch or from a
   rectified-flow teacher's weights (no teacher outputs are used); options ``max_steps`` (a power of
   two: the finest step) and ``consistency_fraction``. Samples with 1, 2, 4, ... ``max_steps`` Euler steps.
@@ -48,7 +50,7 @@ METHODS = ("progressive", "consistency", "reflow", "instaflow", "shortcut")
 OPTIONS: dict[str, dict[str, Any]] = {
     "progressive": {"start_steps": 32, "end_steps": 4},
     "consistency": {"target": "teacher", "solver": "heun", "schedule": "karras", "steps_start": 10,
-                    "steps_end": 80, "huber_c": -1.0},
+                    "steps_end": 80, "huber_c": -1.0, "skip": 1, "guidance_range": []},
     "reflow": {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256},
     "instaflow": {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256},
     "shortcut": {"max_steps": 128, "consistency_fraction": 0.25},
@@ -173,6 +175,12 @@ def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite
         pipe = _teacher_pipeline(config["distill"]["teacher"])
         config = from_teacher(config, pipe, config["distill"]["teacher"])
         teacher = Teacher.from_pipeline(pipe, float(config["distill"]["guidance_scale"]))
+    if method == "consistency" and opts["guidance_range"]:
+        if len(opts["guidance_range"]) != 2:
+            raise ConfigError(f"distill.options.guidance_range must be [w_min, w_max], got {opts['guidance_range']}")
+        config["model"] = {**config["model"], "guidance_embedding": True}
+        config["sample"] = {**config["sample"], "guidance": "cfg",
+                            "guidance_options": {"scale": sum(map(float, opts["guidance_range"])) / 2}}
     process = processes.from_config(config["process"])
     prediction = predictions.get(config["prediction"])
     _check_teacher(method, process, prediction, opts)
@@ -187,9 +195,11 @@ def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite
     if method == "progressive":
         objective: Any = ProgressiveObjective(teacher, process, prediction, round_steps)
     elif method == "consistency":
+        guided = tuple(float(w) for w in opts["guidance_range"]) or None
         objective = ConsistencyObjective(process, prediction, teacher if opts["target"] == "teacher" else None, steps,
                                          opts["schedule"], int(opts["steps_start"]), int(opts["steps_end"]),
-                                         opts["solver"], None if opts["huber_c"] < 0 else float(opts["huber_c"]))
+                                         opts["solver"], None if opts["huber_c"] < 0 else float(opts["huber_c"]),
+                                         int(opts["skip"]), guided)
     elif method == "shortcut":
         objective = ShortcutObjective(process, prediction, int(opts["max_steps"]), float(opts["consistency_fraction"]))
     else:

@@ -1,5 +1,6 @@
 """Consistency distillation and consistency training (Song et al. 2023; improved training, Song &
-Dhariwal 2023; easy consistency tuning, Geng et al. 2024): the student's x0 estimate is made the
+Dhariwal 2023; easy consistency tuning, Geng et al. 2024; latent consistency models' guidance
+embedding and skipping steps, Luo et al. 2023): the student's x0 estimate is made the
 same at neighbouring points of one ODE path, so one evaluation jumps from noise to data.
 
 The boundary condition f(x, 0) = x needs no special parameterisation here: every prediction but x0
@@ -46,7 +47,10 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float | None = None) -> Tensor:
 class ConsistencyObjective:
     """``d(D(x_hi, t_hi), sg D(x_lo, t_lo)) / (t_hi - t_lo)`` for neighbours on the ``schedule``'s
     grid of N steps (N from the curriculum). ``teacher`` given: x_lo is the teacher's ODE step from
-    x_hi (distillation); None: x_lo is the same data and noise at t_lo (training)."""
+    x_hi (distillation); None: x_lo is the same data and noise at t_lo (training). ``skip``: the
+    teacher steps over that many grid points at once (LCM's skipping-step solver, Luo et al. 2023);
+    ``guidance_range``: each sample's teacher is guided with a scale drawn from it, which the student
+    gets as its ``guidance_scale`` input (a latent consistency model that carries CFG)."""
 
     process: Process
     prediction: predictions.Prediction
@@ -57,11 +61,19 @@ class ConsistencyObjective:
     steps_end: int = 80
     solver: str = "heun"
     huber_c: float | None = None
+    skip: int = 1
+    guidance_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.prediction.name == "x0":
             raise ValueError("consistency models need D(x, 0) = x, which an x0-prediction network does not give; "
                              "use a teacher (student) with eps, v, flow or edm prediction")
+        if self.skip < 1:
+            raise ValueError(f"skip must be >= 1 (grid points per teacher step), got {self.skip}")
+        if self.guidance_range is not None and (self.teacher is None or not 1 <= self.guidance_range[0]
+                                                <= self.guidance_range[1]):
+            raise ValueError("guidance_range = [w_min, w_max] with 1 <= w_min <= w_max needs a teacher to guide, "
+                             f"got {self.guidance_range}")
         if not 1 <= self.steps_start <= self.steps_end:
             raise ValueError(f"the curriculum needs 1 <= steps_start <= steps_end, got {self.steps_start}, "
                              f"{self.steps_end}")
@@ -71,13 +83,20 @@ class ConsistencyObjective:
         n_steps = curriculum(int(batch["step"][0]), self.total_steps, self.steps_start, self.steps_end)
         grid = schedules.get(self.schedule, self.process, n_steps).to(x0.device)
         n = (batch["seeds"] % n_steps).to(x0.device)
-        t_hi, t_lo = grid[n].to(x0.dtype), grid[n + 1].to(x0.dtype)
+        t_hi, t_lo = grid[n].to(x0.dtype), grid[(n + self.skip).clamp(max=n_steps)].to(x0.dtype)
+        scale = None
+        if self.guidance_range is not None:  # LCM: a guidance scale per sample, which the student is told
+            low, high = self.guidance_range
+            u = ((batch["seeds"] // n_steps) % 1024).to(x0.device, x0.dtype) / 1023
+            scale = low + (high - low) * u
+            cond = {**cond, "guidance_scale": scale}
         den = Denoiser(net, self.process, self.prediction)
         _, a_hi, s_hi = den.scales(x0, t_hi)
         x_hi = a_hi * x0 + s_hi * noise
         with torch.no_grad():
             if self.teacher is not None:
-                x_lo = self.teacher.step(x_hi, t_hi, t_lo, self.solver, **cond)
+                teacher_cond = {k: v for k, v in cond.items() if k != "guidance_scale"}
+                x_lo = self.teacher.step(x_hi, t_hi, t_lo, self.solver, scale, **teacher_cond)
             else:
                 _, a_lo, s_lo = den.scales(x0, t_lo)
                 x_lo = a_lo * x0 + s_lo * noise

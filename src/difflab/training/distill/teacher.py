@@ -54,11 +54,16 @@ class Teacher:
                    pipe.text_encoder_config is not None else None)
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor | float, scale: Tensor | None = None, **cond: Any) -> Tensor:
+        """The guided x0 estimate; ``scale``: one guidance scale per sample instead of the teacher's."""
         d = self.denoiser(x, t, **cond)
-        if self.scale == 1.0:
+        if scale is None and self.scale == 1.0:
             return d
-        return d + (self.scale - 1.0) * (d - self.denoiser(x, t, **self.null(cond)))
+        if self.null is None:
+            raise ValueError("a guided teacher needs null(cond), its unconditional inputs: a class- or text-"
+                             "conditional teacher")
+        w = per_sample(scale.to(d.dtype), d) if scale is not None else self.scale
+        return d + (w - 1.0) * (d - self.denoiser(x, t, **self.null(cond)))
 
     def scales(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """alpha(t), sigma(t) per sample, broadcast against ``like``."""
@@ -66,7 +71,8 @@ class Teacher:
                 per_sample(self.process.sigma(t).to(like.dtype), like))
 
     @torch.no_grad()
-    def step(self, x: Tensor, t: Tensor, s: Tensor, solver: str = "heun", **cond: Any) -> Tensor:
+    def step(self, x: Tensor, t: Tensor, s: Tensor, solver: str = "heun", scale: Tensor | None = None,
+             **cond: Any) -> Tensor:
         """The teacher's probability-flow ODE from t to s < t (one time per sample): ``euler`` is
         DDIM (one evaluation); ``heun`` adds a second evaluation at s and uses the mean of the two
         estimates in the same exponential-integrator step (the trapezoidal rule in e^lambda,
@@ -75,10 +81,10 @@ class Teacher:
             raise ValueError(f"unknown teacher solver {solver!r}; choose one of {', '.join(SOLVERS)}")
         at, st = self.scales(t, x)
         as_, ss = self.scales(s, x)
-        d = self(x, t, **cond)
+        d = self(x, t, scale, **cond)
         first = ddim_step(x, d, at, st, as_, ss)
         if solver == "euler":
             return first
         clean = ss == 0  # landing on data: the first step already returned D there, and the trapezoid keeps it
-        d_end = torch.where(clean, d, self(first, s, **cond))
+        d_end = torch.where(clean, d, self(first, s, scale, **cond))
         return ddim_step(x, 0.5 * (d + d_end), at, st, as_, ss)
