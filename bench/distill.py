@@ -3,8 +3,8 @@ and 4 network evaluations, beside the teacher at 20 and 50 and the teacher's bes
 1 / 2 / 4 evaluations; training time of each recipe from its metrics.jsonl.
 
 Train first (alone on the machine): ``difflab train digits``, then ``digits_consistency``,
-``digits_progressive``, ``digits_reflow``, ``digits_instaflow`` (which distils the reflowed model) and
-``digits_shortcut``.
+``digits_progressive``, ``digits_reflow``, ``digits_instaflow`` (which distils the reflowed model) ,
+``digits_shortcut`` and ``digits_dmd2``.
 Run by hand, alone:  python bench/distill.py [--runs outputs] [--n 2000]
 Writes bench/results/distill.{json,md,png}.
 """
@@ -32,7 +32,8 @@ TEACHER_AT = {1: [("euler", 1, "trailing"), ("heun", 1, "trailing")],
               4: [("euler", 4, "trailing"), ("dpmpp_2m", 4, "trailing"), ("unipc", 4, "trailing"),
                   ("dpmpp_2m", 4, "karras"), ("unipc", 4, "karras"), ("heun", 2, "karras")]}
 STUDENTS = {"consistency": "digits_consistency", "progressive": "digits_progressive", "reflow": "digits_reflow",
-            "instaflow": "digits_instaflow", "shortcut": "digits_shortcut"}
+            "instaflow": "digits_instaflow", "shortcut": "digits_shortcut",
+            "dmd2": "digits_dmd2"}
 
 
 def training_seconds(run: Path) -> float | None:

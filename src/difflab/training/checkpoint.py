@@ -156,3 +156,28 @@ def load(path: Path, *, model: torch.nn.Module, ema: torch.nn.Module | None, opt
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(torch.tensor(trainer["cpu_rng"], dtype=torch.uint8))
     return trainer
+
+
+def auxiliary_files(parts: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]) -> dict[str, bytes]:
+    """An objective's own networks and optimizers (DMD2's fake score network) as checkpoint files:
+    ``aux_NAME.safetensors`` (weights), ``aux_NAME_optimizer.safetensors`` and ``aux_NAME.json``."""
+    from safetensors.torch import save
+
+    files = {}
+    for name, (module, optimizer) in parts.items():
+        tensors, meta = _flat_optimizer(optimizer.state_dict())
+        files[f"aux_{name}.safetensors"] = save({k: v.detach().contiguous() for k, v in module.state_dict().items()})
+        files[f"aux_{name}_optimizer.safetensors"] = save(tensors)
+        files[f"aux_{name}.json"] = json.dumps(meta).encode()
+    return files
+
+
+def load_auxiliary(path: Path, parts: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]) -> None:
+    """Restore what :func:`auxiliary_files` wrote, each part checked against its target."""
+    for name, (module, optimizer) in parts.items():
+        weights = path / f"aux_{name}.safetensors"
+        if not weights.is_file():
+            raise FileError(f"{path} has no {weights.name}: the objective's {name} network was not saved with it")
+        load_state(module, load_tensors(weights, f"the objective's {name} network"), str(weights))
+        load_optimizer(optimizer, load_tensors(path / f"aux_{name}_optimizer.safetensors", f"{name} optimizer state"),
+                       read_json(path / f"aux_{name}.json", f"{name} optimizer record"), str(weights))

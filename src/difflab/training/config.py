@@ -91,7 +91,7 @@ RULES: dict[str, Rule] = {
     "train.divergence_patience": AT_LEAST_ONE,
     "text.max_tokens": AT_LEAST_ONE, "latent.train_steps": NON_NEGATIVE, "latent.batch_size": AT_LEAST_ONE,
     "latent.lr": POSITIVE, "latent.kl_weight": NON_NEGATIVE, "sample.steps": AT_LEAST_ONE, "sample.n": AT_LEAST_ONE,
-    "distill.method": Rule(choices=("", "progressive", "consistency", "reflow", "instaflow", "shortcut")),
+    "distill.method": Rule(choices=("", "progressive", "consistency", "reflow", "instaflow", "shortcut", "dmd2")),
     "distill.guidance_scale": Rule(1),
 }
 #: an adapter recipe (``difflab adapt``): a LoRA or a ControlNet trained on a frozen base pipeline

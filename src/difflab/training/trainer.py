@@ -294,6 +294,12 @@ class Trainer:
             return cond
         return {"class_labels": batch["labels"]} if "labels" in batch else {}
 
+    def _auxiliary(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        """Networks and optimizers the objective trains itself (``objective.auxiliary()``: DMD2's
+        fake score network), checkpointed and restored with the model."""
+        parts = getattr(self.objective, "auxiliary", None)
+        return parts() if callable(parts) else {}
+
     def _loss(self, batch: dict[str, Tensor]) -> Tensor:
         with self.runtime.autocast():
             return self.objective(self.net, batch, **self._conditions(batch))
@@ -324,6 +330,7 @@ class Trainer:
                                       + "\n  ".join(diff))
                 step = checkpoint.load(ckpt, model=self.model, ema=self.ema, optimizer=self.optimizer,
                                        scheduler=self.scheduler)["step"]
+                checkpoint.load_auxiliary(ckpt, self._auxiliary())
             except (FileError, KeyError) as err:
                 problems.append(f"{ckpt.name}: {err}")
                 warnings.warn(f"checkpoint {ckpt} cannot be read ({err}); trying the one before", stacklevel=2)
@@ -398,8 +405,9 @@ class Trainer:
                 guard.warned = True
                 warnings.warn(diverged, stacklevel=2)
             if self.runtime.main and (done % tcfg["checkpoint_every"] == 0 or done == total):
-                files = {"pipeline.json": json.dumps(self.pipeline_config(checkpoint.path_of(self.out, done)),
-                                                     indent=1).encode()}
+                record = self.pipeline_config(checkpoint.path_of(self.out, done))
+                files = {"pipeline.json": json.dumps(record, indent=1).encode(),
+                         **checkpoint.auxiliary_files(self._auxiliary())}
                 checkpoint.save(self.out, done, model=self.model, ema=self.ema, optimizer=self.optimizer,
                                 scheduler=self.scheduler, config=cfg, keep_last=tcfg["keep_last"], files=files)
             yield {"step": done, "loss": total_loss, "grad_norm": grad_norm,

@@ -19,6 +19,10 @@ sampling it otherwise warn.
 - ``shortcut`` (Frans et al. 2024): a network conditioned on the step size, from scratch or from a
   rectified-flow teacher's weights (no teacher outputs are used); options ``max_steps`` (a power of
   two: the finest step) and ``consistency_fraction``. Samples with 1, 2, 4, ... ``max_steps`` Euler steps.
+- ``dmd2`` (Yin et al. 2024): a ``steps``-step generator (the consistency sampler's rollout) pulled
+  by the teacher's and a fake denoiser's difference; the fake network (from the teacher's weights)
+  takes ``fake_updates`` steps at ``fake_lr`` per generator step and is checkpointed with it; more
+  than one step trains on the student's own rollouts (backward simulation). One process only.
 - ``reflow`` (Liu et al. 2023) and ``instaflow`` (Liu et al. 2024): options ``pairs`` (how many
   noise/sample pairs the teacher makes, once, kept in ``OUT_DIR/pairs.safetensors``),
   ``sampler`` / ``steps`` / ``schedule`` (the teacher's deterministic sampler). Rectified-flow
@@ -38,6 +42,7 @@ from difflab import predictions, processes
 from difflab.files import load_tensors, read_json, save_tensors, write_json
 from difflab.training.config import DEFAULTS, ConfigError
 from difflab.training.distill.consistency import ConsistencyObjective
+from difflab.training.distill.dmd import DMDObjective
 from difflab.training.distill.progressive import ProgressiveObjective
 from difflab.training.distill.reflow import PairedObjective, teacher_pairs
 from difflab.training.distill.shortcut import ShortcutObjective
@@ -45,7 +50,7 @@ from difflab.training.distill.teacher import SOLVERS, Teacher
 from difflab.training.trainer import Trainer
 
 Tensor = torch.Tensor
-METHODS = ("progressive", "consistency", "reflow", "instaflow", "shortcut")
+METHODS = ("progressive", "consistency", "reflow", "instaflow", "shortcut", "dmd2")
 #: each method's options and their defaults (anything else in ``distill.options`` is refused)
 OPTIONS: dict[str, dict[str, Any]] = {
     "progressive": {"start_steps": 32, "end_steps": 4},
@@ -54,10 +59,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "reflow": {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256},
     "instaflow": {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256},
     "shortcut": {"max_steps": 128, "consistency_fraction": 0.25},
+    "dmd2": {"steps": 1, "fake_updates": 5, "fake_lr": 1e-4},
 }
 #: the sampler (and schedule) each student is made for; None: the recipe's own
 STUDENT_SAMPLERS = {"progressive": ("ddim", "trailing"), "consistency": ("consistency", "trailing"),
-                    "reflow": None, "instaflow": ("euler", "trailing"), "shortcut": ("euler", "trailing")}
+                    "reflow": None, "instaflow": ("euler", "trailing"), "shortcut": ("euler", "trailing"),
+                    "dmd2": ("consistency", "trailing")}
 
 
 def options(config: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +157,7 @@ def _student_record(config: dict[str, Any], method: str) -> dict[str, Any] | Non
     s = config["sample"]
     if method == "reflow":  # a rectified flow again: any sampler, it is only straighter
         return None
-    steps = [s["steps"]] if method in ("progressive", "instaflow") else []
+    steps = [s["steps"]] if method in ("progressive", "instaflow", "dmd2") else []
     if method == "shortcut":
         finest = int(options(config)["max_steps"])
         steps = [2**k for k in range(finest.bit_length()) if 2**k <= finest]
@@ -189,8 +196,8 @@ def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite
                           "distils a teacher on its own process")
     if method == "progressive":
         round_steps = round_steps or int(opts["start_steps"]) // 2
-    config = _student_sampling(config, method, round_steps if method == "progressive" else
-                               (1 if method == "instaflow" else None))
+    fixed = {"progressive": round_steps, "instaflow": 1, "dmd2": int(opts.get("steps", 1))}
+    config = _student_sampling(config, method, fixed.get(method))
     steps = int(config["train"]["steps"])
     if method == "progressive":
         objective: Any = ProgressiveObjective(teacher, process, prediction, round_steps)
@@ -203,9 +210,16 @@ def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite
     elif method == "shortcut":
         objective = ShortcutObjective(process, prediction, int(opts["max_steps"]), float(opts["consistency_fraction"]))
     else:
-        objective = None  # set below, once the pairs exist
+        objective = None  # set below: the pairs (reflow) or the fake network (dmd2) need the trainer
     run = Trainer(config, objective=objective, overwrite=overwrite)
     run.student = _student_record(config, method)
+    if method == "dmd2":
+        if run.world > 1:
+            raise ConfigError("dmd2's fake score network is trained inside the objective and is not averaged across "
+                              "processes yet: run it in one process")
+        fake = copy.deepcopy(run.model)  # the teacher's weights, like the student
+        run.objective = DMDObjective(teacher, process, prediction, fake, steps=int(opts["steps"]),
+                                     fake_updates=int(opts["fake_updates"]), fake_lr=float(opts["fake_lr"]))
     if method in ("reflow", "instaflow"):
         pairs = _pairs(run, teacher, opts, progress)
         size = len(run.labels if run.labels is not None else run.x)
