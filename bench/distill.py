@@ -4,7 +4,7 @@ and 4 network evaluations, beside the teacher at 20 and 50 and the teacher's bes
 
 Train first (alone on the machine): ``difflab train digits``, then ``digits_consistency``,
 ``digits_progressive``, ``digits_reflow``, ``digits_instaflow`` (which distils the reflowed model) ,
-``digits_shortcut`` and ``digits_dmd2``.
+``digits_shortcut``, ``digits_dmd2`` and ``digits_perflow``.
 Run by hand, alone:  python bench/distill.py [--runs outputs] [--n 2000]
 Writes bench/results/distill.{json,md,png}.
 """
@@ -33,7 +33,7 @@ TEACHER_AT = {1: [("euler", 1, "trailing"), ("heun", 1, "trailing")],
                   ("dpmpp_2m", 4, "karras"), ("unipc", 4, "karras"), ("heun", 2, "karras")]}
 STUDENTS = {"consistency": "digits_consistency", "progressive": "digits_progressive", "reflow": "digits_reflow",
             "instaflow": "digits_instaflow", "shortcut": "digits_shortcut",
-            "dmd2": "digits_dmd2"}
+            "dmd2": "digits_dmd2", "perflow": "digits_perflow"}
 
 
 def training_seconds(run: Path) -> float | None:

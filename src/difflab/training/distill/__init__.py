@@ -23,6 +23,9 @@ sampling it otherwise warn.
   by the teacher's and a fake denoiser's difference; the fake network (from the teacher's weights)
   takes ``fake_updates`` steps at ``fake_lr`` per generator step and is checkpointed with it; more
   than one step trains on the student's own rollouts (backward simulation). One process only.
+- ``perflow`` (Yan et al. 2024): ``windows`` pieces of time, each straightened between a data
+  sample noised to its start and the teacher's ODE (``solver_steps`` of ``solver``) to its end;
+  samples with one Euler step per window.
 - ``reflow`` (Liu et al. 2023) and ``instaflow`` (Liu et al. 2024): options ``pairs`` (how many
   noise/sample pairs the teacher makes, once, kept in ``OUT_DIR/pairs.safetensors``),
   ``sampler`` / ``steps`` / ``schedule`` (the teacher's deterministic sampler). Rectified-flow
@@ -40,9 +43,10 @@ import torch
 
 from difflab import predictions, processes
 from difflab.files import load_tensors, read_json, save_tensors, write_json
-from difflab.training.config import DEFAULTS, ConfigError
+from difflab.training.config import DEFAULTS, DISTILL_METHODS, ConfigError
 from difflab.training.distill.consistency import ConsistencyObjective
 from difflab.training.distill.dmd import DMDObjective
+from difflab.training.distill.perflow import PiecewiseReflowObjective
 from difflab.training.distill.progressive import ProgressiveObjective
 from difflab.training.distill.reflow import PairedObjective, teacher_pairs
 from difflab.training.distill.shortcut import ShortcutObjective
@@ -50,7 +54,7 @@ from difflab.training.distill.teacher import SOLVERS, Teacher
 from difflab.training.trainer import Trainer
 
 Tensor = torch.Tensor
-METHODS = ("progressive", "consistency", "reflow", "instaflow", "shortcut", "dmd2")
+METHODS = DISTILL_METHODS
 #: each method's options and their defaults (anything else in ``distill.options`` is refused)
 OPTIONS: dict[str, dict[str, Any]] = {
     "progressive": {"start_steps": 32, "end_steps": 4},
@@ -60,11 +64,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "instaflow": {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256},
     "shortcut": {"max_steps": 128, "consistency_fraction": 0.25},
     "dmd2": {"steps": 1, "fake_updates": 5, "fake_lr": 1e-4},
+    "perflow": {"windows": 4, "solver_steps": 4, "solver": "heun"},
 }
 #: the sampler (and schedule) each student is made for; None: the recipe's own
 STUDENT_SAMPLERS = {"progressive": ("ddim", "trailing"), "consistency": ("consistency", "trailing"),
                     "reflow": None, "instaflow": ("euler", "trailing"), "shortcut": ("euler", "trailing"),
-                    "dmd2": ("consistency", "trailing")}
+                    "dmd2": ("consistency", "trailing"), "perflow": ("euler", "trailing")}
 
 
 def options(config: dict[str, Any]) -> dict[str, Any]:
@@ -94,13 +99,13 @@ def _teacher_pipeline(path: str):
 def _check_teacher(method: str, process: processes.Process, prediction: predictions.Prediction,
                    opts: dict[str, Any]) -> None:
     """Refuse a teacher the method cannot distil, with the reason."""
-    if method in ("reflow", "instaflow") and not isinstance(process, processes.Flow):
+    if method in ("reflow", "instaflow", "perflow") and not isinstance(process, processes.Flow):
         raise ConfigError(f"{method} straightens a rectified-flow model (x_t = (1 - t) x0 + t noise); the teacher's "
                           f"process is {process!r}. Distil it with progressive or consistency instead.")
     if method == "consistency" and prediction.name == "x0":
         raise ConfigError("consistency distillation needs D(x, 0) = x, which an x0-prediction network does not give; "
                           "use progressive, or a teacher with eps, v, flow or edm prediction")
-    if method == "consistency" and opts["solver"] not in SOLVERS:
+    if method in ("consistency", "perflow") and opts["solver"] not in SOLVERS:
         raise ConfigError(f"distill.options.solver must be one of {', '.join(SOLVERS)}, got {opts['solver']!r}")
     if method == "consistency" and opts["target"] not in ("teacher", "data"):
         raise ConfigError(f"distill.options.target must be 'teacher' or 'data', got {opts['target']!r}")
@@ -157,7 +162,7 @@ def _student_record(config: dict[str, Any], method: str) -> dict[str, Any] | Non
     s = config["sample"]
     if method == "reflow":  # a rectified flow again: any sampler, it is only straighter
         return None
-    steps = [s["steps"]] if method in ("progressive", "instaflow", "dmd2") else []
+    steps = [s["steps"]] if method in ("progressive", "instaflow", "dmd2", "perflow") else []
     if method == "shortcut":
         finest = int(options(config)["max_steps"])
         steps = [2**k for k in range(finest.bit_length()) if 2**k <= finest]
@@ -196,7 +201,8 @@ def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite
                           "distils a teacher on its own process")
     if method == "progressive":
         round_steps = round_steps or int(opts["start_steps"]) // 2
-    fixed = {"progressive": round_steps, "instaflow": 1, "dmd2": int(opts.get("steps", 1))}
+    fixed = {"progressive": round_steps, "instaflow": 1, "dmd2": int(opts.get("steps", 1)),
+             "perflow": int(opts.get("windows", 1))}
     config = _student_sampling(config, method, fixed.get(method))
     steps = int(config["train"]["steps"])
     if method == "progressive":
@@ -207,6 +213,9 @@ def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite
                                          opts["schedule"], int(opts["steps_start"]), int(opts["steps_end"]),
                                          opts["solver"], None if opts["huber_c"] < 0 else float(opts["huber_c"]),
                                          int(opts["skip"]), guided)
+    elif method == "perflow":
+        objective = PiecewiseReflowObjective(teacher, process, prediction, int(opts["windows"]),
+                                             int(opts["solver_steps"]), opts["solver"])
     elif method == "shortcut":
         objective = ShortcutObjective(process, prediction, int(opts["max_steps"]), float(opts["consistency_fraction"]))
     else:
