@@ -19,7 +19,8 @@ def _info(args: argparse.Namespace) -> int:
     import difflab.metrics.features
     import difflab.models
     import difflab.models.conditioning
-    import difflab.samplers  # noqa: F401  (each module registers its parts on import)
+    import difflab.samplers
+    import difflab.training.distill  # noqa: F401  (each module registers its parts on import)
     from difflab import processes, samplers
     from difflab.registry import KINDS
 

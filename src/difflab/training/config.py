@@ -32,8 +32,6 @@ DEFAULTS: dict[str, Any] = {
     # distillation (difflab.training.distill): a student trained from a teacher pipeline
     "distill": {"method": "", "teacher": "", "guidance_scale": 1.0, "options": {}},
 }
-#: the distillation methods of difflab.training.distill (``distill.method``; "" trains without a teacher)
-DISTILL_METHODS = ("progressive", "consistency", "reflow", "instaflow", "shortcut", "dmd2", "perflow")
 #: sections whose keys are free (they are passed on to another component's own config)
 OPEN_SECTIONS = ("data.options", "model", "process", "sample.guidance_options", "latent.model", "distill.options")
 #: keys a resumed run may change without breaking exactness (and every sample.* key)
@@ -93,7 +91,6 @@ RULES: dict[str, Rule] = {
     "train.divergence_patience": AT_LEAST_ONE,
     "text.max_tokens": AT_LEAST_ONE, "latent.train_steps": NON_NEGATIVE, "latent.batch_size": AT_LEAST_ONE,
     "latent.lr": POSITIVE, "latent.kl_weight": NON_NEGATIVE, "sample.steps": AT_LEAST_ONE, "sample.n": AT_LEAST_ONE,
-    "distill.method": Rule(choices=("", *DISTILL_METHODS)),
     "distill.guidance_scale": Rule(1),
 }
 #: an adapter recipe (``difflab adapt``): a LoRA or a ControlNet trained on a frozen base pipeline

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,8 @@ import torch
 
 from difflab import predictions, processes
 from difflab.files import load_tensors, read_json, save_tensors, write_json
-from difflab.training.config import DEFAULTS, DISTILL_METHODS, ConfigError
+from difflab.registry import Registry
+from difflab.training.config import DEFAULTS, ConfigError
 from difflab.training.distill.consistency import ConsistencyObjective
 from difflab.training.distill.dmd import DMDObjective
 from difflab.training.distill.perflow import PiecewiseReflowObjective
@@ -54,22 +57,89 @@ from difflab.training.distill.teacher import SOLVERS, Teacher
 from difflab.training.trainer import Trainer
 
 Tensor = torch.Tensor
-METHODS = DISTILL_METHODS
-#: each method's options and their defaults (anything else in ``distill.options`` is refused)
-OPTIONS: dict[str, dict[str, Any]] = {
-    "progressive": {"start_steps": 32, "end_steps": 4},
-    "consistency": {"target": "teacher", "solver": "heun", "schedule": "karras", "steps_start": 10,
-                    "steps_end": 80, "huber_c": -1.0, "skip": 1, "guidance_range": []},
-    "reflow": {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256},
-    "instaflow": {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256},
-    "shortcut": {"max_steps": 128, "consistency_fraction": 0.25},
-    "dmd2": {"steps": 1, "fake_updates": 5, "fake_lr": 1e-4},
-    "perflow": {"windows": 4, "solver_steps": 4, "solver": "heun"},
-}
-#: the sampler (and schedule) each student is made for; None: the recipe's own
-STUDENT_SAMPLERS = {"progressive": ("ddim", "trailing"), "consistency": ("consistency", "trailing"),
-                    "reflow": None, "instaflow": ("euler", "trailing"), "shortcut": ("euler", "trailing"),
-                    "dmd2": ("consistency", "trailing"), "perflow": ("euler", "trailing")}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A distillation method: its options with their defaults (others are refused), the sampler and
+    schedule its student is made for (None: the recipe's), how many steps that student takes by
+    default (``student_steps(opts)``, None: the recipe's), whether it needs a teacher's outputs and
+    whether it needs rectified flow, and ``objective(run, teacher, opts, progress)`` for a built
+    trainer."""
+
+    options: dict[str, Any]
+    sampler: tuple[str, str] | None
+    objective: Callable[[Trainer, Teacher | None, dict[str, Any], bool], Any]
+    student_steps: Callable[[dict[str, Any]], int | None] = lambda opts: None
+    needs_flow: bool = False
+    uses_teacher: bool = True
+
+
+METHODS: Registry[Method] = Registry("distillation method")
+
+
+def _parts(run: Trainer) -> tuple[processes.Process, predictions.Prediction]:
+    return run.process, run.prediction
+
+
+def _consistency(run: Trainer, teacher: Teacher | None, opts: dict[str, Any], progress: bool) -> ConsistencyObjective:
+    guided = tuple(float(w) for w in opts["guidance_range"]) or None
+    return ConsistencyObjective(*_parts(run), teacher if opts["target"] == "teacher" else None,
+                                int(run.config["train"]["steps"]), opts["schedule"], int(opts["steps_start"]),
+                                int(opts["steps_end"]), opts["solver"],
+                                None if opts["huber_c"] < 0 else float(opts["huber_c"]), int(opts["skip"]), guided)
+
+
+def _paired(one_step: bool) -> Callable[[Trainer, Teacher | None, dict[str, Any], bool], PairedObjective]:
+    def build(run: Trainer, teacher: Teacher | None, opts: dict[str, Any], progress: bool) -> PairedObjective:
+        pairs = _pairs(run, teacher, opts, progress)
+        size = len(run.labels if run.labels is not None else run.x)
+        data_rows = torch.arange(len(pairs["x0"])) % size
+        run.use_data(pairs["x0"], run.labels[data_rows] if run.num_classes else None,
+                     run.text["index"][data_rows] if run.text is not None else None)
+        return PairedObjective(*_parts(run), pairs["noise"], one_step=one_step,
+                               weighting=run.config["loss"]["weighting"])
+
+    return build
+
+
+def _dmd(run: Trainer, teacher: Teacher | None, opts: dict[str, Any], progress: bool) -> DMDObjective:
+    if run.world > 1:
+        raise ConfigError("dmd2's fake score network is trained inside the objective and is not averaged across "
+                          "processes yet: run it in one process")
+    fake = copy.deepcopy(run.model)  # the teacher's weights, like the student
+    return DMDObjective(teacher, *_parts(run), fake, steps=int(opts["steps"]), fake_updates=int(opts["fake_updates"]),
+                        fake_lr=float(opts["fake_lr"]))
+
+
+PAIRS = {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256}
+METHODS.add("progressive", Method(
+    {"start_steps": 32, "end_steps": 4}, ("ddim", "trailing"),
+    lambda run, teacher, opts, progress: ProgressiveObjective(teacher, *_parts(run), int(opts["round_steps"])),
+    lambda opts: int(opts["round_steps"])),
+    "Salimans & Ho 2022, Progressive Distillation for Fast Sampling of Diffusion Models")
+METHODS.add("consistency", Method(
+    {"target": "teacher", "solver": "heun", "schedule": "karras", "steps_start": 10, "steps_end": 80, "huber_c": -1.0,
+     "skip": 1, "guidance_range": []}, ("consistency", "trailing"), _consistency),
+    "Song et al. 2023, Consistency Models; Song & Dhariwal 2023 (iCT); Luo et al. 2023 (LCM)")
+METHODS.add("reflow", Method(dict(PAIRS), None, _paired(one_step=False), needs_flow=True),
+            "Liu et al. 2023, Flow Straight and Fast (2-rectified flow)")
+METHODS.add("instaflow", Method(dict(PAIRS), ("euler", "trailing"), _paired(one_step=True), lambda opts: 1,
+                                needs_flow=True),
+            "Liu et al. 2024, InstaFlow (one-step distillation of a reflowed model)")
+METHODS.add("perflow", Method(
+    {"windows": 4, "solver_steps": 4, "solver": "heun"}, ("euler", "trailing"),
+    lambda run, teacher, opts, progress: PiecewiseReflowObjective(teacher, *_parts(run), int(opts["windows"]),
+                                                        int(opts["solver_steps"]), opts["solver"]),
+    lambda opts: int(opts["windows"]), needs_flow=True), "Yan et al. 2024, PeRFlow (piecewise rectified flow)")
+METHODS.add("shortcut", Method(
+    {"max_steps": 128, "consistency_fraction": 0.25}, ("euler", "trailing"),
+    lambda run, teacher, opts, progress: ShortcutObjective(*_parts(run), int(opts["max_steps"]),
+                                                 float(opts["consistency_fraction"])),
+    needs_flow=True, uses_teacher=False), "Frans et al. 2024, One Step Diffusion via Shortcut Models")
+METHODS.add("dmd2", Method({"steps": 1, "fake_updates": 5, "fake_lr": 1e-4}, ("consistency", "trailing"), _dmd,
+                           lambda opts: int(opts["steps"])),
+            "Yin et al. 2024, Improved Distribution Matching Distillation (DMD2)")
 
 
 def options(config: dict[str, Any]) -> dict[str, Any]:
@@ -77,12 +147,12 @@ def options(config: dict[str, Any]) -> dict[str, Any]:
     method = config["distill"]["method"]
     if method not in METHODS:
         raise ConfigError(f"distill.method must be one of {', '.join(METHODS)}, got {method!r}")
+    defaults = METHODS.get(method).options
     given = dict(config["distill"]["options"])
-    unknown = sorted(set(given) - set(OPTIONS[method]))
+    unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise ConfigError(f"distill.options for {method}: unknown {', '.join(unknown)}; valid: "
-                          f"{', '.join(OPTIONS[method])}")
-    return {**OPTIONS[method], **given}
+        raise ConfigError(f"distill.options for {method}: unknown {', '.join(unknown)}; valid: {', '.join(defaults)}")
+    return {**defaults, **given}
 
 
 def _teacher_pipeline(path: str):
@@ -99,7 +169,7 @@ def _teacher_pipeline(path: str):
 def _check_teacher(method: str, process: processes.Process, prediction: predictions.Prediction,
                    opts: dict[str, Any]) -> None:
     """Refuse a teacher the method cannot distil, with the reason."""
-    if method in ("reflow", "instaflow", "perflow") and not isinstance(process, processes.Flow):
+    if METHODS.get(method).needs_flow and not isinstance(process, processes.Flow):
         raise ConfigError(f"{method} straightens a rectified-flow model (x_t = (1 - t) x0 + t noise); the teacher's "
                           f"process is {process!r}. Distil it with progressive or consistency instead.")
     if method == "consistency" and prediction.name == "x0":
@@ -109,9 +179,9 @@ def _check_teacher(method: str, process: processes.Process, prediction: predicti
         raise ConfigError(f"distill.options.solver must be one of {', '.join(SOLVERS)}, got {opts['solver']!r}")
     if method == "consistency" and opts["target"] not in ("teacher", "data"):
         raise ConfigError(f"distill.options.target must be 'teacher' or 'data', got {opts['target']!r}")
-    if method == "shortcut" and not (isinstance(process, processes.Flow) and process.shift == 1.0):
-        raise ConfigError(f"shortcut models take even Euler steps on rectified flow (shift 1); the process is "
-                          f"{process!r}")
+    if method in ("shortcut", "perflow") and process.shift != 1.0:
+        raise ConfigError(f"{method} takes straight steps in t, on rectified flow without a time shift; the "
+                          f"process is {process!r}")
     if method == "progressive":
         start, end = int(opts["start_steps"]), int(opts["end_steps"])
         if end < 1 or start <= end or start & (start - 1) or end & (end - 1):
@@ -146,11 +216,13 @@ def from_teacher(config: dict[str, Any], pipe: Any, path: str) -> dict[str, Any]
     return config
 
 
-def _student_sampling(config: dict[str, Any], method: str, steps: int | None = None) -> dict[str, Any]:
+def _student_sampling(config: dict[str, Any], method: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ``[sample]`` section set to the student's own sampler, schedule and steps."""
     config = copy.deepcopy(config)
-    chosen = STUDENT_SAMPLERS[method]
-    if chosen is not None:
-        config["sample"]["sampler"], config["sample"]["schedule"] = chosen
+    spec = METHODS.get(method)
+    if spec.sampler is not None:
+        config["sample"]["sampler"], config["sample"]["schedule"] = spec.sampler
+    steps = spec.student_steps(opts)
     if steps is not None:
         config["sample"]["steps"] = steps
     elif method in ("consistency", "shortcut") and config["sample"]["steps"] == DEFAULTS["sample"]["steps"]:
@@ -158,13 +230,14 @@ def _student_sampling(config: dict[str, Any], method: str, steps: int | None = N
     return config
 
 
-def _student_record(config: dict[str, Any], method: str) -> dict[str, Any] | None:
+def _student_record(config: dict[str, Any], method: str, opts: dict[str, Any]) -> dict[str, Any] | None:
+    """What the student's pipeline records of what it learned (None: nothing to warn about)."""
     s = config["sample"]
     if method == "reflow":  # a rectified flow again: any sampler, it is only straighter
         return None
-    steps = [s["steps"]] if method in ("progressive", "instaflow", "dmd2", "perflow") else []
+    steps = [s["steps"]] if METHODS.get(method).student_steps(opts) is not None else []
     if method == "shortcut":
-        finest = int(options(config)["max_steps"])
+        finest = int(opts["max_steps"])
         steps = [2**k for k in range(finest.bit_length()) if 2**k <= finest]
     return {"method": method, "sampler": s["sampler"], "steps": steps}
 
@@ -176,17 +249,19 @@ def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite
     process and prediction itself. ``round_steps``: the student's steps of one progressive round."""
     method = config["distill"]["method"]
     opts = options(config)
-    from_scratch = method in ("consistency", "shortcut") and not config["distill"]["teacher"] and (
-        method == "shortcut" or opts["target"] == "data")
-    if method == "shortcut":
-        if config["distill"]["teacher"]:  # its weights only: the student is a shortcut model of the same network
-            config = from_teacher(config, _teacher_pipeline(config["distill"]["teacher"]), config["distill"]["teacher"])
-        config["model"] = {**config["model"], "step_size_embedding": True}
+    spec = METHODS.get(method)
+    given = config["distill"]["teacher"]
+    if method == "progressive":  # one round: its student's steps
+        opts = {**opts, "round_steps": round_steps or int(opts["start_steps"]) // 2}
+    if not spec.uses_teacher:  # a teacher's weights at most: the student is the same network
+        config = from_teacher(config, _teacher_pipeline(given), given) if given else config
         teacher = None
-    elif teacher is None and not from_scratch:
-        pipe = _teacher_pipeline(config["distill"]["teacher"])
-        config = from_teacher(config, pipe, config["distill"]["teacher"])
+    elif teacher is None and not (method == "consistency" and opts["target"] == "data" and not given):
+        pipe = _teacher_pipeline(given)
+        config = from_teacher(config, pipe, given)
         teacher = Teacher.from_pipeline(pipe, float(config["distill"]["guidance_scale"]))
+    if method == "shortcut":
+        config["model"] = {**config["model"], "step_size_embedding": True}
     if method == "consistency" and opts["guidance_range"]:
         if len(opts["guidance_range"]) != 2:
             raise ConfigError(f"distill.options.guidance_range must be [w_min, w_max], got {opts['guidance_range']}")
@@ -194,49 +269,14 @@ def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite
         config["sample"] = {**config["sample"], "guidance": "cfg",
                             "guidance_options": {"scale": sum(map(float, opts["guidance_range"])) / 2}}
     process = processes.from_config(config["process"])
-    prediction = predictions.get(config["prediction"])
-    _check_teacher(method, process, prediction, opts)
+    _check_teacher(method, process, predictions.get(config["prediction"]), opts)
     if teacher is not None and teacher.process.to_config() != process.to_config():
         raise ConfigError(f"the teacher's process ({teacher.process!r}) is not the student's ({process!r}); a student "
                           "distils a teacher on its own process")
-    if method == "progressive":
-        round_steps = round_steps or int(opts["start_steps"]) // 2
-    fixed = {"progressive": round_steps, "instaflow": 1, "dmd2": int(opts.get("steps", 1)),
-             "perflow": int(opts.get("windows", 1))}
-    config = _student_sampling(config, method, fixed.get(method))
-    steps = int(config["train"]["steps"])
-    if method == "progressive":
-        objective: Any = ProgressiveObjective(teacher, process, prediction, round_steps)
-    elif method == "consistency":
-        guided = tuple(float(w) for w in opts["guidance_range"]) or None
-        objective = ConsistencyObjective(process, prediction, teacher if opts["target"] == "teacher" else None, steps,
-                                         opts["schedule"], int(opts["steps_start"]), int(opts["steps_end"]),
-                                         opts["solver"], None if opts["huber_c"] < 0 else float(opts["huber_c"]),
-                                         int(opts["skip"]), guided)
-    elif method == "perflow":
-        objective = PiecewiseReflowObjective(teacher, process, prediction, int(opts["windows"]),
-                                             int(opts["solver_steps"]), opts["solver"])
-    elif method == "shortcut":
-        objective = ShortcutObjective(process, prediction, int(opts["max_steps"]), float(opts["consistency_fraction"]))
-    else:
-        objective = None  # set below: the pairs (reflow) or the fake network (dmd2) need the trainer
-    run = Trainer(config, objective=objective, overwrite=overwrite)
-    run.student = _student_record(config, method)
-    if method == "dmd2":
-        if run.world > 1:
-            raise ConfigError("dmd2's fake score network is trained inside the objective and is not averaged across "
-                              "processes yet: run it in one process")
-        fake = copy.deepcopy(run.model)  # the teacher's weights, like the student
-        run.objective = DMDObjective(teacher, process, prediction, fake, steps=int(opts["steps"]),
-                                     fake_updates=int(opts["fake_updates"]), fake_lr=float(opts["fake_lr"]))
-    if method in ("reflow", "instaflow"):
-        pairs = _pairs(run, teacher, opts, progress)
-        size = len(run.labels if run.labels is not None else run.x)
-        data_rows = torch.arange(len(pairs["x0"])) % size
-        run.use_data(pairs["x0"], run.labels[data_rows] if run.num_classes else None,
-                     run.text["index"][data_rows] if run.text is not None else None)
-        run.objective = PairedObjective(process, prediction, pairs["noise"], one_step=method == "instaflow",
-                                        weighting=config["loss"]["weighting"])
+    config = _student_sampling(config, method, opts)
+    run = Trainer(config, overwrite=overwrite)
+    run.student = _student_record(config, method, opts)
+    run.objective = spec.objective(run, teacher, opts, progress)
     return run
 
 
