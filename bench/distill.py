@@ -111,7 +111,7 @@ def main() -> None:
             "accuracy). Teacher rows at 1/2/4 evaluations are the best of "
             + ", ".join(f"{len(c)} samplers at {b}" for b, c in TEACHER_AT.items())
             + " (all in distill.json). `trained`: whether the student was trained for that step count "
-            "(a progressive student learns one). Training seconds are on one thread of this shared CPU.\n\n"
+            "(a progressive student learns one). Training seconds: the training loop on one thread of this shared CPU, with other jobs running (reflow and instaflow make their 10000 teacher pairs before it, not counted).\n\n"
             + table + "\n\n![FD against evaluations](distill.png)\n")
     (RESULTS / "distill.md").write_text(text)
     print(text)
