@@ -6,7 +6,8 @@ Train first (alone on the machine): ``difflab train digits``, then ``digits_cons
 ``digits_progressive``, ``digits_reflow``, ``digits_instaflow`` (which distils the reflowed model) ,
 ``digits_shortcut``, ``digits_dmd2`` and ``digits_perflow``.
 Run by hand, alone:  python bench/distill.py [--runs outputs] [--n 2000]
-Writes bench/results/distill.{json,md,png}.
+Writes bench/results/distill.{json,md,png}. ``--straightness`` only measures how straight the teacher's
+and the flow students' paths are (Liu et al. 2023) and writes bench/results/distill_straightness.{json,md}.
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ def main() -> None:
     parser.add_argument("--runs", default="outputs", help="folder holding digits/ and the digits_* runs")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--straightness", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = Path(args.runs)
+    if args.straightness:
+        return straightness_table(runs)
     test = Digits("test").x
     classifier, classifier_acc = load_classifier("digits")
     labels = torch.arange(args.n) % 10
@@ -111,10 +115,44 @@ def main() -> None:
             "accuracy). Teacher rows at 1/2/4 evaluations are the best of "
             + ", ".join(f"{len(c)} samplers at {b}" for b, c in TEACHER_AT.items())
             + " (all in distill.json). `trained`: whether the student was trained for that step count "
-            "(a progressive student learns one). Training seconds: the training loop on one thread of this shared CPU, with other jobs running (reflow and instaflow make their 10000 teacher pairs before it, not counted).\n\n"
+            "(a progressive student learns one). Training seconds: the training loop on one thread of this "
+            "shared CPU, with other jobs running (reflow and instaflow make their 10000 teacher pairs before "
+            "it, not counted).\n\n"
             + table + "\n\n![FD against evaluations](distill.png)\n")
     (RESULTS / "distill.md").write_text(text)
     print(text)
+
+
+def straightness_table(runs: Path, n: int = 1000, steps: int = 32) -> None:
+    """Straightness of the teacher's and each rectified-flow student's ODE paths from the same noise."""
+    from difflab.metrics.ode_error import straightness
+
+    noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(n) % 10
+    rows = []
+    for name, folder in [("teacher", "digits"), *((k, v) for k, v in STUDENTS.items())]:
+        final = runs / folder / "final"
+        if not final.is_dir():
+            continue
+        pipe = Pipeline.from_pretrained(final)
+        if pipe.process.to_config()["kind"] != "flow" or getattr(pipe.network.config, "step_size_embedding", False):
+            continue  # straightness is of a flow's own velocity field
+        with torch.no_grad():
+            value = straightness(pipe.denoiser(), noise, steps=steps, cond={"class_labels": labels})
+        rows.append({"model": name, "straightness": value})
+        print(f"{name:12s} {value:.5f}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "distill_straightness.json").write_text(json.dumps({"n": n, "euler_steps": steps, "rows": rows},
+                                                                  indent=1))
+    lines = [f"| {r['model']} | {r['straightness']:.4f} |" for r in rows]
+    (RESULTS / "distill_straightness.md").write_text(
+        "# Straightness of the digits flows (Liu et al. 2023, Eq. 4)\n\n`python bench/distill.py --straightness`: "
+        f"mean over a {steps}-step Euler path of ||(x_1 - x_0) - v(x_t, t)||^2 per pixel, {n} noises, classes "
+        "cycled. 0 is a straight path (one Euler step exact). Reflow straightens the teacher's paths 20x; the "
+        "consistency, progressive, DMD2 and PeRFlow students' fields are not one ODE's velocity, shown for "
+        "completeness.\n\n"
+        "| model | straightness |\n|---|---|\n"
+        + "\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict], path: Path) -> None:
