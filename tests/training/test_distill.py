@@ -360,3 +360,28 @@ def test_perflow_one_euler_step_per_window_follows_the_teacher(tmp_path):
                    ref)
     # straightened within each window: better than the teacher's own Euler steps (crossing paths keep it from exact)
     assert two < 0.8 * teacher_two, (two, teacher_two)
+
+
+def test_a_text_teacher_guides_with_the_empty_prompt_encoded_once():
+    from types import SimpleNamespace
+
+    calls = []
+
+    class Encoder:
+        def null(self, batch):
+            calls.append(batch)
+            return {"context": torch.zeros(batch, 3, 4), "context_mask": torch.ones(batch, 3, dtype=torch.bool)}
+
+    def fake_denoiser(x, t, context, context_mask):  # what a text-conditional network's x0 would be
+        return x * (1 + context.mean(dim=(1, 2))[:, None])
+
+    pipe = SimpleNamespace(network=torch.nn.Linear(1, 1), process=FLOW, num_classes=None,
+                           text_encoder_config={"name": "test"}, text_encoder=Encoder,
+                           denoiser=lambda: fake_denoiser)
+    teacher = Teacher.from_pipeline(pipe, scale=3.0)
+    x = torch.randn(5, 2)
+    cond = {"context": torch.full((5, 3, 4), 0.5), "context_mask": torch.ones(5, 3, dtype=torch.bool)}
+    for _ in range(2):
+        out = teacher(x, torch.full((5,), 0.5), **cond)
+    assert torch.allclose(out, 1.5 * x + 2.0 * (1.5 * x - x))  # d_cond + (w - 1)(d_cond - d_null)
+    assert calls == [1]  # encoded once, not on every teacher call

@@ -18,11 +18,11 @@ from difflab.files import FileError, load_state, load_tensors, read_json, save_t
 from difflab.models.layers import Attention, attention_layers, attention_processor
 
 Tensor = torch.Tensor
-#: modules whose output starts at zero, so weights without them still give the same network
-ZERO_START_MODULES = ("step_embed.", "guidance_embed.")
 #: the scalar conditions a network may embed: (forward keyword, config flag, attribute, default value)
 SCALAR_CONDITIONS = (("step_size", "step_size_embedding", "step_embed", 0.0),
                      ("guidance_scale", "guidance_embedding", "guidance_embed", 1.0))
+#: modules whose output starts at zero (the scalar embedders), so weights without them give the same network
+ZERO_START_MODULES = tuple(f"{attribute}." for _, _, attribute, _ in SCALAR_CONDITIONS)
 
 
 class Network(nn.Module):

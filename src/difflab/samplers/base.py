@@ -114,10 +114,11 @@ def _lam(alpha: float, sigma: float) -> float:
     return math.log(alpha) - math.log(sigma)
 
 
-def ddim_coefficients(ai: float, si: float, aj: float, sj: float) -> tuple[float, float]:
+def ddim_coefficients(ai: float | Tensor, si: float | Tensor, aj: float | Tensor,
+                      sj: float | Tensor) -> tuple[float | Tensor, float | Tensor]:
     """First-order step ``x_j = (sigma_j / sigma_i) x_i + (alpha_j - alpha_i sigma_j / sigma_i) D``:
     DDIM (Song et al. 2021), equal to Euler in the noise level and to DPM-Solver(++)-1. Finite at
-    alpha = 0 and at sigma_j = 0 (where it returns D)."""
+    alpha = 0 and at sigma_j = 0 (where it returns D). Floats, or per-sample tensors (distillation)."""
     r = sj / si
     return r, aj - ai * r
 

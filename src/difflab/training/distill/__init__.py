@@ -92,9 +92,8 @@ def _consistency(run: Trainer, teacher: Teacher | None, opts: dict[str, Any], pr
 
 def _paired(one_step: bool) -> Callable[[Trainer, Teacher | None, dict[str, Any], bool], PairedObjective]:
     def build(run: Trainer, teacher: Teacher | None, opts: dict[str, Any], progress: bool) -> PairedObjective:
-        pairs = _pairs(run, teacher, opts, progress)
-        size = len(run.labels if run.labels is not None else run.x)
-        data_rows = torch.arange(len(pairs["x0"])) % size
+        data_rows = torch.arange(int(opts["pairs"])) % len(run.x)  # each pair's condition: a data row's, in turn
+        pairs = _pairs(run, teacher, opts, data_rows, progress)
         run.use_data(pairs["x0"], run.labels[data_rows] if run.num_classes else None,
                      run.text["index"][data_rows] if run.text is not None else None)
         return PairedObjective(*_parts(run), pairs["noise"], one_step=one_step,
@@ -280,21 +279,19 @@ def trainer(config: dict[str, Any], *, teacher: Teacher | None = None, overwrite
     return run
 
 
-def _pairs(run: Trainer, teacher: Teacher, opts: dict[str, Any], progress: bool) -> dict[str, Tensor]:
+def _pairs(run: Trainer, teacher: Teacher, opts: dict[str, Any], data_rows: Tensor,
+           progress: bool) -> dict[str, Tensor]:
     """The teacher's (noise, sample) pairs, made once per run directory and read back on resume."""
     record = {"pairs": int(opts["pairs"]), "sampler": opts["sampler"], "steps": int(opts["steps"]),
               "schedule": opts["schedule"], "seed": int(run.config["seed"]), "shape": list(run.x.shape[1:])}
     path, meta = run.out / "pairs.safetensors", run.out / "pairs.json"
     if path.is_file() and meta.is_file() and read_json(meta, "reflow pairs record") == record:
         return load_tensors(path, "reflow pairs")
-    size = len(run.x)
-
     def conditions(rows: Tensor) -> dict[str, Tensor]:
-        data_rows = rows % size
         if run.num_classes:
-            return {"class_labels": run.labels[data_rows].to(run.device)}
+            return {"class_labels": run.labels[data_rows[rows]].to(run.device)}
         if run.text is not None:
-            return run._conditions({"caption": run.text["index"][data_rows].to(run.device)})
+            return run._conditions({"caption": run.text["index"][data_rows[rows]].to(run.device)})
         return {}
 
     pairs = teacher_pairs(teacher, tuple(run.x.shape[1:]), int(opts["pairs"]), conditions, sampler=opts["sampler"],

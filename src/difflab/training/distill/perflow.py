@@ -43,7 +43,8 @@ class PiecewiseReflowObjective:
         x0, noise, seeds = batch["x0"], batch["noise"], batch["seeds"]
         k = (seeds % self.windows).to(x0.device, x0.dtype)
         high, low = (k + 1) / self.windows * self.process.t_max, k / self.windows * self.process.t_max
-        x_high = per_sample(1 - high, x0) * x0 + per_sample(high, x0) * noise
+        alpha, sigma = self.teacher.scales(high, x0)
+        x_high = alpha * x0 + sigma * noise
         with torch.no_grad():
             x = x_high
             for i in range(self.solver_steps):  # the teacher's ODE across the window

@@ -13,6 +13,7 @@ from difflab import predictions, schedules
 from difflab.batch import per_sample
 from difflab.denoiser import Denoiser
 from difflab.processes import Process
+from difflab.samplers.base import ddim_coefficients
 from difflab.training.distill.teacher import Teacher, ddim_step
 
 Tensor = torch.Tensor
@@ -22,8 +23,8 @@ def step_target(x_t: Tensor, z_s: Tensor, alpha_t: Tensor, sigma_t: Tensor, alph
                 sigma_s: Tensor) -> Tensor:
     """The x0 a single DDIM step from (x_t, t) to s must use to land on ``z_s`` (Salimans & Ho 2022,
     Algorithm 2): ``(z_s - (sigma_s / sigma_t) x_t) / (alpha_s - alpha_t sigma_s / sigma_t)``."""
-    ratio = sigma_s / sigma_t
-    return (z_s - ratio * x_t) / (alpha_s - alpha_t * ratio)
+    cx, cd = ddim_coefficients(alpha_t, sigma_t, alpha_s, sigma_s)
+    return (z_s - cx * x_t) / cd
 
 
 @dataclass(frozen=True)

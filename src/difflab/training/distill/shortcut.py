@@ -60,7 +60,8 @@ class ShortcutObjective:
         query = torch.where(level == 1, torch.zeros_like(d), d)
         den = Denoiser(net, self.process, self.prediction)
         c = split(cond, slice(0, k))
-        x_t = per_sample(1 - t, x0[:k]) * x0[:k] + per_sample(t, x0[:k]) * noise[:k]
+        _, alpha, sigma = den.scales(x0[:k], t)
+        x_t = alpha * x0[:k] + sigma * noise[:k]
         with torch.no_grad():
             v1 = den.velocity(x_t, t, step_size=query, **c)
             v2 = den.velocity(x_t - per_sample(d, x_t) * v1, t - d, step_size=query, **c)

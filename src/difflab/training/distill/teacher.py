@@ -10,6 +10,7 @@ import torch
 
 from difflab.batch import per_sample
 from difflab.processes import Process
+from difflab.samplers.base import ddim_coefficients
 
 Tensor = torch.Tensor
 SOLVERS = ("euler", "heun")
@@ -17,11 +18,11 @@ SOLVERS = ("euler", "heun")
 
 def ddim_step(x: Tensor, denoised: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor,
               sigma_s: Tensor) -> Tensor:
-    """The first-order probability-flow step from t to s with one time per sample (Song et al. 2021,
-    DDIM): ``x_s = (sigma_s / sigma_t) x + (alpha_s - alpha_t sigma_s / sigma_t) D``; finite where
-    alpha_t = 0 and returning D where sigma_s = 0. Needs sigma_t > 0."""
-    ratio = sigma_s / sigma_t
-    return ratio * x + (alpha_s - alpha_t * ratio) * denoised
+    """The first-order probability-flow step from t to s (DDIM, Song et al. 2021) with one time per
+    sample: the samplers' own coefficients (:func:`~difflab.samplers.base.ddim_coefficients`) on
+    per-sample tensors. Needs sigma_t > 0."""
+    cx, cd = ddim_coefficients(alpha_t, sigma_t, alpha_s, sigma_s)
+    return cx * x + cd * denoised
 
 
 class Teacher:
@@ -39,15 +40,17 @@ class Teacher:
     def from_pipeline(cls, pipe: Any, scale: float = 1.0) -> Teacher:
         """The pipeline's network, frozen; the null condition is the null class or the empty prompt."""
         pipe.network.eval().requires_grad_(False)
+        empty_prompt: dict[str, Tensor] = {}  # the null prompt's encoding, made once on first use
 
         def null(cond: dict[str, Any]) -> dict[str, Any]:
             if "class_labels" in cond:
                 return {**cond, "class_labels": torch.full_like(cond["class_labels"], -1)}
             if "context" in cond:
                 b = cond["context"].shape[0]
-                empty = pipe.text_encoder().null(1)
-                return {**cond, **{k: empty[k].to(cond[k].device).expand(b, *empty[k].shape[1:])
-                                   for k in cond if k in empty}}
+                if not empty_prompt:
+                    empty_prompt.update(pipe.text_encoder().null(1))
+                return {**cond, **{k: empty_prompt[k].to(cond[k].device).expand(b, *empty_prompt[k].shape[1:])
+                                   for k in cond if k in empty_prompt}}
             raise ValueError("classifier-free guidance needs a class- or text-conditional teacher")
 
         return cls(pipe.denoiser(), pipe.process, scale=scale, null=null if pipe.num_classes or
