@@ -58,6 +58,7 @@ NOMINAL_ORDERS = [
     ("deis", {}, 3), ("deis", {"form": "eps"}, 3), ("deis", {"order": 2}, 2),
     ("dpm_solver", {"order": 1}, 1), ("dpm_solver", {"order": 2}, 2),
     ("dpm_solver", {"order": 3}, 3), ("dpmpp_2s", {}, 2), ("dpmpp_2m", {}, 2), ("dpmpp_3m", {}, 3),
+    ("dpmpp_3m", {"third_order": "classic"}, 2),
     ("unipc", {"order": 1}, 2), ("unipc", {"order": 2}, 3), ("unipc", {"order": 3}, 4),
     ("unipc", {"order": 2, "variant": "bh1"}, 3), ("unipc", {"order": 3, "corrector": False}, 3),
     ("plms", {}, 2), ("ipndm", {}, 2),

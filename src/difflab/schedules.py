@@ -203,11 +203,15 @@ def truncate(grid: Tensor, t_start: float) -> Tensor:
 
 
 def snap_to_training_steps(process: Process, grid: Tensor) -> Tensor:
-    """Round a grid's points to the training indices of a discrete process (as diffusers does)."""
+    """Round a grid's points to the training indices of a discrete process as diffusers does:
+    half to even (numpy's ``round``) on the index ``t n - 1``. The index is first rounded to 9
+    decimals, so that an exact tie which float arithmetic turned into 499.49999999999994 is still
+    a tie (diffusers computes its indices directly, where ties stay exact)."""
     n = getattr(process, "num_train_steps", None)
     if n is None:
         return grid
-    inner = ((grid[:-1] * n - 1).round().clamp(0, n - 1) + 1) / n
+    index = torch.round(grid[:-1] * n - 1, decimals=9)
+    inner = (index.round().clamp(0, n - 1) + 1) / n
     return torch.cat([torch.unique_consecutive(inner), grid[-1:]])
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from difflab import schedules
-from difflab.samplers import adaptive, dpm_solver, first_order, multistep, runge_kutta, unipc  # noqa: F401
+from difflab.samplers import adaptive, dpm_solver, first_order, multistep, restart, runge_kutta, unipc  # noqa: F401
 from difflab.samplers.base import (
     Generator,
     Grid,
@@ -20,6 +20,7 @@ from difflab.samplers.base import (
     SamplerInfo,
     available,
     check_options,
+    deterministic,
     get,
     noise_like,
     register,
@@ -108,21 +109,6 @@ def run(denoiser: Any, x: Tensor, ts: Tensor | PartialGrid, sampler: str = "dpmp
     with torch.no_grad():
         out = info.fn(bound, x, ts, generator=generator, callback=callback, **options)
     return (out, bound.evals) if return_nfe else out
-
-
-#: the options that make a stochastic sampler draw noise, and their deterministic values
-NOISE_OPTIONS = {"eta": 0.0, "s_churn": 0.0}
-
-
-def deterministic(sampler: str, options: dict[str, Any] | None = None) -> bool:
-    """Whether the sampler with these options draws no noise (DDIM with eta = 0, Euler or Heun
-    without churn, every ODE solver), so that its run can be inverted."""
-    info = get(sampler)
-    if not info.stochastic:
-        return True
-    noise = [k for k in info.options if k in NOISE_OPTIONS]
-    merged = {**info.options, **(options or {})}
-    return bool(noise) and all(merged[k] == NOISE_OPTIONS[k] for k in noise)
 
 
 @dataclass(frozen=True)

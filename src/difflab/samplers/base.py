@@ -191,14 +191,18 @@ def churn_points(grid: Grid, s_churn: float, s_tmin: float, s_tmax: float
     churn on the final step to sigma = 0, nor where the raised level lies beyond the process's
     t_max (a VP or flow process has no noise level above its t = 1)."""
     gamma0 = min(s_churn / grid.steps, math.sqrt(2) - 1) if s_churn > 0 else 0.0
+    t_max = torch.tensor(grid.process.t_max, dtype=torch.float64)
+    top_level = float(grid.process.noise_level(t_max)) if float(grid.process.alpha(t_max)) > 0 else math.inf
     out = []
     for i in range(grid.steps):
         a, s = grid.alpha[i], grid.sigma[i]
         level = s / a if a > 0 else math.inf
         if gamma0 > 0 and math.isfinite(level) and s_tmin <= level <= s_tmax and grid.sigma[i + 1] > 0:
             level_hat = level * (1 + gamma0)
-            t_hat, a_hat, s_hat = grid.point_at_level(level_hat)
-            if t_hat <= grid.process.t_max:
+            # compared as levels: the point at a level past t_max is clamped to t_max, whose level
+            # is lower than level_hat, so a t comparison would add noise the denoiser is not told of
+            if level_hat <= top_level:
+                t_hat, a_hat, s_hat = grid.point_at_level(level_hat)
                 out.append((t_hat, a_hat, s_hat, math.sqrt(level_hat**2 - level**2)))
                 continue
         out.append((grid.t[i], a, s, 0.0))
@@ -256,6 +260,21 @@ def get(name: str) -> SamplerInfo:
 
 def available() -> list[str]:
     return sorted(REGISTRY)
+
+
+#: the options that make a stochastic sampler draw noise, and their deterministic values
+NOISE_OPTIONS = {"eta": 0.0, "s_churn": 0.0}
+
+
+def deterministic(sampler: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether the sampler with these options draws no noise (DDIM with eta = 0, Euler or Heun
+    without churn, every ODE solver), so that its run can be inverted."""
+    info = get(sampler)
+    if not info.stochastic:
+        return True
+    noise = [k for k in info.options if k in NOISE_OPTIONS]
+    merged = {**info.options, **(options or {})}
+    return bool(noise) and all(merged[k] == NOISE_OPTIONS[k] for k in noise)
 
 
 def check_options(name: str, opts: dict[str, Any]) -> None:

@@ -6,7 +6,9 @@ It lives on the samplers' floor because it calls them; ``schedules`` only descri
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,3 +95,93 @@ def optimize_schedule(
             best_z, best_fit = result.x, result.fun
     tuned = grid_of(best_z)
     return tuned if error(tuned, check) < error(start, check) else start
+
+
+#: samplers whose per-step coefficients ``tune`` calibrates besides the grid, and the option it sets
+TUNABLE = {"unipc": "dc_ratios"}
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A calibrated way to sample (:class:`~difflab.samplers.SamplerSpec` with an explicit grid and
+    calibrated options) and what it bought: the mean squared error to the reference on the
+    calibration batch before (``start``: the sampler on its best named schedule) and after."""
+
+    spec: Any
+    start_mse: float
+    tuned_mse: float
+    seconds: float
+
+    def to_config(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_config(), "start_mse": self.start_mse, "tuned_mse": self.tuned_mse,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Tuned:
+        from difflab.samplers import SamplerSpec
+
+        return cls(SamplerSpec.from_config(config["spec"]), float(config["start_mse"]), float(config["tuned_mse"]),
+                   float(config["seconds"]))
+
+
+def tune(
+    denoiser: Any,
+    steps: int,
+    noise: Tensor,
+    *,
+    sampler: str = "unipc",
+    sampler_options: dict[str, Any] | None = None,
+    reference: Tensor | None = None,
+    reference_sampler: str = "dpmpp_3m",
+    reference_steps: int = 200,
+    max_evals: int = 800,
+    coefficient_evals: int = 400,
+    progress: Callable[[str], None] | None = None,
+) -> Tuned:
+    """Calibrate ``sampler`` at ``steps`` evaluations for one model: the grid of t
+    (:func:`optimize_schedule`, Align-Your-Steps-like), then, for samplers in :data:`TUNABLE`, the
+    per-step coefficients on that grid — for UniPC the dynamic-compensation ratios of DC-Solver
+    (Zhao et al. 2024), here fitted jointly to the endpoint error by Nelder-Mead instead of step by
+    step to a reference trajectory. Both stages accept a result only if it also lowers the error
+    on the half of the calibration batch it was not fitted on. Deterministic for a given batch."""
+    from scipy.optimize import minimize
+
+    from difflab import samplers
+
+    started = time.perf_counter()
+    options = dict(sampler_options or {})
+    samplers.check_options(sampler, options)
+    say = progress or (lambda message: None)
+    if reference is None:
+        say(f"reference: {reference_sampler} at {reference_steps} steps")
+        reference = samplers.sample(denoiser, noise, reference_sampler, steps=reference_steps, schedule="karras")
+    half = noise.shape[0] // 2
+
+    def mse(grid: Tensor, opts: dict[str, Any], part: slice) -> float:
+        out = samplers.sample(denoiser, noise[part], sampler, schedule=grid, **opts)
+        value = float(((out - reference[part]) ** 2).mean())
+        return value if math.isfinite(value) else 1e9
+
+    whole = slice(None)
+    start = min((schedules.get(name, denoiser.process, steps) for name in ("karras", "logsnr", "polynomial",
+                                                                            "trailing")),
+                key=lambda g: mse(g, options, whole))
+    start_mse = mse(start, options, whole)
+    say(f"schedule at {steps} steps")
+    grid = optimize_schedule(denoiser, sampler, steps, noise, reference=reference, sampler_options=options,
+                             max_evals=max_evals) if steps >= 2 else start
+    key = TUNABLE.get(sampler)
+    if key is not None and key not in options and steps >= 2:
+        say(f"{key} at {steps} steps")
+        fit, check = slice(0, half), slice(half, None)
+
+        def with_ratios(r) -> dict[str, Any]:
+            return {**options, key: [float(v) for v in r]}
+
+        result = minimize(lambda r: mse(grid, with_ratios(r), fit), [1.0] * steps, method="Nelder-Mead",
+                          options={"maxfev": coefficient_evals, "xatol": 1e-4, "fatol": 1e-14, "adaptive": True})
+        if mse(grid, with_ratios(result.x), check) < mse(grid, options, check):
+            options = with_ratios(result.x)
+    tuned_mse = mse(grid, options, whole)
+    spec = samplers.SamplerSpec(sampler, steps, tuple(grid.tolist()), options)
+    return Tuned(spec, start_mse, tuned_mse, time.perf_counter() - started)

@@ -1,4 +1,4 @@
-"""Linear multistep samplers: LMS, PLMS / PNDM, iPNDM and DEIS (tAB)."""
+"""Linear multistep samplers: LMS, PLMS / PNDM, iPNDM, gradient estimation and DEIS (tAB)."""
 
 from __future__ import annotations
 
@@ -90,6 +90,23 @@ def sample_ipndm(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = N
                [(cs[i + 1][1] - cs[i][1]) * c for c in ADAMS_BASHFORTH[min(order, i + 1)]]
                for i in range(grid.steps)]
     return _adams_bashforth(denoiser, x, grid, cs, weights, order, callback)
+
+
+@register("gradient_estimation", "Permenter & Yuan 2024, Interpreting and Improving Diffusion Models from an "
+                                 "Optimization Perspective (gradient estimation); k-diffusion's sample_gradient_estimation")
+def sample_gradient_estimation(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = None,
+                               callback: Callback = None, ge_gamma: float = 2.0, variable: str = "auto") -> Tensor:
+    """Euler on ``dy/dk = (y - D) / k`` with the slope extrapolated from the last two,
+    ``gamma d_i + (1 - gamma) d_{i-1}`` (gamma = 2: a momentum-like correction of the denoiser's
+    error; gamma = 1 is DDIM). The first step is plain Euler."""
+    grid = Grid.build(denoiser.process, ts, x)
+    form = resolve_variable(grid, variable)
+    cs = [coords(form, a, s) for a, s in zip(grid.alpha, grid.sigma, strict=True)]
+    weights = [[] if grid.is_final(i) else
+               [cs[i + 1][1] - cs[i][1]] if i == 0 else
+               [(cs[i + 1][1] - cs[i][1]) * ge_gamma, (cs[i + 1][1] - cs[i][1]) * (1 - ge_gamma)]
+               for i in range(grid.steps)]
+    return _adams_bashforth(denoiser, x, grid, cs, weights, 2, callback)
 
 
 def _transfer(x: Tensor, e: Tensor, ai: float, si: float, aj: float, sj: float) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -57,19 +58,59 @@ def _unipc_coefficients(lams: list[float], lam_j: float, variant: str, corrector
     return w0, older, w_new
 
 
-@register("unipc", "Zhao et al. 2023, UniPC: A Unified Predictor-Corrector Framework")
+def compensation_weights(t: tuple[float, ...], i: int, ratio: float, dc_order: int) -> list[float] | None:
+    """DC-Solver's dynamic compensation (Zhao et al. 2024, Eq. 12): the newest model output D_i is
+    replaced by the Lagrange interpolant of D_i, ..., D_{i-dc_order} (nodes t_i, ..., t_{i-dc_order})
+    evaluated at ``t' = ratio t_i + (1 - ratio) t_{i-1}``. Returns the weights on those outputs,
+    newest first (they sum to 1), or None where there is nothing to do (ratio 1, or warm-up)."""
+    if ratio == 1.0 or i < dc_order:
+        return None
+    nodes = [t[i - k] for k in range(dc_order + 1)]
+    target = ratio * t[i] + (1.0 - ratio) * t[i - 1]
+    weights = []
+    for k, tk in enumerate(nodes):
+        w = 1.0
+        for m, tm in enumerate(nodes):
+            if m != k:
+                w *= (target - tm) / (tk - tm)
+        weights.append(w)
+    return weights
+
+
+def _check_dc(dc_ratios: Sequence[float] | None, dc_order: int, steps: int) -> list[float]:
+    if dc_order < 1:
+        raise ValueError(f"dc_order must be >= 1, got {dc_order}")
+    if dc_ratios is None:
+        return [1.0] * steps
+    ratios = [float(r) for r in dc_ratios]
+    if len(ratios) != steps or not all(math.isfinite(r) for r in ratios):
+        raise ValueError(f"dc_ratios needs one finite ratio per step ({steps}), got {len(ratios)}: {ratios[:8]}; "
+                         "calibrate them with difflab.samplers.calibration.tune for this step count")
+    return ratios
+
+
+@register("unipc", "Zhao et al. 2023, UniPC: A Unified Predictor-Corrector Framework; "
+                   "Zhao et al. 2024, DC-Solver (dynamic compensation, dc_ratios)")
 def sample_unipc(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = None,
                  callback: Callback = None, order: int = 2, variant: str = "bh2",
-                 corrector: bool = True, lower_order_final: bool = True) -> Tensor:
+                 corrector: bool = True, lower_order_final: bool = True,
+                 dc_ratios: Sequence[float] | None = None, dc_order: int = 2) -> Tensor:
     """UniPC with UniP-p predictor and UniC corrector (no extra evaluations: the corrector reuses
     the next step's evaluation). Orders 1-3, warm-up from order 1; ``lower_order_final`` lowers the
-    order near the end as in the paper's few-step setting."""
+    order near the end as in the paper's few-step setting.
+
+    ``dc_ratios`` (one per step, 1 = none) turn it into DC-Solver: before step i the newest output is
+    compensated (:func:`compensation_weights`) and kept so in the history; on the final step the
+    compensated output is the sample. Ratios are calibrated per model and step count
+    (:func:`difflab.samplers.calibration.tune`)."""
     if order not in (1, 2, 3):
         raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unipc variant must be 'bh1' or 'bh2', got {variant!r}")
     grid = Grid.build(denoiser.process, ts, x)
     n = grid.steps
+    ratios = _check_dc(dc_ratios, dc_order, n)
+    compensation = [compensation_weights(grid.t, i, ratios[i], dc_order) for i in range(n)]
     plan: list[tuple[int, tuple, tuple | None]] = []
     for i in range(n):
         if grid.is_final(i):
@@ -93,9 +134,11 @@ def sample_unipc(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = N
         if i > 0 and plan[i - 1][2] is not None and x_prev is not None:
             # UniC: redo the previous step with this evaluation (kept as history as it is)
             x = _combine(grid, i - 1, x_prev, history, plan[i - 1][2], d)
-        history = [d, *history][:order]
+        history = [d, *history][:max(order, dc_order + 1)]
+        if compensation[i] is not None and len(history) > dc_order:
+            history[0] = sum(w * h for w, h in zip(compensation[i], history, strict=False))
         if grid.is_final(i):
-            x = d
+            x = history[0]
             continue
         x_prev = x
         x = _combine(grid, i, x, history, plan[i][1], None)

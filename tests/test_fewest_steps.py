@@ -1,0 +1,120 @@
+"""Issue #19: DC-Solver's compensation, gradient estimation, restart sampling, per-model tuning,
+and the fixes to churn and to rounding onto training steps."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import difflab
+from difflab import processes as P
+from difflab import schedules
+from difflab.analytic import GaussianMixture
+from difflab.samplers import calibration
+from difflab.samplers.base import Grid, churn_points
+from difflab.samplers.unipc import compensation_weights
+
+D = torch.float64
+
+
+def _ring(proc):
+    mix = GaussianMixture.ring(num_components=8, radius=1.0, std=0.1)
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=D)
+    return mix, mix.denoiser(proc, "flow" if isinstance(proc, P.Flow) else "eps"), noise
+
+
+def test_snap_rounds_exact_ties_half_to_even_like_diffusers():
+    sd = P.DiscreteVP.scaled_linear()
+    index = (torch.arange(999, dtype=D) + 0.5).flip(0)  # every tie between two training steps, descending
+    grid = torch.cat([(index + 1) / 1000, torch.zeros(1, dtype=D)])
+    snapped = schedules.snap_to_training_steps(sd, grid)
+    expected = np.unique(np.round(index.numpy()))[::-1]  # numpy's round (half to even) is diffusers'
+    got = (snapped[:-1] * 1000 - 1).round().numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_churn_deviates_from_edm_only_on_the_final_step_and_above_t_max():
+    """EDM's Algorithm 2 churns every level in [s_tmin, s_tmax]; difflab documents two exceptions."""
+    proc = P.DiscreteVP.scaled_linear()
+    grid = Grid.build(proc, schedules.get("karras", proc, 10), torch.zeros(1))
+    hats = churn_points(grid, s_churn=8.0, s_tmin=0.0, s_tmax=math.inf)
+    extra = [h[3] for h in hats]
+    assert extra[-1] == 0.0  # the step onto sigma = 0 is a plain denoise
+    top = float(proc.noise_level(torch.tensor(1.0, dtype=D)))
+    raised_past_t_max = [i for i in range(grid.steps - 1) if grid.sigma[i] / grid.alpha[i] * math.sqrt(2) > top]
+    assert raised_past_t_max and all(extra[i] == 0.0 for i in raised_past_t_max)
+    for i, (_, a_hat, s_hat, e) in enumerate(hats):  # the state's level is the level the denoiser is told
+        if e > 0:
+            level = grid.sigma[i] / grid.alpha[i]
+            assert math.hypot(level, e) == pytest.approx(s_hat / a_hat, rel=1e-9)
+    inside = [i for i in range(grid.steps - 1) if i not in raised_past_t_max]
+    assert inside and all(extra[i] > 0 for i in inside)
+
+
+def test_compensation_is_lagrange_interpolation_in_t():
+    t = (1.0, 0.7, 0.45, 0.3, 0.0)
+    for ratio in (0.5, 1.3, 2.0):
+        w = compensation_weights(t, 3, ratio, dc_order=2)
+        target = ratio * t[3] + (1 - ratio) * t[2]
+        nodes = [t[3], t[2], t[1]]
+        assert sum(w) == pytest.approx(1.0, abs=1e-12)
+        # exact on a quadratic in t
+        assert sum(wk * (2 * x * x - x + 3) for wk, x in zip(w, nodes, strict=True)) == pytest.approx(
+            2 * target**2 - target + 3, abs=1e-12)
+    assert compensation_weights(t, 1, 1.5, dc_order=2) is None  # warm-up: not enough history
+    assert compensation_weights(t, 3, 1.0, dc_order=2) is None
+
+
+def test_unipc_with_unit_ratios_is_unipc_and_ratios_change_it():
+    _, den, noise = _ring(P.Flow())
+    plain = difflab.sample(den, noise, "unipc", steps=6)
+    assert torch.equal(difflab.sample(den, noise, "unipc", steps=6, dc_ratios=[1.0] * 6), plain)
+    moved = difflab.sample(den, noise, "unipc", steps=6, dc_ratios=[1.0, 1.0, 1.0, 1.1, 1.1, 1.2])
+    assert torch.isfinite(moved).all() and not torch.allclose(moved, plain)
+    with pytest.raises(ValueError, match="one finite ratio per step"):
+        difflab.sample(den, noise, "unipc", steps=6, dc_ratios=[1.0] * 5)
+
+
+def test_gradient_estimation_with_gamma_one_is_ddim_and_gamma_two_is_better():
+    proc = P.DiscreteVP.scaled_linear()
+    mix, den, noise = _ring(proc)
+    ge1 = difflab.sample(den, noise, "gradient_estimation", steps=12, ge_gamma=1.0, variable="noise_level")
+    torch.testing.assert_close(ge1, difflab.sample(den, noise, "ddim", steps=12), rtol=1e-9, atol=1e-9)
+    ref = mix.ode_solve(float(proc.sigma(torch.tensor(1.0, dtype=D))) * noise, proc, 1.0)
+    err = {g: float(((difflab.sample(den, noise, "gradient_estimation", steps=12, ge_gamma=g) - ref) ** 2).mean())
+           for g in (1.0, 2.0)}
+    assert err[2.0] < 0.5 * err[1.0], err
+
+
+def test_restart_without_restarts_is_its_solver_and_counts_its_evaluations():
+    proc = P.Flow()
+    _, den, noise = _ring(proc)
+    plain = difflab.sample(den, noise, "heun", steps=8)
+    assert torch.equal(difflab.sample(den, noise, "restart", steps=8, restarts=0), plain)
+    gens = [torch.Generator().manual_seed(i) for i in range(64)]
+    out, nfe = difflab.sample(den, noise, "restart", steps=8, restarts=2, restart_steps=2, return_nfe=True,
+                              generator=gens)
+    _, heun_nfe = difflab.sample(den, noise, "heun", steps=8, return_nfe=True)
+    assert nfe == heun_nfe + 2 * 2 * 2  # two restarts of two Heun steps, two evaluations each
+    assert torch.isfinite(out).all() and not torch.allclose(out, plain)
+    again = difflab.sample(den, noise[:5], "restart", steps=8, restarts=2, restart_steps=2,
+                           generator=[torch.Generator().manual_seed(i) for i in range(5)])
+    torch.testing.assert_close(again, out[:5], rtol=1e-10, atol=1e-10)  # batch invariance
+    with pytest.raises(ValueError, match="deterministic ODE solver"):
+        difflab.sample(den, noise, "restart", steps=8, solver="ddpm")
+
+
+def test_tune_lowers_the_error_deterministically_and_round_trips():
+    proc = P.Flow()
+    mix, den, noise = _ring(proc)
+    ref = mix.ode_solve(noise, proc, 1.0)
+    first = calibration.tune(den, 4, noise, reference=ref, max_evals=120, coefficient_evals=80)
+    second = calibration.tune(den, 4, noise, reference=ref, max_evals=120, coefficient_evals=80)
+    assert first.spec == second.spec
+    assert first.tuned_mse < 0.8 * first.start_mse, (first.start_mse, first.tuned_mse)
+    restored = calibration.Tuned.from_config(json.loads(json.dumps(first.to_config())))
+    assert restored.spec == first.spec
+    out = restored.spec(den, noise)
+    assert float(((out - ref) ** 2).mean()) == pytest.approx(first.tuned_mse, rel=1e-9)
