@@ -93,7 +93,7 @@ def sample_ipndm(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = N
 
 
 @register("gradient_estimation", "Permenter & Yuan 2024, Interpreting and Improving Diffusion Models from an "
-                                 "Optimization Perspective (gradient estimation); k-diffusion's sample_gradient_estimation")
+                                 "Optimization Perspective; k-diffusion's sample_gradient_estimation")
 def sample_gradient_estimation(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = None,
                                callback: Callback = None, ge_gamma: float = 2.0, variable: str = "auto") -> Tensor:
     """Euler on ``dy/dk = (y - D) / k`` with the slope extrapolated from the last two,
