@@ -118,3 +118,29 @@ def test_tune_lowers_the_error_deterministically_and_round_trips():
     assert restored.spec == first.spec
     out = restored.spec(den, noise)
     assert float(((out - ref) ** 2).mean()) == pytest.approx(first.tuned_mse, rel=1e-9)
+
+
+def test_tune_command_saves_a_calibration_that_sample_uses(tmp_path, digits_pipe):
+    from difflab.cli import main
+    from difflab.pipeline import Pipeline, PipelineError
+
+    digits_pipe.save_pretrained(tmp_path / "pipe")
+    assert main(["tune", str(tmp_path / "pipe"), "--nfe", "3,4", "--n", "8", "--reference-steps", "12",
+                 "--max-evals", "30", "--no-progress"]) == 0
+    pipe = Pipeline.from_pretrained(tmp_path / "pipe")
+    assert sorted(pipe.calibration) == [3, 4]
+    spec = pipe.calibration[4].spec
+    assert spec.name == "unipc" and len(spec.schedule) == 5
+    out = pipe(4, steps=4, calibrated=True)
+    assert out.settings[0]["schedule"] == list(spec.schedule)
+    assert torch.equal(out.images, pipe(4, steps=4, sampler="unipc", schedule=list(spec.schedule),
+                                        **spec.options).images)
+    with pytest.raises(PipelineError, match=r"calibrated step counts: \[3, 4\]"):
+        pipe(2, steps=6, calibrated=True)
+    assert main(["sample", str(tmp_path / "pipe"), "--steps", "3", "--calibrated", "--n", "2",
+                 "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    with torch.no_grad():
+        next(pipe.network.parameters()).add_(0.01)
+    pipe._identity = None
+    with pytest.raises(PipelineError, match="other weights"):
+        pipe(2, steps=4, calibrated=True)

@@ -126,9 +126,34 @@ def _sample(args: argparse.Namespace) -> int:
     result = pipe(n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
                   class_labels=labels if labels is None or len(labels) > 1 else labels[0], prompts=prompts,
                   guidance=args.guidance, guidance_options=_guidance_options(args), batch_size=args.batch_size,
-                  progress=not args.no_progress, accelerator=_accelerator(args), loras=loras, controls=controls)
+                  progress=not args.no_progress, accelerator=_accelerator(args), loras=loras, controls=controls,
+                  calibrated=args.calibrated)
     grid = result.save(out)
     print(f"wrote {grid}, {len(result.settings)} images with their settings (NNNNN.png, NNNNN.json) to {out}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from difflab.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.pipeline)
+    try:
+        nfes = sorted({int(v) for v in args.nfe.split(",")})
+    except ValueError as err:
+        raise ValueError(f"--nfe takes step counts separated by commas, like 5,6,8,10; got {args.nfe!r}") from err
+    labels = args.class_label or None
+    report = pipe.tune(nfes, sampler=args.sampler, sampler_options=_options(args.sampler_option) or None, n=args.n,
+                       seed=args.seed, class_labels=labels if labels is None or len(labels) > 1 else labels[0],
+                       prompts=args.prompt or None, guidance=args.guidance, guidance_options=_guidance_options(args),
+                       reference_steps=args.reference_steps, max_evals=args.max_evals,
+                       coefficient_evals=args.max_evals // 2, progress=not args.no_progress)
+    path = pipe.save_calibration(args.pipeline)
+    print(f"held-out mean squared error to {args.reference_steps}-step dpmpp_3m ({args.n} images), "
+          f"{args.sampler} on its best named schedule -> tuned:")
+    for steps, r in report.items():
+        print(f"  {steps:3d} steps: {r['held_out_start_mse']:.3e} -> {r['held_out_tuned_mse']:.3e} "
+              f"({r['held_out_start_mse'] / max(r['held_out_tuned_mse'], 1e-30):.2f}x, tuned in {r['seconds']:.0f} s)")
+    print(f"wrote {path}; sample with `difflab sample {args.pipeline} --steps N --calibrated`")
     return 0
 
 
@@ -308,9 +333,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-scale", type=float, action="append", help="each --control's scale, in order")
     p.add_argument("--other-base", action="store_true",
                    help="load LoRAs and ControlNets trained on other weights than this pipeline's")
+    p.add_argument("--calibrated", action="store_true",
+                   help="use the sampler, grid and coefficients `difflab tune` found for --steps")
     p.add_argument("--out", default="outputs/samples")
     p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out (default: refuse)")
     p.set_defaults(func=_sample)
+    p = sub.add_parser("tune", help="calibrate a sampler for a pipeline at given step counts (grid and "
+                                    "coefficients against a fine-step reference), saved in the folder")
+    p.add_argument("pipeline", help="a pipeline folder")
+    p.add_argument("--nfe", required=True, help="step counts, e.g. 5,6,8,10")
+    p.add_argument("--sampler", default="unipc", help="the sampler to calibrate (default unipc: grid + DC-Solver "
+                                                      "ratios; any other: grid only)")
+    p.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. order=3")
+    p.add_argument("--n", type=int, default=64, help="calibration images (and as many held out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-steps", type=int, default=100)
+    p.add_argument("--max-evals", type=int, default=400,
+                   help="sampling runs spent on the grid per step count (half as many on the coefficients)")
+    p.add_argument("--class-label", type=int, action="append", help="class of the calibration images")
+    p.add_argument("--prompt", action="append", help="prompts of the calibration images")
+    p.add_argument("--guidance", help="cfg, apg, icg, pag or none (default: the pipeline's)")
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--guidance-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_tune)
     p = sub.add_parser("edit", help="edit images: img2img (--strength), inpainting (--mask), inversion with a "
                                      "new prompt or class (--invert ddim|edict|bdia|null_text|SAMPLER); without "
                                      "images, prompt-to-prompt from --source-prompt to --prompt")

@@ -34,6 +34,7 @@ from difflab.models import Network
 Tensor = torch.Tensor
 FORMAT = "difflab-pipeline"
 VERSION = 1
+CALIBRATION = "calibration.json"
 
 
 @contextlib.contextmanager
@@ -176,6 +177,9 @@ class Pipeline:
         self.guidance, self.cond_dropout, self.inpainting = dict(guidance or {}), cond_dropout, bool(inpainting)
         self.student = dict(student) if student else None
         self._encoder, self._identity = None, None
+        #: per step count, a calibrated way to sample (``tune``; ``calibration.json`` in the folder)
+        self.calibration: dict[int, Any] = {}
+        self._calibrated_for: str | None = None
 
     # --- folder ---------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -193,8 +197,18 @@ class Pipeline:
         self.network.save_pretrained(directory / "network")
         if self.vae is not None:
             self.vae.save_pretrained(directory / "vae")
+        if self.calibration:
+            self.save_calibration(directory)
         write_atomic(directory / "pipeline.json", json.dumps(self.config(), indent=1).encode())
         return directory
+
+    def save_calibration(self, directory: str | os.PathLike) -> Path:
+        """Write ``calibration.json`` (the tuned samplers, with the weights' identity) into a folder."""
+        path = Path(directory) / CALIBRATION
+        payload = {"format": "difflab-calibration", "version": 1, "model": self.identity(),
+                   "entries": {str(k): v.to_config() for k, v in sorted(self.calibration.items())}}
+        write_atomic(path, json.dumps(payload, indent=1).encode())
+        return path
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> Pipeline:
@@ -208,7 +222,17 @@ class Pipeline:
         cfg = read_config(directory / "pipeline.json")
         network = Network.from_pretrained(directory / "network").to(device)
         vae = Network.from_pretrained(directory / "vae").to(device) if cfg.get("latent") else None
-        return cls.from_parts(cfg, network, vae)
+        pipe = cls.from_parts(cfg, network, vae)
+        if (directory / CALIBRATION).is_file():
+            from difflab.files import read_json
+            from difflab.samplers.calibration import Tuned
+
+            payload = read_json(directory / CALIBRATION, "calibration")
+            if payload.get("format") != "difflab-calibration":
+                raise PipelineError(f"{directory / CALIBRATION} is not a difflab calibration file")
+            pipe.calibration = {int(k): Tuned.from_config(v) for k, v in payload["entries"].items()}
+            pipe._calibrated_for = payload["model"]
+        return pipe
 
     @classmethod
     def from_parts(cls, config: dict[str, Any], network: Network, vae: Network | None = None) -> Pipeline:
@@ -355,8 +379,11 @@ class Pipeline:
                  batch_size: int = 64, callback: Callable | None = None, progress: bool = False,
                  accelerator: dict[str, Any] | None = None, image_prompt: dict[str, Any] | None = None,
                  loras: Sequence[tuple[Any, float]] | None = None, controls: Any = None,
-                 **sampler_options: Any) -> Output:
+                 calibrated: bool = False, **sampler_options: Any) -> Output:
         """Sample ``n`` images (seeds ``seed .. seed + n - 1``, or ``seeds``).
+
+        ``calibrated``: sample with the sampler, grid and coefficients that :meth:`tune` found for
+        this step count (``sampler`` and ``schedule`` must then be left out).
 
         ``guidance`` names a method of :mod:`difflab.guidance` (``cfg``, ``apg``, ``icg``, ``pag``)
         with ``guidance_options`` (``scale``, ``interval``, ``rescale``, ...); the pipeline's default
@@ -388,6 +415,12 @@ class Pipeline:
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise PipelineError(f"steps must be a whole number >= 1, got {steps!r} (leave it out for the pipeline's "
                                 f"default of {self.steps})")
+        if calibrated:
+            if sampler is not None or schedule is not None:
+                raise PipelineError("calibrated sampling brings its own sampler and grid: leave sampler and "
+                                    "schedule out")
+            spec = self._calibrated(self.steps if steps is None else steps)
+            sampler, schedule, sampler_options = spec.name, list(spec.schedule), {**spec.options, **sampler_options}
         steps, sampler, schedule, guidance, guidance_options = self._sampling(steps, sampler, schedule, guidance,
                                                                               guidance_options)
         self._check_student(sampler, steps)
@@ -700,6 +733,67 @@ class Pipeline:
         inv = editing.invert(plain, state, inversion, steps, schedule, cond=source, strength=strength,
                              **sampler_options)
         return inv.sample(model, cond=cond)
+
+    def tune(self, nfes: Sequence[int], *, sampler: str = "unipc", sampler_options: dict[str, Any] | None = None,
+             n: int = 64, seed: int = 0, class_labels: Any = None, prompts: str | Sequence[str] | None = None,
+             guidance: str | None = None, guidance_options: dict[str, Any] | None = None,
+             reference_steps: int = 100, max_evals: int = 400, coefficient_evals: int = 200,
+             progress: bool = False) -> dict[int, dict[str, float]]:
+        """Calibrate ``sampler`` for this model at each step count in ``nfes``
+        (:func:`difflab.samplers.calibration.tune`) on ``n`` images from seeds ``seed ..``, against
+        ``dpmpp_3m`` at ``reference_steps``; keep the results in :attr:`calibration` (sample with
+        ``calibrated=True``; ``save_calibration`` writes them to the folder). Returns per step
+        count the mean squared error to the reference on ``n`` held-out images (seeds after the
+        calibration's) of the sampler on its best named schedule and of the tuned one."""
+        from tqdm import tqdm
+
+        from difflab.samplers import calibration, sample
+
+        _, cond = self._conditions(n, class_labels, prompts)
+        default_steps, _, schedule, method, options = self._sampling(None, sampler, None, guidance, guidance_options)
+        cond, method = self._scalar_conditions(cond, n, default_steps, schedule, method, options)
+        cond = {k: v.to(self.device) for k, v in (cond or {}).items()}
+        guided = self._guided(self.denoiser(), method, options)
+
+        def batch(first: int) -> tuple[Tensor, Tensor]:
+            gens = [torch.Generator(device=self.device).manual_seed(s) for s in range(first, first + n)]
+            noise = torch.stack([torch.randn(self.sample_shape, generator=g, device=self.device) for g in gens])
+            return noise, sample(guided, noise, "dpmpp_3m", steps=reference_steps, schedule="karras", cond=cond)
+
+        report = {}
+        with _eval_mode(self.network, self.vae), torch.no_grad():
+            noise, reference = batch(seed)
+            held_noise, held_reference = batch(seed + n)
+            bar = tqdm(list(nfes), desc="tuning", unit="step count", disable=not progress, dynamic_ncols=True)
+            for steps in bar:
+                tuned = calibration.tune(guided, int(steps), noise, sampler=sampler, sampler_options=sampler_options,
+                                         reference=reference, max_evals=max_evals,
+                                         coefficient_evals=coefficient_evals, cond=cond)
+
+                def held(spec_like) -> float:
+                    out = spec_like(guided, held_noise, cond=cond)
+                    return float(((out - held_reference) ** 2).mean())
+
+                start = min(held(lambda d, x, name=name, count=int(steps), **kw: sample(
+                    d, x, sampler, steps=count, schedule=name, **(sampler_options or {}), **kw))
+                    for name in calibration.NAMED_STARTS)
+                self.calibration[int(steps)] = tuned
+                report[int(steps)] = {"held_out_start_mse": start, "held_out_tuned_mse": held(tuned.spec),
+                                      "calibration_start_mse": tuned.start_mse,
+                                      "calibration_tuned_mse": tuned.tuned_mse, "seconds": tuned.seconds}
+        self._calibrated_for = self.identity()
+        return report
+
+    def _calibrated(self, steps: int) -> Any:
+        if not self.calibration:
+            raise PipelineError("this pipeline has no calibration: run `difflab tune PIPELINE --nfe ...` "
+                                "(Pipeline.tune) first")
+        if self._calibrated_for != self.identity():
+            raise PipelineError("the calibration was made for other weights than this pipeline's; tune it again")
+        if steps not in self.calibration:
+            raise PipelineError(f"no calibration for {steps} steps; calibrated step counts: "
+                                f"{sorted(self.calibration)} (or tune this one)")
+        return self.calibration[steps].spec
 
     def identity(self) -> str:
         """A short hash of the weights (network and VAE): which model made an image."""

@@ -32,6 +32,7 @@ def optimize_schedule(
     reference_steps: int = 200,
     max_evals: int = 1500,
     restarts: int = 2,
+    cond: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """A grid of t that minimises ``sampler``'s error at ``steps`` on a calibration batch.
 
@@ -41,7 +42,8 @@ def optimize_schedule(
     ordered; Nelder-Mead starts from the best of the ``init`` schedules and restarts around its
     optimum. The calibration batch is split in two: a grid is accepted only if it also beats the
     starting schedule on the half it was not tuned on, so the result never overfits into a worse
-    grid. ``reference`` defaults to ``reference_sampler`` at ``reference_steps``; pass exact
+    grid. ``cond`` (one row per sample) goes to the denoiser with its samples. ``reference``
+    defaults to ``reference_sampler`` at ``reference_steps``; pass exact
     endpoints when they are known (``GaussianMixture.ode_solve``). Save the result with
     :func:`difflab.schedules.save` and use it as ``schedule="optimized"`` with ``path=`` or as an explicit grid.
     """
@@ -58,9 +60,10 @@ def optimize_schedule(
     options = sampler_options or {}
     samplers.check_options(sampler, options)
     if reference is None:
-        reference = samplers.sample(denoiser, noise, reference_sampler, steps=reference_steps, schedule="karras")
+        reference = samplers.sample(denoiser, noise, reference_sampler, steps=reference_steps, schedule="karras",
+                                    cond=cond)
     half = noise.shape[0] // 2
-    fit, check = (noise[:half], reference[:half]), (noise[half:], reference[half:])
+    fit, check = (slice(0, half), reference[:half]), (slice(half, None), reference[half:])
     space = LevelSpace(process)
     w_hi, w_floor = math.log(space.hi), math.log(space.lo) - math.log(10.0)
 
@@ -80,7 +83,9 @@ def optimize_schedule(
     def error(grid: Tensor, batch: tuple[Tensor, Tensor]) -> float:
         if not bool((grid[1:] < grid[:-1]).all()):
             return 1e9
-        out = samplers.sample(denoiser, batch[0], sampler, steps=steps, schedule=grid, **options)
+        part = batch[0]
+        out = samplers.sample(denoiser, noise[part], sampler, steps=steps, schedule=grid,
+                              cond={k: v[part] for k, v in (cond or {}).items()}, **options)
         value = float(((out - batch[1]) ** 2).mean())
         return value if math.isfinite(value) else 1e9
 
@@ -96,6 +101,9 @@ def optimize_schedule(
     tuned = grid_of(best_z)
     return tuned if error(tuned, check) < error(start, check) else start
 
+
+#: the named schedules a calibration starts from (the best of them is what it must beat)
+NAMED_STARTS = ("karras", "logsnr", "polynomial", "trailing", "uniform")
 
 #: samplers whose per-step coefficients ``tune`` calibrates besides the grid, and the option it sets
 TUNABLE = {"unipc": "dc_ratios"}
@@ -136,6 +144,7 @@ def tune(
     reference_steps: int = 200,
     max_evals: int = 800,
     coefficient_evals: int = 400,
+    cond: dict[str, Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Tuned:
     """Calibrate ``sampler`` at ``steps`` evaluations for one model: the grid of t
@@ -143,7 +152,8 @@ def tune(
     per-step coefficients on that grid — for UniPC the dynamic-compensation ratios of DC-Solver
     (Zhao et al. 2024), here fitted jointly to the endpoint error by Nelder-Mead instead of step by
     step to a reference trajectory. Both stages accept a result only if it also lowers the error
-    on the half of the calibration batch it was not fitted on. Deterministic for a given batch."""
+    on the half of the calibration batch it was not fitted on. Deterministic for a given batch.
+    ``cond`` (one row per sample) goes to the denoiser with its samples."""
     from scipy.optimize import minimize
 
     from difflab import samplers
@@ -154,22 +164,23 @@ def tune(
     say = progress or (lambda message: None)
     if reference is None:
         say(f"reference: {reference_sampler} at {reference_steps} steps")
-        reference = samplers.sample(denoiser, noise, reference_sampler, steps=reference_steps, schedule="karras")
+        reference = samplers.sample(denoiser, noise, reference_sampler, steps=reference_steps, schedule="karras",
+                                    cond=cond)
     half = noise.shape[0] // 2
 
     def mse(grid: Tensor, opts: dict[str, Any], part: slice) -> float:
-        out = samplers.sample(denoiser, noise[part], sampler, schedule=grid, **opts)
+        out = samplers.sample(denoiser, noise[part], sampler, schedule=grid,
+                              cond={k: v[part] for k, v in (cond or {}).items()}, **opts)
         value = float(((out - reference[part]) ** 2).mean())
         return value if math.isfinite(value) else 1e9
 
     whole = slice(None)
-    start = min((schedules.get(name, denoiser.process, steps) for name in ("karras", "logsnr", "polynomial",
-                                                                            "trailing")),
+    start = min((schedules.get(name, denoiser.process, steps) for name in NAMED_STARTS),
                 key=lambda g: mse(g, options, whole))
     start_mse = mse(start, options, whole)
     say(f"schedule at {steps} steps")
     grid = optimize_schedule(denoiser, sampler, steps, noise, reference=reference, sampler_options=options,
-                             max_evals=max_evals) if steps >= 2 else start
+                             max_evals=max_evals, cond=cond, init=NAMED_STARTS) if steps >= 2 else start
     key = TUNABLE.get(sampler)
     if key is not None and key not in options and steps >= 2:
         say(f"{key} at {steps} steps")
