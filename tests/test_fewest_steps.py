@@ -144,3 +144,69 @@ def test_tune_command_saves_a_calibration_that_sample_uses(tmp_path, digits_pipe
     pipe._identity = None
     with pytest.raises(PipelineError, match="other weights"):
         pipe(2, steps=4, calibrated=True)
+
+
+@pytest.mark.parametrize(("sampler", "options"), [
+    ("ddim", {}), ("dpmpp_2m", {}), ("deis", {}), ("ipndm", {}), ("unipc", {"order": 3}),
+    ("unipc", {"dc_ratios": [1.0, 1.0, 1.2, 0.9, 1.1, 1.0]}),
+])
+@pytest.mark.parametrize("proc", [P.Flow(), P.DiscreteVP.scaled_linear()], ids=["flow", "vp"])
+def test_bespoke_rows_reproduce_the_sampler_they_come_from(sampler, options, proc):
+    """Every one-evaluation-per-step sampler is a bespoke solver on its grid (what fitting starts from)."""
+    _, den, noise = _ring(proc)
+    grid = schedules.get("logsnr" if isinstance(proc, P.DiscreteVP) else "trailing", proc, 6)
+    rows = calibration.bespoke_rows(proc, sampler, grid, options)
+    assert [len(r) for r in rows] == [2, 3, 4, 5, 6, 7]
+    torch.testing.assert_close(difflab.sample(den, noise, "bns", schedule=grid, coefficients=rows),
+                               difflab.sample(den, noise, sampler, schedule=grid, **options), rtol=1e-9, atol=1e-9)
+    if sampler == "ddim":  # the bespoke solver's own default is DDIM
+        torch.testing.assert_close(difflab.sample(den, noise, "bns", schedule=grid),
+                                   difflab.sample(den, noise, "ddim", schedule=grid), rtol=1e-12, atol=1e-12)
+
+
+def test_bespoke_rows_refuse_samplers_with_several_evaluations_per_step_and_bad_rows():
+    proc = P.Flow()
+    _, den, noise = _ring(proc)
+    grid = schedules.get("trailing", proc, 4)
+    with pytest.raises(ValueError, match="one evaluation per grid point"):
+        calibration.bespoke_rows(proc, "heun", grid)
+    with pytest.raises(ValueError, match=r"4 rows of 2, 3, \.\.\., 5"):
+        difflab.sample(den, noise, "bns", schedule=grid, coefficients=[[1.0, 0.5]] * 4)
+
+
+def test_tune_bespoke_fits_every_coefficient_and_beats_the_tuned_solver():
+    proc = P.DiscreteVP.scaled_linear()
+    mix, den, _ = _ring(proc)
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(3), dtype=D)
+    ref = mix.ode_solve(float(proc.sigma(torch.tensor(1.0, dtype=D))) * noise, proc, 1.0)
+    kw = dict(reference=ref, max_evals=150, coefficient_evals=60)
+    plain = calibration.tune(den, 4, noise, **kw)
+    fitted = calibration.tune(den, 4, noise, bespoke=True, bespoke_iterations=60, **kw)
+    assert fitted.spec.name == "bns" and fitted.spec.schedule == plain.spec.schedule
+    assert fitted.tuned_mse < 0.5 * plain.tuned_mse, (plain.tuned_mse, fitted.tuned_mse)
+    test = torch.randn(256, 2, generator=torch.Generator().manual_seed(4), dtype=D)  # and on new noise
+    test_ref = mix.ode_solve(float(proc.sigma(torch.tensor(1.0, dtype=D))) * test, proc, 1.0)
+    errs = [float(((t.spec(den, test) - test_ref) ** 2).mean()) for t in (plain, fitted)]
+    assert errs[1] < errs[0], errs
+    restored = calibration.Tuned.from_config(json.loads(json.dumps(fitted.to_config())))
+    assert torch.equal(restored.spec(den, test), fitted.spec(den, test))
+
+
+def test_fit_bespoke_trains_through_a_network_with_conditions(digits_pipe):
+    den = digits_pipe.denoiser()
+    noise = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = {"class_labels": torch.arange(6)}
+    grid = schedules.get("trailing", den.process, 3)
+    with torch.no_grad():
+        ref = 2.0 * difflab.sample(den, noise, "dpmpp_3m", steps=30, cond=cond)  # a target far from the start
+    rows = calibration.bespoke_rows(den.process, "unipc", grid)
+
+    def mse(r) -> float:
+        out = difflab.sample(den, noise, "bns", schedule=grid, coefficients=r, cond=cond)
+        return float(((out - ref) ** 2).mean())
+
+    before = [p.detach().clone() for p in digits_pipe.network.parameters()]
+    fitted = calibration.fit_bespoke(den, grid, rows, noise, ref, iterations=15, cond=cond)
+    assert mse(fitted) < 0.1 * mse(rows), (mse(rows), mse(fitted))
+    assert all(torch.equal(a, b) for a, b in zip(before, digits_pipe.network.parameters(), strict=True))
+    assert all(p.grad is None for p in digits_pipe.network.parameters())

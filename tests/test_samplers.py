@@ -61,7 +61,7 @@ NOMINAL_ORDERS = [
     ("dpmpp_3m", {"third_order": "classic"}, 2),
     ("unipc", {"order": 1}, 2), ("unipc", {"order": 2}, 3), ("unipc", {"order": 3}, 4),
     ("unipc", {"order": 2, "variant": "bh1"}, 3), ("unipc", {"order": 3, "corrector": False}, 3),
-    ("plms", {}, 2), ("ipndm", {}, 2),
+    ("plms", {}, 2), ("ipndm", {}, 2), ("bns", {}, 1),
 ]
 
 

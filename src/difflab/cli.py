@@ -146,7 +146,8 @@ def _tune(args: argparse.Namespace) -> int:
                        seed=args.seed, class_labels=labels if labels is None or len(labels) > 1 else labels[0],
                        prompts=args.prompt or None, guidance=args.guidance, guidance_options=_guidance_options(args),
                        reference_steps=args.reference_steps, max_evals=args.max_evals,
-                       coefficient_evals=args.max_evals // 2, progress=not args.no_progress)
+                       coefficient_evals=args.max_evals // 2, bespoke=args.bespoke,
+                       progress=not args.no_progress)
     path = pipe.save_calibration(args.pipeline)
     print(f"held-out mean squared error to {args.reference_steps}-step dpmpp_3m ({args.n} images), "
           f"{args.sampler} on its best named schedule -> tuned:")
@@ -345,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="unipc", help="the sampler to calibrate (default unipc: grid + DC-Solver "
                                                       "ratios; any other: grid only)")
     p.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. order=3")
+    p.add_argument("--bespoke", action="store_true",
+                   help="then fit every coefficient of the tuned solver through the model (BNS, Shaul et al. 2024)")
     p.add_argument("--n", type=int, default=64, help="calibration images (and as many held out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference-steps", type=int, default=100)

@@ -738,13 +738,14 @@ class Pipeline:
              n: int = 64, seed: int = 0, class_labels: Any = None, prompts: str | Sequence[str] | None = None,
              guidance: str | None = None, guidance_options: dict[str, Any] | None = None,
              reference_steps: int = 100, max_evals: int = 400, coefficient_evals: int = 200,
-             progress: bool = False) -> dict[int, dict[str, float]]:
+             bespoke: bool = False, progress: bool = False) -> dict[int, dict[str, float]]:
         """Calibrate ``sampler`` for this model at each step count in ``nfes``
         (:func:`difflab.samplers.calibration.tune`) on ``n`` images from seeds ``seed ..``, against
         ``dpmpp_3m`` at ``reference_steps``; keep the results in :attr:`calibration` (sample with
         ``calibrated=True``; ``save_calibration`` writes them to the folder). Returns per step
         count the mean squared error to the reference on ``n`` held-out images (seeds after the
-        calibration's) of the sampler on its best named schedule and of the tuned one."""
+        calibration's) of the sampler on its best named schedule and of the tuned one. ``bespoke``
+        fits every solver coefficient through the model as well (BNS)."""
         from tqdm import tqdm
 
         from difflab.samplers import calibration, sample
@@ -768,7 +769,7 @@ class Pipeline:
             for steps in bar:
                 tuned = calibration.tune(guided, int(steps), noise, sampler=sampler, sampler_options=sampler_options,
                                          reference=reference, max_evals=max_evals,
-                                         coefficient_evals=coefficient_evals, cond=cond)
+                                         coefficient_evals=coefficient_evals, bespoke=bespoke, cond=cond)
 
                 def held(spec_like) -> float:
                     out = spec_like(guided, held_noise, cond=cond)

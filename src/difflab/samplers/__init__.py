@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from difflab import schedules
-from difflab.samplers import adaptive, dpm_solver, first_order, multistep, restart, runge_kutta, unipc  # noqa: F401
+from difflab.samplers import adaptive, bespoke, dpm_solver, first_order, multistep, restart, runge_kutta, unipc  # noqa: F401
 from difflab.samplers.base import (
     Generator,
     Grid,

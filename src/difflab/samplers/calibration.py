@@ -102,6 +102,92 @@ def optimize_schedule(
     return tuned if error(tuned, check) < error(start, check) else start
 
 
+_ONE_PER_POINT = ("bespoke coefficients come from samplers with one evaluation per grid point "
+                  "(ddim, dpmpp_2m, deis, ipndm, unipc)")
+
+
+class _Probe:
+    """A stand-in denoiser whose k-th output is the k-th basis vector after x_T's: run on the state
+    ``e_0``, a sampler that is linear in its inputs computes its own coefficients on (x_T, D_0, ...),
+    and the inputs it evaluates at are recorded with their times."""
+
+    def __init__(self, process: Any, size: int):
+        self.process, self.size = process, size
+        self.inputs: list[Tensor] = []
+        self.times: list[float] = []
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        k = len(self.inputs)
+        if k + 1 >= self.size:
+            raise ValueError(f"the sampler evaluates the denoiser more often than once per step; {_ONE_PER_POINT}")
+        self.inputs.append(x.clone())
+        self.times.append(float(t))
+        out = torch.zeros_like(x)
+        out[..., k + 1] = 1.0
+        return out
+
+
+def bespoke_rows(process: Any, sampler: str, grid: Tensor, options: dict[str, Any] | None = None
+                 ) -> list[list[float]]:
+    """The coefficients of a deterministic one-evaluation-per-step sampler on ``grid``, written as a
+    bespoke solver's rows (:func:`difflab.samplers.bespoke.rollout`): the starting point of
+    :func:`fit_bespoke`. A sampler that is not linear in its inputs (thresholding) gives rows that do
+    not reproduce it; :func:`tune` checks that they do."""
+    from difflab import samplers
+
+    steps = grid.numel() - 1
+    probe = _Probe(process, steps + 1)
+    start = torch.zeros(1, steps + 1, dtype=torch.float64)
+    start[0, 0] = 1.0
+    out = samplers.run(probe, start, grid, sampler, **(options or {}))
+    if len(probe.times) != steps or any(abs(a - b) > 1e-12 for a, b in zip(probe.times, grid[:-1].tolist(),
+                                                                              strict=True)):
+        raise ValueError(f"{sampler!r} evaluated the denoiser at t = {probe.times[:6]}..., not once at each grid point "
+                         f"{grid[:-1].tolist()[:6]}...; {_ONE_PER_POINT}")
+    alpha, sigma = process.alpha(grid).tolist(), process.sigma(grid).tolist()
+    rows = []
+    for p, state in enumerate([*probe.inputs[1:], out], start=1):
+        c = state[0].tolist()
+        rows.append([c[0] * sigma[0] / sigma[p] if sigma[p] > 0 else 0.0, *(v / alpha[p] for v in c[1:p + 1])])
+    return rows
+
+
+def fit_bespoke(
+    denoiser: Any,
+    grid: Tensor,
+    rows: list[list[float]],
+    noise: Tensor,
+    reference: Tensor,
+    *,
+    iterations: int = 200,
+    cond: dict[str, Tensor] | None = None,
+) -> list[list[float]]:
+    """Fit every coefficient of a bespoke solver on ``grid`` to the endpoint error against
+    ``reference`` from ``noise`` (Shaul et al. 2024, BNS: there by gradient on a PSNR loss, here
+    L-BFGS on the mean squared error, through the model itself), starting from ``rows``."""
+    from difflab.samplers.base import Grid
+    from difflab.samplers.bespoke import rollout
+
+    process = denoiser.process
+    x = float(process.sigma(grid[:1])) * noise
+    g = Grid.build(process, grid, x)
+    params = [torch.tensor(r, dtype=torch.float64, requires_grad=True) for r in rows]
+    bound = (lambda xs, t: denoiser(xs, t, **cond)) if cond else denoiser
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=iterations, history_size=50,
+                                  line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-16)
+
+    def closure() -> Tensor:
+        with torch.enable_grad():
+            loss = ((rollout(bound, x, g, params) - reference) ** 2).mean().double()
+            grads = torch.autograd.grad(loss, params)
+        for p, gr in zip(params, grads, strict=True):
+            p.grad = gr
+        return loss.detach()
+
+    optimizer.step(closure)
+    return [p.detach().tolist() for p in params]
+
+
 #: the named schedules a calibration starts from (the best of them is what it must beat)
 NAMED_STARTS = ("karras", "logsnr", "polynomial", "trailing", "uniform")
 
@@ -144,6 +230,8 @@ def tune(
     reference_steps: int = 200,
     max_evals: int = 800,
     coefficient_evals: int = 400,
+    bespoke: bool = False,
+    bespoke_iterations: int = 200,
     cond: dict[str, Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Tuned:
@@ -152,8 +240,11 @@ def tune(
     per-step coefficients on that grid — for UniPC the dynamic-compensation ratios of DC-Solver
     (Zhao et al. 2024), here fitted jointly to the endpoint error by Nelder-Mead instead of step by
     step to a reference trajectory. Both stages accept a result only if it also lowers the error
-    on the half of the calibration batch it was not fitted on. Deterministic for a given batch.
-    ``cond`` (one row per sample) goes to the denoiser with its samples."""
+    on the half of the calibration batch it was not fitted on. With ``bespoke``, the result (a
+    one-evaluation-per-step sampler) is then rewritten as a bespoke solver (:func:`bespoke_rows`)
+    and every coefficient fitted through the model (:func:`fit_bespoke`, Shaul et al. 2024), kept
+    under the same held-out rule; the spec is then sampler ``bns``. Deterministic for a given
+    batch. ``cond`` (one row per sample) goes to the denoiser with its samples."""
     from scipy.optimize import minimize
 
     from difflab import samplers
@@ -168,9 +259,12 @@ def tune(
                                     cond=cond)
     half = noise.shape[0] // 2
 
-    def mse(grid: Tensor, opts: dict[str, Any], part: slice) -> float:
-        out = samplers.sample(denoiser, noise[part], sampler, schedule=grid,
-                              cond={k: v[part] for k, v in (cond or {}).items()}, **opts)
+    def run(grid: Tensor, opts: dict[str, Any], part: slice, name: str = sampler) -> Tensor:
+        return samplers.sample(denoiser, noise[part], name, schedule=grid,
+                               cond={k: v[part] for k, v in (cond or {}).items()}, **opts)
+
+    def mse(grid: Tensor, opts: dict[str, Any], part: slice, name: str = sampler) -> float:
+        out = run(grid, opts, part, name)
         value = float(((out - reference[part]) ** 2).mean())
         return value if math.isfinite(value) else 1e9
 
@@ -193,6 +287,21 @@ def tune(
                           options={"maxfev": coefficient_evals, "xatol": 1e-4, "fatol": 1e-14, "adaptive": True})
         if mse(grid, with_ratios(result.x), check) < mse(grid, options, check):
             options = with_ratios(result.x)
-    tuned_mse = mse(grid, options, whole)
-    spec = samplers.SamplerSpec(sampler, steps, tuple(grid.tolist()), options)
+    name = sampler
+    if bespoke:
+        say(f"bespoke coefficients at {steps} steps")
+        rows = bespoke_rows(denoiser.process, sampler, grid, options)
+        fit, check = slice(0, half), slice(half, None)
+        base = run(grid, options, fit)
+        again = run(grid, {"coefficients": rows}, fit, "bns")
+        if not torch.allclose(again, base, rtol=1e-4, atol=1e-4 * float(base.abs().max())):
+            raise ValueError(f"{sampler!r} with {options} is not linear in its inputs, so it has no bespoke form; "
+                             "tune a plain ODE sampler (unipc, dpmpp_2m, deis, ddim) with bespoke=True")
+        cond_fit = {k: v[fit] for k, v in (cond or {}).items()} or None
+        fitted = fit_bespoke(denoiser, grid, rows, noise[fit], reference[fit], iterations=bespoke_iterations,
+                             cond=cond_fit)
+        if mse(grid, {"coefficients": fitted}, check, "bns") < mse(grid, options, check):
+            name, options = "bns", {"coefficients": fitted}
+    tuned_mse = mse(grid, options, whole, name)
+    spec = samplers.SamplerSpec(name, steps, tuple(grid.tolist()), options)
     return Tuned(spec, start_mse, tuned_mse, time.perf_counter() - started)
