@@ -3,7 +3,8 @@ against diffusers' best configuration, and DPM++(3M)'s two coefficients against 
 
 Same problems, noise and references as bench/samplers.py (d = 64 low-rank mixture, SD's discrete VP
 with eps-prediction and rectified flow with velocity; the test batch is bench/samplers.py's); the
-calibration batch is another (seed 7, 256 samples). diffusers' best RMSE per NFE is read from
+calibration batch is another (seed 7, 256 samples; 1024 for the bespoke solver, whose every
+coefficient is fitted and which overfits a smaller batch). diffusers' best RMSE per NFE is read from
 bench/results/samplers.json (run bench/samplers.py first).
 
 Run by hand, alone:  python bench/fewest_steps.py
@@ -37,6 +38,8 @@ NAMED = ("karras", "logsnr", "polynomial", "trailing", "uniform")
 def tuned_rows(pb: Problem, nfes: list[int]) -> list[dict]:
     calib = torch.randn(256, pb.mix.dim, generator=torch.Generator().manual_seed(7), dtype=DTYPE)
     ref = pb.mix.ode_solve(float(pb.process.sigma(torch.tensor(1.0, dtype=DTYPE))) * calib, pb.process, 1.0)
+    big = torch.randn(1024, pb.mix.dim, generator=torch.Generator().manual_seed(7), dtype=DTYPE)
+    big_ref = pb.mix.ode_solve(float(pb.process.sigma(torch.tensor(1.0, dtype=DTYPE))) * big, pb.process, 1.0)
     rows = []
     for nfe in nfes:
         started = time.perf_counter()
@@ -45,11 +48,19 @@ def tuned_rows(pb: Problem, nfes: list[int]) -> list[dict]:
         fixed = min((endpoint_error(difflab.sample(pb.den, pb.noise, "unipc", steps=nfe, schedule=s), pb.reference)
                      for s in NAMED), key=lambda e: e["rmse"])
         err = endpoint_error(out, pb.reference)
+        seconds = round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        bespoke = calibration.tune(pb.den, nfe, big, reference=big_ref, sampler_options={"order": 2}, bespoke=True)
+        b_err = endpoint_error(bespoke.spec(pb.den, pb.noise), pb.reference)
         rows.append({"nfe": nfe, "rmse": err["rmse"], "median": err["median"], "fixed_rmse": fixed["rmse"],
-                     "dc": "dc_ratios" in tuned.spec.options, "seconds": round(time.perf_counter() - started, 1),
-                     "spec": tuned.spec.to_config()})
-        print(f"  NFE {nfe}: tuned {err['rmse']:.3e} (best fixed unipc {fixed['rmse']:.3e}) "
-              f"in {rows[-1]['seconds']}s", flush=True)
+                     "fixed_median": fixed["median"], "dc": "dc_ratios" in tuned.spec.options, "seconds": seconds,
+                     "spec": tuned.spec.to_config(), "bespoke_rmse": b_err["rmse"], "bespoke_median": b_err["median"],
+                     "bespoke_kept": bespoke.spec.name == "bns",
+                     "bespoke_seconds": round(time.perf_counter() - started, 1),
+                     "bespoke_spec": bespoke.spec.to_config()})
+        print(f"  NFE {nfe}: tuned {err['rmse']:.3e} (best fixed unipc {fixed['rmse']:.3e}) in {seconds}s; "
+              f"bespoke {b_err['rmse']:.3e} (median {b_err['median']:.2e}) in {rows[-1]['bespoke_seconds']}s",
+              flush=True)
     return rows
 
 
@@ -79,13 +90,17 @@ def main() -> None:
         rows = tuned_rows(pb, NFES)
         third = third_order_rows(pb)
         report["setups"][setup] = {"tuned": rows, "third_order": third}
-        lines += [f"## {setup}", "", "| NFE | tuned RMSE | median | best fixed UniPC-2 | diffusers best | ratio | "
-                  "DC kept | calibration s |", "|---:|---:|---:|---:|---|---:|:-:|---:|"]
+        lines += [f"## {setup}", "", "| NFE | tuned RMSE | median | bespoke RMSE | median | kept | best fixed UniPC-2 "
+                  "(median) | diffusers best | median | ratio tuned | ratio bespoke | DC kept | tune s | bespoke s |",
+                  "|---:|---:|---:|---:|---:|:-:|---:|---|---:|---:|---:|:-:|---:|---:|"]
         for r in rows:
             b = best(previous[setup], "diffusers", r["nfe"])
-            lines.append(f"| {r['nfe']} | {r['rmse']:.2e} | {r['median']:.2e} | {r['fixed_rmse']:.2e} | "
-                         f"{b['method']} {b['schedule']} {b['rmse']:.2e} | {b['rmse'] / r['rmse']:.2f}x | "
-                         f"{'yes' if r['dc'] else 'no'} | {r['seconds']} |")
+            bm = best(previous[setup], "diffusers", r["nfe"], "median")
+            lines.append(f"| {r['nfe']} | {r['rmse']:.2e} | {r['median']:.2e} | {r['bespoke_rmse']:.2e} | "
+                         f"{r['bespoke_median']:.2e} | {'yes' if r['bespoke_kept'] else 'no'} | {r['fixed_rmse']:.2e} "
+                         f"({r['fixed_median']:.2e}) | {b['method']} {b['schedule']} {b['rmse']:.2e} | "
+                         f"{bm['median']:.2e} | {b['rmse'] / r['rmse']:.2f}x | {b['rmse'] / r['bespoke_rmse']:.2f}x | "
+                         f"{'yes' if r['dc'] else 'no'} | {r['seconds']} | {r['bespoke_seconds']} |")
         lines += ["", "DPM++(3M), best named schedule per step count: exact (third-order) vs classic coefficient",
                   "", "| steps | exact | classic | winner |", "|---:|---:|---:|---|"]
         for steps in sorted({r["steps"] for r in third}):
@@ -110,6 +125,9 @@ def plot(report: dict, previous: dict) -> None:
     for ax, (setup, data) in zip(axes, report["setups"].items(), strict=True):
         nfes = [r["nfe"] for r in data["tuned"]]
         ax.loglog(nfes, [r["rmse"] for r in data["tuned"]], "o-", label="difflab tuned UniPC-2")
+        ax.loglog(nfes, [r["bespoke_rmse"] for r in data["tuned"]], "D-", label="difflab bespoke (BNS)")
+        ax.loglog(nfes, [r["bespoke_median"] for r in data["tuned"]], "D:", alpha=0.5,
+                  label="difflab bespoke, median per sample")
         ax.loglog(nfes, [r["fixed_rmse"] for r in data["tuned"]], "s--", label="difflab UniPC-2, best named grid")
         diff = [best(previous[setup], "diffusers", n) for n in nfes]
         ax.loglog(nfes, [d["rmse"] if d else math.nan for d in diff], "^:", label="diffusers best")

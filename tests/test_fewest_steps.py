@@ -206,7 +206,24 @@ def test_fit_bespoke_trains_through_a_network_with_conditions(digits_pipe):
         return float(((out - ref) ** 2).mean())
 
     before = [p.detach().clone() for p in digits_pipe.network.parameters()]
-    fitted = calibration.fit_bespoke(den, grid, rows, noise, ref, iterations=15, cond=cond)
+    same_grid, fitted = calibration.fit_bespoke(den, grid, rows, noise, ref, iterations=15, cond=cond)
+    assert torch.equal(same_grid, grid)
     assert mse(fitted) < 0.1 * mse(rows), (mse(rows), mse(fitted))
     assert all(torch.equal(a, b) for a, b in zip(before, digits_pipe.network.parameters(), strict=True))
     assert all(p.grad is None for p in digits_pipe.network.parameters())
+
+
+def test_fit_bespoke_can_learn_the_times_and_keeps_them_ordered():
+    proc = P.DiscreteVP.scaled_linear()
+    mix, den, noise = _ring(proc)
+    ref = mix.ode_solve(float(proc.sigma(torch.tensor(1.0, dtype=D))) * noise, proc, 1.0)
+    grid = schedules.get("uniform", proc, 4)
+    rows = calibration.bespoke_rows(proc, "dpmpp_2m", grid)
+    err = {}
+    for learn in (False, True):
+        g, r = calibration.fit_bespoke(den, grid, rows, noise, ref, iterations=40, learn_times=learn)
+        out = difflab.sample(den, noise, "bns", schedule=g, coefficients=r)
+        err[learn] = float(((out - ref) ** 2).mean())
+    assert float(g[0]) == 1.0 and float(g[-1]) == 0.0 and bool((g[1:] < g[:-1]).all())
+    assert not torch.allclose(g, grid)
+    assert err[True] < err[False], err

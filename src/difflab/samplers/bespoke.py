@@ -39,19 +39,18 @@ def check_rows(rows: Sequence[Sequence[float]], steps: int) -> list[list[float]]
     return out
 
 
-def rollout(denoiser: DenoiseFn, x: Tensor, grid: Grid, rows: Sequence[Sequence[float | Tensor]],
+def rollout(denoiser: DenoiseFn, x: Tensor, times: Tensor, alpha: Sequence[float | Tensor],
+            sigma: Sequence[float | Tensor], rows: Sequence[Sequence[float | Tensor]],
             callback: Callback = None) -> Tensor:
-    """Walk the grid: evaluate ``D_i`` at ``x_i``, then ``x_{i+1} = (sigma_{i+1} / sigma_0) r_i0 x_T +
-    alpha_{i+1} sum_j r_i(j+1) D_j``. The entries may be tensors that require grad (fitting)."""
-    times = grid.times()
+    """Walk the grid ``times`` (with its ``alpha`` and ``sigma``): evaluate ``D_i`` at ``x_i``, then
+    ``x_{i+1} = (sigma_{i+1} / sigma_0) r_i0 x_T + alpha_{i+1} sum_j r_i(j+1) D_j``. Every number may
+    be a tensor that requires grad (fitting the coefficients, and the times with them)."""
     x_start, outputs = x, []
-    for i in range(grid.steps):
+    for i, row in enumerate(rows):
         outputs.append(evaluate(denoiser, x, times[i], i, callback))
-        row = rows[i]
-        scale_x, scale_d = grid.sigma[i + 1] / grid.sigma[0], grid.alpha[i + 1]
-        x = (scale_x * row[0]) * x_start if scale_x != 0.0 else 0.0
+        x = (sigma[i + 1] / sigma[0] * row[0]) * x_start
         for w, d in zip(row[1:], outputs, strict=True):
-            x = x + (scale_d * w) * d
+            x = x + (alpha[i + 1] * w) * d
     return x
 
 
@@ -65,4 +64,4 @@ def sample_bns(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = Non
     ``coefficients`` it is DDIM. Coefficients belong to the grid they were fitted on."""
     grid = Grid.build(denoiser.process, ts, x)
     rows = ddim_rows(grid) if coefficients is None else check_rows(coefficients, grid.steps)
-    return rollout(denoiser, x, grid, rows, callback)
+    return rollout(denoiser, x, grid.times(), grid.alpha, grid.sigma, rows, callback)

@@ -160,32 +160,48 @@ def fit_bespoke(
     reference: Tensor,
     *,
     iterations: int = 200,
+    learn_times: bool = False,
     cond: dict[str, Tensor] | None = None,
-) -> list[list[float]]:
-    """Fit every coefficient of a bespoke solver on ``grid`` to the endpoint error against
-    ``reference`` from ``noise`` (Shaul et al. 2024, BNS: there by gradient on a PSNR loss, here
-    L-BFGS on the mean squared error, through the model itself), starting from ``rows``."""
-    from difflab.samplers.base import Grid
+) -> tuple[Tensor, list[list[float]]]:
+    """Fit a bespoke solver to the endpoint error against ``reference`` from ``noise``, starting
+    from ``grid`` and ``rows``: every coefficient and, with ``learn_times``, the interior times too
+    (Shaul et al. 2024, BNS: there Adam on a PSNR loss, here L-BFGS on the mean squared error),
+    through the model itself. Returns the grid and the rows. On the d = 64 mixtures learning the
+    times as well helped at some step counts and hurt at others, so it is off by default."""
     from difflab.samplers.bespoke import rollout
 
     process = denoiser.process
+    t_max = float(grid[0])
     x = float(process.sigma(grid[:1])) * noise
-    g = Grid.build(process, grid, x)
     params = [torch.tensor(r, dtype=torch.float64, requires_grad=True) for r in rows]
+    # interior times as softmax increments of t from t_max down to 0: ordered whatever the values
+    logits = (grid[:-1] - grid[1:]).clamp_min(1e-9).log().clone().requires_grad_(learn_times)
     bound = (lambda xs, t: denoiser(xs, t, **cond)) if cond else denoiser
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=iterations, history_size=50,
+
+    def times_of(z: Tensor) -> Tensor:
+        steps = torch.softmax(z, 0) * t_max
+        return torch.cat([steps.new_tensor([t_max]), t_max - torch.cumsum(steps, 0)[:-1], steps.new_zeros(1)])
+
+    def loss_of() -> Tensor:
+        t = times_of(logits) if learn_times else grid
+        out = rollout(bound, x, t.to(x.dtype).to(x.device), process.alpha(t), process.sigma(t), params)
+        return ((out - reference) ** 2).mean().double()
+
+    trained = [*params, logits] if learn_times else params
+    optimizer = torch.optim.LBFGS(trained, lr=1.0, max_iter=iterations, history_size=50,
                                   line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-16)
 
     def closure() -> Tensor:
         with torch.enable_grad():
-            loss = ((rollout(bound, x, g, params) - reference) ** 2).mean().double()
-            grads = torch.autograd.grad(loss, params)
-        for p, gr in zip(params, grads, strict=True):
+            loss = loss_of()
+            grads = torch.autograd.grad(loss, trained)
+        for p, gr in zip(trained, grads, strict=True):
             p.grad = gr
         return loss.detach()
 
     optimizer.step(closure)
-    return [p.detach().tolist() for p in params]
+    fitted_grid = times_of(logits.detach()) if learn_times else grid
+    return fitted_grid, [p.detach().tolist() for p in params]
 
 
 #: the named schedules a calibration starts from (the best of them is what it must beat)
@@ -298,8 +314,8 @@ def tune(
             raise ValueError(f"{sampler!r} with {options} is not linear in its inputs, so it has no bespoke form; "
                              "tune a plain ODE sampler (unipc, dpmpp_2m, deis, ddim) with bespoke=True")
         cond_fit = {k: v[fit] for k, v in (cond or {}).items()} or None
-        fitted = fit_bespoke(denoiser, grid, rows, noise[fit], reference[fit], iterations=bespoke_iterations,
-                             cond=cond_fit)
+        _, fitted = fit_bespoke(denoiser, grid, rows, noise[fit], reference[fit], iterations=bespoke_iterations,
+                                cond=cond_fit)
         if mse(grid, {"coefficients": fitted}, check, "bns") < mse(grid, options, check):
             name, options = "bns", {"coefficients": fitted}
     tuned_mse = mse(grid, options, whole, name)
