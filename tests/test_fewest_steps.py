@@ -139,6 +139,12 @@ def test_tune_command_saves_a_calibration_that_sample_uses(tmp_path, digits_pipe
         pipe(2, steps=6, calibrated=True)
     assert main(["sample", str(tmp_path / "pipe"), "--steps", "3", "--calibrated", "--n", "2",
                  "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert main(["tune", str(tmp_path / "pipe"), "--nfe", "3", "--n", "8", "--reference-steps", "12",
+                 "--max-evals", "30", "--bespoke", "--no-progress"]) == 0
+    bespoke = Pipeline.from_pretrained(tmp_path / "pipe")
+    assert sorted(bespoke.calibration) == [3, 4] and bespoke.calibration[3].spec.name == "bns"
+    out = bespoke(2, steps=3, calibrated=True)
+    assert out.settings[0]["sampler"] == "bns" and len(out.settings[0]["sampler_options"]["coefficients"]) == 3
     with torch.no_grad():
         next(pipe.network.parameters()).add_(0.01)
     pipe._identity = None
