@@ -233,3 +233,21 @@ def test_fit_bespoke_can_learn_the_times_and_keeps_them_ordered():
     assert float(g[0]) == 1.0 and float(g[-1]) == 0.0 and bool((g[1:] < g[:-1]).all())
     assert not torch.allclose(g, grid)
     assert err[True] < err[False], err
+
+
+def test_fit_bespoke_with_ld3_slack_still_lowers_the_error_on_new_noise():
+    proc = P.Flow()
+    mix, den, noise = _ring(proc)
+    ref = mix.ode_solve(noise, proc, 1.0)
+    test = torch.randn(64, 2, generator=torch.Generator().manual_seed(9), dtype=D)
+    test_ref = mix.ode_solve(test, proc, 1.0)
+    grid = schedules.get("trailing", proc, 4)
+    rows = calibration.bespoke_rows(proc, "unipc", grid)
+    _, loose = calibration.fit_bespoke(den, grid, rows, noise, ref, iterations=40, slack=0.05)
+    _, tight = calibration.fit_bespoke(den, grid, rows, noise, ref, iterations=40)
+    assert loose != tight
+
+    def err(r) -> float:
+        return float(((difflab.sample(den, test, "bns", schedule=grid, coefficients=r) - test_ref) ** 2).mean())
+
+    assert err(loose) < err(rows), (err(rows), err(loose))

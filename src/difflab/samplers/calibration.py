@@ -161,13 +161,18 @@ def fit_bespoke(
     *,
     iterations: int = 200,
     learn_times: bool = False,
+    slack: float = 0.0,
     cond: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, list[list[float]]]:
     """Fit a bespoke solver to the endpoint error against ``reference`` from ``noise``, starting
     from ``grid`` and ``rows``: every coefficient and, with ``learn_times``, the interior times too
     (Shaul et al. 2024, BNS: there Adam on a PSNR loss, here L-BFGS on the mean squared error),
     through the model itself. Returns the grid and the rows. On the d = 64 mixtures learning the
-    times as well helped at some step counts and hurt at others, so it is off by default."""
+    times as well helped at some step counts and hurt at others, so it is off by default.
+
+    ``slack`` > 0 is LD3's soft surrogate (Tong et al. 2024): each calibration sample may start from
+    any point within ``slack * |x_T|`` of its own, so a sample the solver cannot follow (one near the
+    boundary between two modes) does not bend the coefficients for all the others."""
     from difflab.samplers.bespoke import rollout
 
     process = denoiser.process
@@ -177,6 +182,14 @@ def fit_bespoke(
     # interior times as softmax increments of t from t_max down to 0: ordered whatever the values
     logits = (grid[:-1] - grid[1:]).clamp_min(1e-9).log().clone().requires_grad_(learn_times)
     bound = (lambda xs, t: denoiser(xs, t, **cond)) if cond else denoiser
+    shift = torch.zeros_like(x, requires_grad=slack > 0)
+    radius = slack * x.flatten(1).norm(dim=1).reshape(-1, *[1] * (x.ndim - 1))
+
+    def start() -> Tensor:
+        if slack <= 0:
+            return x
+        norm = shift.flatten(1).norm(dim=1).reshape(radius.shape)
+        return x + shift * torch.clamp(radius / norm.clamp_min(1e-30), max=1.0)  # projected onto the ball
 
     def times_of(z: Tensor) -> Tensor:
         steps = torch.softmax(z, 0) * t_max
@@ -184,10 +197,10 @@ def fit_bespoke(
 
     def loss_of() -> Tensor:
         t = times_of(logits) if learn_times else grid
-        out = rollout(bound, x, t.to(x.dtype).to(x.device), process.alpha(t), process.sigma(t), params)
+        out = rollout(bound, start(), t.to(x.dtype).to(x.device), process.alpha(t), process.sigma(t), params)
         return ((out - reference) ** 2).mean().double()
 
-    trained = [*params, logits] if learn_times else params
+    trained = [*params, *([logits] if learn_times else []), *([shift] if slack > 0 else [])]
     optimizer = torch.optim.LBFGS(trained, lr=1.0, max_iter=iterations, history_size=50,
                                   line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-16)
 
