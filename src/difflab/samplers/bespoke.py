@@ -63,5 +63,8 @@ def sample_bns(denoiser: DenoiseFn, x: Tensor, ts, *, generator: Generator = Non
     with or without DC-Solver's compensation), so fitting starts from the best of them; without
     ``coefficients`` it is DDIM. Coefficients belong to the grid they were fitted on."""
     grid = Grid.build(denoiser.process, ts, x)
+    if grid.steps and grid.t[1] > grid.t[0]:
+        raise ValueError("bns integrates down only: its coefficients belong to the descending grid they were "
+                         "fitted on; invert with ddim, dpmpp_2m or unipc")
     rows = ddim_rows(grid) if coefficients is None else check_rows(coefficients, grid.steps)
     return rollout(denoiser, x, grid.times(), grid.alpha, grid.sigma, rows, callback)
