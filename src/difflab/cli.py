@@ -222,7 +222,8 @@ def _edit(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from difflab.serve import start
 
-    start(args.pipelines, host=args.host, port=args.port, concurrency=args.concurrency, out_dir=args.out)
+    start(args.pipelines, host=args.host, port=args.port, concurrency=args.concurrency, out_dir=args.out,
+          loras=args.lora or (), controlnets=args.controlnet or ())
     return 0
 
 
@@ -393,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     p.add_argument("--concurrency", type=int, default=1, help="generations run at once; the rest queue")
     p.add_argument("--out", default=None, help="where the PNGs go (default: a new temporary folder)")
+    p.add_argument("--lora", action="append", metavar="PATH",
+                   help="a LoRA folder, offered with a scale on the page of the pipeline it was trained on (repeat)")
+    p.add_argument("--controlnet", action="append", metavar="PATH",
+                   help="a ControlNet folder, offered with a control image on its pipeline's page (repeat)")
     p.set_defaults(func=_serve)
     p = sub.add_parser("eval", help="FD / KID / precision-recall of a pipeline's samples against reference images")
     _add_sampling_options(p)

@@ -478,10 +478,7 @@ class Pipeline:
                                                sampler_options, guidance, guidance_options),
                         "denoiser_calls": nfe,
                         **({"accelerator": dict(accelerator)} if accelerator else {}),
-                        **({"adapters": {**adapters, **({"controls": [
-                            {**c, "image_sha256": _digest(control_list[j].image[start + i])}
-                            for j, c in enumerate(adapters["controls"])]} if control_list else {})}}
-                           if adapters else {}),
+                        **self._adapter_settings(adapters, control_list, start + i),
                         **({"image_prompt": {"scale": float(image_prompt.get("scale", 1.0)),
                                              "image_sha256": _digest(image_prompt["images"][start + i])}}
                            if image_prompt else {}),
@@ -511,6 +508,15 @@ class Pipeline:
                                    "end": c.end} for c in control_list]
         return record, control_list
 
+    @staticmethod
+    def _adapter_settings(adapters: dict[str, Any], control_list: list[Any], index: int) -> dict[str, Any]:
+        """What image ``index``'s settings record of the call's adapters (its control images by hash)."""
+        if not adapters:
+            return {}
+        controls = {"controls": [{**c, "image_sha256": _digest(control_list[j].image[index])}
+                                 for j, c in enumerate(adapters["controls"])]} if control_list else {}
+        return {"adapters": {**adapters, **controls}}
+
     @torch.no_grad()
     def edit(self, images: Tensor, *, mask: Tensor | None = None, strength: float | None = None,
              prompts: str | Sequence[str] | None = None, class_labels: Any = None,
@@ -520,6 +526,7 @@ class Pipeline:
              guidance: str | None = None, guidance_options: dict[str, Any] | None = None, feather: float = 0.0,
              resample: int = 1, jump: int = 1, batch_size: int = 64, sources: Sequence[str] | None = None,
              mask_sources: Sequence[str] | None = None, callback: Callable | None = None,
+             loras: Sequence[tuple[Any, float]] | None = None, controls: Any = None,
              **sampler_options: Any) -> Output:
         """Edit ``images`` (N, C, H, W) in [-1, 1] (:mod:`difflab.editing`), one mode per call:
 
@@ -532,6 +539,7 @@ class Pipeline:
           ``prompts`` / ``class_labels`` with guidance.
         * otherwise img2img (SDEdit) at ``strength`` (0.8 by default, as diffusers).
 
+        ``loras`` and ``controls`` apply as in :meth:`__call__` (a control keeps one image per image).
         ``sources`` / ``mask_sources`` name the files the images and masks came from: recorded in
         the settings, they let :meth:`reproduce` (and ``difflab sample --settings``) remake an edit."""
         from difflab import editing
@@ -559,6 +567,11 @@ class Pipeline:
         if source_prompts is not None or source_class_labels is not None:
             source_settings, source = self._conditions(n, source_class_labels, source_prompts)
         plain = self.denoiser()
+        adapters, control_list = self._adapters(n, loras, controls)
+        if loras:
+            from difflab.adapters import WithLoRA
+
+            plain = WithLoRA(plain, list(loras))
         record = {"mode": mode, "strength": strength, "inversion": inversion, "feather": feather,
                   "resample": resample, "jump": jump, "masks": list(mask_sources) if mask_sources else None}
         outputs, settings = [], []
@@ -572,6 +585,11 @@ class Pipeline:
                 noise = torch.stack([torch.randn(state.shape[1:], generator=g, device=self.device) for g in gens])
                 bcond = {k: v[sl].to(self.device) for k, v in (cond or {}).items()}
                 base, m = plain, None
+                if control_list:
+                    from difflab.adapters import Control, Controlled
+
+                    base = Controlled(plain, [Control(c.controlnet, c.image[sl].to(self.device), c.scale, c.start,
+                                                      c.end) for c in control_list])
                 if mode == "inpaint":
                     m = mask[sl]
                     if self.vae is not None:  # every latent cell touched by the mask is repainted
@@ -579,17 +597,21 @@ class Pipeline:
                     m = (m > 0).to(state.dtype) if self.inpainting else m
                 if self.inpainting:  # a trained inpainting model sees the mask and the masked image
                     region = m if m is not None else torch.ones_like(state[:, :1])
-                    base = WithInputs(plain, inpainting_inputs(state, region))
+                    base = WithInputs(base, inpainting_inputs(state, region))
                 model = self._guided(base, guidance, guidance_options)
                 common = {"steps": steps, "schedule": schedule, "cond": bcond}
+                nfe = None
                 if mode == "img2img":
-                    x = editing.img2img(model, state, strength, sampler=sampler, noise=noise, generator=gens,
-                                        callback=callback, **common, **sampler_options)
+                    x, nfe = editing.img2img(model, state, strength, sampler=sampler, noise=noise, generator=gens,
+                                             callback=callback, return_nfe=True, **common, **sampler_options)
                 elif mode == "inpaint":
-                    x = editing.inpaint(model, state, m, sampler=sampler, strength=strength, resample=resample,
-                                        jump=jump, noise=noise, generator=gens, callback=callback, **common,
-                                        **sampler_options)
+                    x, nfe = editing.inpaint(model, state, m, sampler=sampler, strength=strength, resample=resample,
+                                             jump=jump, noise=noise, generator=gens, callback=callback,
+                                             return_nfe=True, **common, **sampler_options)
                 else:
+                    if control_list:
+                        raise PipelineError("inversion edits take no controls (the inverted path would follow the "
+                                            "control too); use img2img or inpainting with a control")
                     bsource = {k: v[sl].to(self.device) for k, v in (source or {}).items()}
                     x = self._invert_and_sample(plain, model, state, inversion, steps, schedule, strength, bsource,
                                                 bcond, guidance, guidance_options, sampler_options)
@@ -609,6 +631,8 @@ class Pipeline:
                                                sampler_options, guidance, guidance_options),
                         "edit": {**edit_record, "image_sha256": _digest(pixels[i]),
                                  "mask_sha256": _digest(mask[start + i]) if mask is not None else None},
+                        **({"denoiser_calls": nfe} if nfe is not None else {}),
+                        **self._adapter_settings(adapters, control_list, start + i),
                     })
         return Output(torch.cat(outputs), settings)
 
@@ -810,6 +834,10 @@ class Pipeline:
         made by another model are refused."""
         if not isinstance(settings, dict):
             raise PipelineError("a settings record is a JSON object written beside each image (NNNNN.json)")
+        if "cancelled_after_step" in settings:
+            raise PipelineError(f"this image is the preview of a run cancelled after step "
+                                f"{settings['cancelled_after_step']} of {settings.get('steps')}: it cannot be remade; "
+                                "its settings (in `difflab serve`, drop the PNG on the page) make the finished image")
         missing = [k for k in self.SETTINGS_KEYS if k not in settings]
         if missing:
             raise PipelineError(f"the settings record lacks {', '.join(missing)}: it is not an image's settings "
@@ -822,10 +850,6 @@ class Pipeline:
         if not isinstance(batch, list) or not batch or not isinstance(settings["batch_index"], int) \
                 or not 0 <= settings["batch_index"] < len(batch):
             raise PipelineError("the settings record's batch_seeds / batch_index do not describe an image of a batch")
-        if "cancelled_after_step" in settings:
-            raise PipelineError(f"this image is the preview of a run cancelled after step "
-                                f"{settings['cancelled_after_step']} of {settings['steps']}: it cannot be remade; its "
-                                "settings (in `difflab serve`, drop the PNG on the page) make the finished image")
         if "adapters" in settings:
             raise PipelineError("this image was made with LoRAs or controls: call the pipeline again with the same "
                                 "adapters (their weights' hashes are in the record) and these settings")

@@ -146,6 +146,35 @@ def test_a_pipeline_samples_with_controls_and_loras_and_records_them():
         pipe(2, loras=lora)
 
 
+def test_edits_take_loras_and_controls_keep_the_unmasked_pixels_and_record_them():
+    from difflab.adapters import LoRA, merge
+    from difflab.pipeline import Pipeline, PipelineError
+
+    net = randomise(UNet(UNetConfig(in_channels=2, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                    attention_levels=(1,), head_dim=8, norm_groups=8, num_classes=3)).eval())
+    pipe = Pipeline(net, processes.Flow(), "flow", sample_shape=(2, 8, 8), steps=4, num_classes=3, cond_dropout=0.1)
+    cn, lora = _controlnet(net, 1, downscale=1), randomise(LoRA(net, rank=2), 7)
+    for p in lora.parameters():  # a LoRA whose update is visible at these tiny weights
+        p.data.mul_(20)
+    images = torch.rand(2, 2, 8, 8) * 2 - 1
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    kw = {"class_labels": [0, 2], "seed": 5}
+    plain = pipe.edit(images, mask=mask, **kw)
+    out = pipe.edit(images, mask=mask, controls=Control(cn, torch.rand(2, 1, 8, 8), 0.8), loras=[(lora, 0.7)], **kw)
+    keep = mask.expand_as(images) == 0
+    assert torch.equal(out.images[keep], images[keep])  # the kept pixels exactly, adapters or not
+    assert (out.images - plain.images).abs()[~keep].max() > 1e-3
+    assert out.settings[1]["adapters"]["loras"][0]["scale"] == 0.7 and out.settings[1]["denoiser_calls"] == 4
+    with merge(net, [(lora, 0.7)]):  # a runtime LoRA in an img2img edit is the merged weights' edit
+        merged = pipe.edit(images, strength=0.6, **kw)
+    runtime = pipe.edit(images, strength=0.6, loras=[(lora, 0.7)], **kw)
+    torch.testing.assert_close(runtime.images, merged.images, atol=1e-5, rtol=0)
+    assert not torch.allclose(runtime.images, pipe.edit(images, strength=0.6, **kw).images, atol=1e-3)
+    with pytest.raises(PipelineError, match="inversion edits take no controls"):
+        pipe.edit(images, inversion="ddim", controls=Control(cn, torch.rand(2, 1, 8, 8)), **kw)
+
+
 def test_a_dit_controlnet_copies_the_first_blocks_and_starts_as_the_base():
     from difflab.models import DiT, DiTConfig
 

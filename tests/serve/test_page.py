@@ -26,26 +26,37 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve")
+
+
+@pytest.fixture(scope="module")
+def server(root):
     from tests.conftest import randomise
 
     from difflab import processes
+    from difflab.adapters import ControlNet, LoRA
     from difflab.models import UNet, UNetConfig
     from difflab.pipeline import Pipeline
     from difflab.serve import start
 
-    root = tmp_path_factory.mktemp("serve")
     small = {"model_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1, "attention_levels": (1,),
              "head_dim": 16, "norm_groups": 8}
     text = randomise(UNet(UNetConfig(in_channels=3, context_dim=384, **small)), 1)
     Pipeline(text, processes.Flow(), "flow", sample_shape=(3, 8, 8), steps=8, cond_dropout=0.1,
              text_encoder={"name": "minilm", "max_tokens": 8}).save_pretrained(root / "shapes")
     digits = randomise(UNet(UNetConfig(in_channels=1, num_classes=10, **small)), 2)
-    Pipeline(digits, processes.Flow(), "flow", sample_shape=(1, 8, 8), steps=8, num_classes=10, cond_dropout=0.1,
-             guidance={"method": "cfg", "options": {"scale": 2.0}}).save_pretrained(root / "digits")
+    pipe = Pipeline(digits, processes.Flow(), "flow", sample_shape=(1, 8, 8), steps=8, num_classes=10,
+                    cond_dropout=0.1, guidance={"method": "cfg", "options": {"scale": 2.0}})
+    pipe.save_pretrained(root / "digits")
+    lora = randomise(LoRA(digits, rank=2), 3)
+    for p in lora.parameters():  # an update visible at these tiny weights
+        p.data.mul_(20)
+    lora.save_pretrained(root / "thick", base_identity=pipe.identity())
+    randomise(ControlNet(digits, 1, downscale=1), 4).save_pretrained(root / "edges", base_identity=pipe.identity())
     torch.set_num_threads(1)
     app, url = start([root / "shapes", root / "digits"], port=_free_port(), out_dir=root / "out", block=False,
-                     quiet=True)
+                     quiet=True, loras=[root / "thick"], controlnets=[root / "edges"])
     yield url
     app.close()
 
@@ -213,4 +224,108 @@ def test_bad_input_gets_a_message_on_the_page_and_the_server_keeps_running(brows
     _set(page, "n", 1)
     page.locator("#generate").click()
     assert "1 image(s), 4 steps" in _wait_status(page, "finished")
+    page.close()
+
+
+def _png(path: Path, array) -> Path:
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _pixels(data: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+
+
+def test_an_inpainting_mask_drawn_on_the_page_keeps_the_rest_and_the_png_restores_it(browser, server, root, tmp_path):
+    import numpy as np
+
+    from difflab.files import read_settings
+
+    source = np.tile(np.linspace(0, 255, 8, dtype=np.uint8), (8, 1))
+    page = _page(browser, server)
+    _choose(page, "pipeline", "digits")
+    _choose(page, "class_label", "7")
+    _set(page, "n", 2)
+    _set(page, "steps", 6)
+    page.locator("#extras").get_by_text("image to image").click()
+    page.locator("#source input[type=file]").first.set_input_files(str(_png(tmp_path / "source.png", source)))
+    page.locator("#source canvas").first.wait_for()
+    page.wait_for_timeout(1000)  # the editor draws the uploaded background first
+    page.locator("#source button[aria-label=Brush]").click()
+    page.wait_for_timeout(300)
+    box = page.locator("#source canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # the image sits in the middle
+    page.mouse.move(x - 20, y)
+    page.mouse.down()
+    page.mouse.move(x + 20, y, steps=12)  # a stroke across the middle rows
+    page.mouse.up()
+    page.screenshot(path=SHOTS / "inpaint.png", full_page=True)
+    page.locator("#generate").click()
+    assert "2 image(s), 6 steps, 6 NFE" in _wait_status(page, "finished")
+    original = _download(page, 1)
+    (tmp_path / "made.png").write_bytes(original)
+    record = read_settings(tmp_path / "made.png")
+    assert record["edit"]["mode"] == "inpaint"
+    mask = _pixels((root / "out" / "inputs" / record["serve_request"]["mask"]).read_bytes()) > 0
+    assert 0 < mask.sum() < 32  # the stroke, not the whole image
+    made = _pixels(original)
+    assert np.array_equal(made[~mask], source[~mask]) and not np.array_equal(made[mask], source[mask])
+    page.close()
+
+    page = _page(browser, server)  # a fresh page: the PNG brings back the image, the mask and the rest
+    page.locator("#restore input[type=file]").set_input_files(str(tmp_path / "made.png"))
+    _wait_status(page, "restored the settings")
+    page.locator("#generate").click()
+    _wait_status(page, "finished")
+    assert _download(page, 1) == original
+    page.close()
+
+
+def test_a_lora_scale_and_a_control_image_set_on_the_page_reach_the_images(browser, server, tmp_path):
+    import numpy as np
+
+    from difflab.files import read_settings
+
+    edge = np.zeros((8, 8), np.uint8)
+    edge[:, 3] = 255
+    page = _page(browser, server)
+    assert not page.locator("#lora-digits-thick").is_visible()  # adapters show on their own pipeline only
+    _choose(page, "pipeline", "digits")
+    _choose(page, "class_label", "2")
+    _set(page, "n", 1)
+    _set(page, "steps", 4)
+    page.locator("#generate").click()
+    first = int(re.search(r"run #(\d+)", _wait_status(page, "finished")).group(1))
+    plain = _download(page)
+    page.locator("#extras").get_by_text("image to image").click()
+    _set(page, "lora-digits-thick", 1.5)
+    page.locator("#control-digits-edges input[type=file]").set_input_files(str(_png(tmp_path / "edge.png", edge)))
+    page.locator("#control-digits-edges img").first.wait_for()
+    page.locator("#generate").click()
+    _wait_status(page, f"run #{first + 1}:")
+    controlled = _download(page)
+    assert controlled != plain
+    (tmp_path / "controlled.png").write_bytes(controlled)
+    adapters = read_settings(tmp_path / "controlled.png")["adapters"]
+    assert adapters["loras"][0]["scale"] == 1.5 and adapters["controls"][0]["scale"] == 1.0
+    page.screenshot(path=SHOTS / "adapters.png", full_page=True)
+    page.close()
+
+    page = _page(browser, server)
+    page.locator("#restore input[type=file]").set_input_files(str(tmp_path / "controlled.png"))
+    _wait_status(page, "restored the settings")
+    assert page.locator("#lora-digits-thick input[type=number]").input_value() == "1.5"
+    page.locator("#generate").click()
+    _wait_status(page, "finished")
+    again = _download(page)
+    (tmp_path / "again.png").write_bytes(again)
+    assert read_settings(tmp_path / "again.png") == read_settings(tmp_path / "controlled.png")
+    assert again == controlled
     page.close()

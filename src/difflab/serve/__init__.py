@@ -15,6 +15,7 @@ from typing import Any
 
 from difflab.serve.runs import (
     MAX_IMAGES,
+    SERVE_REQUEST,
     Cancelled,
     Request,
     RequestError,
@@ -27,6 +28,7 @@ from difflab.serve.runs import (
     load_served,
     parse_request,
     request_from_settings,
+    store_input,
 )
 
 LOCALHOST = "127.0.0.1"
@@ -47,13 +49,15 @@ def check_port(host: str, port: int) -> None:
 
 
 def start(paths: Sequence[str | Path], *, host: str = LOCALHOST, port: int = 7860, concurrency: int = 1,
-          out_dir: str | Path | None = None, block: bool = True, quiet: bool = False) -> tuple[Any, str]:
-    """Load the pipelines, check the port, then serve the page; returns ``(app, url)`` (with
-    ``block=False`` the server runs in the background until ``app.close()``). Nothing starts if
-    anything is wrong: a :class:`ServeError` says what."""
+          out_dir: str | Path | None = None, block: bool = True, quiet: bool = False,
+          loras: Sequence[str | Path] = (), controlnets: Sequence[str | Path] = ()) -> tuple[Any, str]:
+    """Load the pipelines (with the LoRA and ControlNet folders, each on the pipeline it was trained
+    on), check the port, then serve the page; returns ``(app, url)`` (with ``block=False`` the
+    server runs in the background until ``app.close()``). Nothing starts if anything is wrong: a
+    :class:`ServeError` says what."""
     if concurrency < 1:
         raise ServeError(f"--concurrency must be at least 1, got {concurrency}")
-    served = load_served(paths)
+    served = load_served(paths, loras=loras, controlnets=controlnets)
     check_port(host, port)
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="difflab-serve-"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +85,6 @@ def start(paths: Sequence[str | Path], *, host: str = LOCALHOST, port: int = 786
     return app, url
 
 
-__all__ = ["LOCALHOST", "MAX_IMAGES", "Cancelled", "Request", "RequestError", "Run", "RunControl", "ServeError",
-           "Served", "check_port", "compare", "generate", "load_served", "parse_request", "request_from_settings",
-           "start"]
+__all__ = ["LOCALHOST", "MAX_IMAGES", "SERVE_REQUEST", "Cancelled", "Request", "RequestError", "Run", "RunControl",
+           "ServeError", "Served", "check_port", "compare", "generate", "load_served", "parse_request",
+           "request_from_settings", "start", "store_input"]

@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import random
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
 
 import gradio as gr
+import numpy as np
 
 from difflab import accel, guidance, samplers, schedules
 from difflab.files import FileError, read_settings
@@ -34,8 +36,10 @@ from difflab.serve.runs import (
     Served,
     compare,
     generate,
+    input_path,
     parse_request,
     request_from_settings,
+    store_input,
 )
 
 IN_TURN = "in turn"
@@ -68,6 +72,46 @@ def _advanced_text(sampler_options: dict, guidance_options: dict, accelerator_op
     value = {k: v for k, v in (("sampler_options", sampler_options), ("guidance_options", guidance_options),
                                ("accelerator_options", accelerator_options)) if v}
     return json.dumps(value) if value else ""
+
+
+def _elem(*parts: str) -> str:
+    """An element id from names (letters, digits, - and _ only)."""
+    return "-".join(re.sub(r"[^A-Za-z0-9_]", "_", part) for part in parts)
+
+
+def _source_and_mask(value: dict[str, Any] | None, out_dir: Path) -> tuple[str | None, str | None]:
+    """The stored names of the editor's background (the source image) and of the mask painted over
+    it (any painted pixel repaints), or None for what is not there."""
+    if not value or value.get("background") is None:
+        return None, None
+    from PIL import Image
+
+    background = value["background"]
+    painted = None
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 0
+        painted = alpha if painted is None else painted | alpha
+    mask = None
+    if painted is not None and painted.any():
+        mask = store_input(Image.fromarray((painted * 255).astype(np.uint8)), out_dir)
+    return store_input(background, out_dir), mask
+
+
+def _editor_value(out_dir: Path, image: str | None, mask: str | None) -> dict[str, Any] | None:
+    """The editor showing a stored source image with its mask as a painted (white) layer."""
+    if image is None:
+        return None
+    layers = []
+    if mask is not None:
+        from PIL import Image
+
+        with Image.open(input_path(out_dir, mask)) as im:
+            alpha = np.asarray(im.convert("L"))
+        layer = np.dstack([np.full_like(alpha, 255)] * 3 + [alpha])
+        layers.append(str(input_path(out_dir, store_input(Image.fromarray(layer), out_dir))))
+    return {"background": str(input_path(out_dir, image)), "layers": layers, "composite": None}
 
 
 def _history_row(run: Run) -> list[Any]:
@@ -126,6 +170,7 @@ def build_app(served: dict[str, Served], out_dir: str | Path, *, concurrency: in
     first = next(iter(served.values()))
     sampler_names, schedule_names = samplers.available(), schedules.available()
     guidance_names, accel_names = [NONE, *guidance.available()], [NONE, *accel.REGISTRY.available()]
+    brush_size = max(1, min(min(s.image_size) for s in served.values()) // 8)  # in image pixels
 
     def pipeline_view(name: str) -> dict[str, Any]:
         """The controls' values and visibility for one pipeline's defaults."""
@@ -170,6 +215,33 @@ def build_app(served: dict[str, Served], out_dir: str | Path, *, concurrency: in
                                                   elem_id="accelerator")
                     advanced = gr.Textbox(label="advanced options (JSON)", placeholder=ADVANCED_HELP,
                                           elem_id="advanced")
+                    with gr.Accordion("image to image, inpainting and adapters", open=False,
+                                      elem_id="extras") as extras:
+                        source = gr.ImageEditor(
+                            label="source image: upload one for img2img; paint over it where it should be repainted "
+                                  "(inpainting: painted = repaint, the rest is kept exactly)",
+                            type="pil", image_mode="RGBA", sources=["upload", "clipboard"], format="png",
+                            transforms=(), layers=False, height=300, elem_id="source",
+                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=brush_size))
+                        strength = gr.Slider(0, 1, value=0, step=0.05, elem_id="strength",
+                                             label="strength (0: the default, 0.8 img2img and 1 inpainting)")
+                        lora_sliders = []  # (pipeline, LoRA name, slider): every served LoRA, shown on its pipeline
+                        for s in served.values():
+                            for name in s.loras:
+                                lora_sliders.append((s.name, name, gr.Slider(
+                                    -2, 2, value=0, step=0.05, label=f"LoRA {name} scale (0: off)",
+                                    elem_id=_elem("lora", s.name, name), visible=s.name == first.name)))
+                        control_slots = []  # (pipeline, ControlNet name, row, image, scale)
+                        for s in served.values():
+                            for name in s.controlnets:
+                                with gr.Row(visible=s.name == first.name) as row:
+                                    picture = gr.Image(type="pil", image_mode=None, format="png", height=160,
+                                                       label=f"ControlNet {name}: control image",
+                                                       sources=["upload", "clipboard"],
+                                                       elem_id=_elem("control", s.name, name))
+                                    weight = gr.Number(value=1.0, label="control scale",
+                                                       elem_id=_elem("control_scale", s.name, name))
+                                control_slots.append((s.name, name, row, picture, weight))
                     with gr.Row():
                         run_button = gr.Button("Generate", variant="primary", elem_id="generate")
                         cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -212,23 +284,48 @@ def build_app(served: dict[str, Served], out_dir: str | Path, *, concurrency: in
         with gr.Tab("API"):
             gr.Markdown(api_help(served))
 
+        adapter_inputs = [*[slider for _, _, slider in lora_sliders],
+                          *[c for _, _, _, picture, weight in control_slots for c in (picture, weight)]]
         controls = [pipeline, prompt, class_label, seed, n, sampler, schedule, steps, method, scale, accelerator,
-                    advanced]
+                    advanced, source, strength, *adapter_inputs]
 
         def raw_request(name, text, label, seed_value, count, sampler_name, schedule_name, step_count,
-                        guidance_name, scale_value, accelerator_name, advanced_text) -> dict[str, Any]:
+                        guidance_name, scale_value, accelerator_name, advanced_text, editor, strength_value,
+                        *adapter_values) -> dict[str, Any]:
             s = served.get(name)
+            image, mask = _source_and_mask(editor, out_dir)
+            lora_values = adapter_values[:len(lora_sliders)]
+            control_values = adapter_values[len(lora_sliders):]
+            loras = {lora: value for (owner, lora, _), value in zip(lora_sliders, lora_values, strict=True)
+                     if owner == name and value}
+            chosen = []
+            for k, (owner, net, _, _, _) in enumerate(control_slots):
+                picture, weight = control_values[2 * k], control_values[2 * k + 1]
+                if owner == name and picture is not None:
+                    chosen.append({"controlnet": net, "image": store_input(picture, out_dir),
+                                   "scale": 1.0 if weight is None else weight})
             return {"pipeline": name, "prompt": text if s is not None and s.conditioning == "text" else "",
                     "class_label": None if (s is None or s.conditioning != "class" or label in (None, IN_TURN))
                     else label, "seed": seed_value, "n": count, "sampler": sampler_name, "schedule": schedule_name,
                     "steps": step_count, "guidance": guidance_name, "scale": scale_value,
-                    "accelerator": accelerator_name, **_advanced(advanced_text)}
+                    "accelerator": accelerator_name, "image": image, "mask": mask,
+                    "strength": strength_value if image is not None and strength_value else None, "loras": loras,
+                    "controls": chosen,
+                    **_advanced(advanced_text)}
+
+        def adapter_visibility(name: str) -> list[Any]:
+            return ([gr.update(visible=owner == name) for owner, _, _ in lora_sliders]
+                    + [gr.update(visible=owner == name) for owner, _, _, _, _ in control_slots])
+
+        adapter_views = [*[slider for _, _, slider in lora_sliders], *[row for _, _, row, _, _ in control_slots]]
 
         def on_pipeline(name: str):
             v = pipeline_view(name)
-            return [v["prompt"], v["class_label"], v["sampler"], v["schedule"], v["steps"], v["guidance"], v["scale"]]
+            return [v["prompt"], v["class_label"], v["sampler"], v["schedule"], v["steps"], v["guidance"], v["scale"],
+                    *adapter_visibility(name)]
 
-        pipeline.input(on_pipeline, pipeline, [prompt, class_label, sampler, schedule, steps, method, scale],
+        pipeline.input(on_pipeline, pipeline,
+                       [prompt, class_label, sampler, schedule, steps, method, scale, *adapter_views],
                        api_visibility="private")
         randomise.click(lambda: random.randrange(2**31), None, seed, api_visibility="private", queue=False)
 
@@ -236,13 +333,10 @@ def build_app(served: dict[str, Served], out_dir: str | Path, *, concurrency: in
             shown = [(str(run.files[0]), run.summary()) for run in reversed(runs) if run.files]
             return runs, shown, [_history_row(run) for run in reversed(runs)]
 
-        def run_generate(name, text, label, seed_value, count, sampler_name, schedule_name, step_count,
-                         guidance_name, scale_value, accelerator_name, advanced_text, runs, request: gr.Request,
-                         progress=gr.Progress()):  # noqa: B008
+        def run_generate(values: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+            runs = values[history]
             try:
-                req = parse_request(raw_request(name, text, label, seed_value, count, sampler_name, schedule_name,
-                                                step_count, guidance_name, scale_value, accelerator_name,
-                                                advanced_text), served)
+                req = parse_request(raw_request(*[values[c] for c in controls]), served, out_dir)
             except RequestError as err:
                 raise gr.Error(str(err), print_exception=False) from None
             session = request.session_hash if request is not None else "api"
@@ -285,7 +379,7 @@ def build_app(served: dict[str, Served], out_dir: str | Path, *, concurrency: in
                 thread.join()
                 sessions.finish(session, control)
 
-        run_button.click(run_generate, [*controls, history],
+        run_button.click(run_generate, {*controls, history},
                                       [gallery, status, downloads, record, history, history_gallery, history_table],
                                       concurrency_limit=concurrency, concurrency_id="sampling",
                                       api_visibility="private", show_progress="minimal")
@@ -298,23 +392,33 @@ def build_app(served: dict[str, Served], out_dir: str | Path, *, concurrency: in
 
         def on_restore(path: str | None):
             if not path:
-                return [gr.skip()] * (len(controls) + 1)
+                return [gr.skip()] * (len(controls) + 2 + len(adapter_views))
             try:
-                req = request_from_settings(read_settings(path), served)
+                req = request_from_settings(read_settings(path), served, out_dir)
             except (RequestError, FileError) as err:
                 raise gr.Error(str(err), print_exception=False) from None
             view = pipeline_view(req.pipeline)
             label = IN_TURN if req.class_label is None else str(req.class_label)
+            controls_by_net = {c["controlnet"]: c for c in req.controls}
+            control_values = []
+            for owner, net, _, _, _ in control_slots:
+                chosen = controls_by_net.get(net) if owner == req.pipeline else None
+                control_values += [None if chosen is None else str(input_path(out_dir, chosen["image"])),
+                                   1.0 if chosen is None else chosen["scale"]]
             return [req.pipeline, gr.update(value=req.prompt, visible=view["prompt"]["visible"]),
                     gr.update(choices=view["class_label"]["choices"], value=label,
                               visible=view["class_label"]["visible"]),
                     req.seed, req.n, req.sampler, req.schedule, req.steps, req.guidance or view["guidance"],
                     req.scale if req.scale is not None else view["scale"], req.accelerator,
                     _advanced_text(req.sampler_options, req.guidance_options, req.accelerator_options),
+                    _editor_value(out_dir, req.image, req.mask), req.strength or 0,
+                    *[req.loras.get(lora, 0.0) if owner == req.pipeline else 0.0 for owner, lora, _ in lora_sliders],
+                    *control_values,
                     f"restored the settings of {Path(path).name} ({req.pipeline}, seed {req.seed}, {req.n} "
-                    "image(s)); press Generate to make it again"]
+                    "image(s)); press Generate to make it again",
+                    gr.update(open=bool(req.image or req.loras or req.controls)), *adapter_visibility(req.pipeline)]
 
-        restore.upload(on_restore, restore, [*controls, status], api_visibility="private")
+        restore.upload(on_restore, restore, [*controls, status, extras, *adapter_views], api_visibility="private")
 
         def run_compare(*values):
             base_values, slot_values = values[:len(controls)], values[len(controls):]
@@ -325,7 +429,7 @@ def build_app(served: dict[str, Served], out_dir: str | Path, *, concurrency: in
                     configurations.append({"sampler": c_sampler, "steps": c_steps, "guidance": c_method,
                                            "scale": c_scale, "accelerator": c_accel})
             try:
-                base = parse_request(raw_request(*base_values), served)
+                base = parse_request(raw_request(*base_values), served, out_dir)
                 runs = compare(served, base, configurations, out_dir)
             except RequestError as err:
                 raise gr.Error(str(err), print_exception=False) from None
@@ -346,7 +450,7 @@ def build_app(served: dict[str, Served], out_dir: str | Path, *, concurrency: in
             "accelerator_options"} (all optional but the condition). Returns the PNGs (base64, settings inside)
             with each image's settings, the network evaluations and the seconds taken."""
             try:
-                req = parse_request(request, served)
+                req = parse_request(request, served, out_dir)
                 run = generate(served[req.pipeline], req, out_dir)
             except RequestError as err:
                 raise gr.Error(str(err), print_exception=False) from None
@@ -359,7 +463,10 @@ def build_app(served: dict[str, Served], out_dir: str | Path, *, concurrency: in
             return {"pipelines": {name: {"conditioning": s.conditioning, "num_classes": s.pipeline.num_classes,
                                          "sampler": s.pipeline.sampler, "schedule": s.pipeline.schedule,
                                          "steps": s.pipeline.steps, "guidance": s.default_guidance[0],
-                                         "scale": s.default_guidance[1], "model": s.pipeline.identity()}
+                                         "scale": s.default_guidance[1], "model": s.pipeline.identity(),
+                                         "image_size": list(s.image_size), "loras": list(s.loras),
+                                         "controlnets": {name: {"control_channels": net.settings["control_channels"]}
+                                                         for name, net in s.controlnets.items()}}
                                   for name, s in served.items()},
                     "samplers": sampler_names, "schedules": schedule_names, "guidance": guidance_names,
                     "accelerators": accel_names, "max_images": MAX_IMAGES}
@@ -395,5 +502,10 @@ curl -s -N http://127.0.0.1:PORT/gradio_api/call/generate/$EVENT
 sampler, schedule, guidance method and accelerator. From Python, `gradio_client.Client(URL).predict(REQUEST,
 api_name="/generate")` does both calls. Request fields: `pipeline`, `prompt` (text pipelines),
 `class_label` (class-conditional; -1 is no class), `seed`, `n` (1 to {MAX_IMAGES}), `sampler`, `schedule`,
-`steps`, `guidance`, `scale`, `accelerator`, `sampler_options`, `guidance_options`, `accelerator_options`.
+`steps`, `guidance`, `scale`, `accelerator`, `sampler_options`, `guidance_options`, `accelerator_options`;
+and for editing and adapters: `image` (a PNG in base64, the pipeline's size: img2img), `mask` (a PNG in
+base64, white repaints: inpainting), `strength` (0 to 1; 0.8 img2img, 1 inpainting by default),
+`loras` (`{{"NAME": scale}}`) and `controls` (`[{{"controlnet": NAME, "image": PNG_BASE64, "scale": 1.0}}]`),
+with the names `pipelines` lists. A returned image's `settings` hold `serve_request`, the request with its
+images by the names this server keeps them under: sending it back makes the same PNG.
 """
