@@ -8,6 +8,7 @@ from pathlib import Path
 
 from difflab.interop.diffusers_unet import unet2d_from_diffusers
 from difflab.interop.lora_files import lora_from_file
+from difflab.interop.pipelines import is_diffusers_pipeline, pipeline_from_diffusers
 from difflab.interop.schedulers import ConversionError, SchedulerConversion, scheduler_from_diffusers
 
 #: diffusers model classes difflab converts, by ``_class_name``
@@ -31,6 +32,6 @@ def from_diffusers(path: str | os.PathLike):
     return MODELS[name](path)
 
 
-__all__ = ["MODELS", "ConversionError", "SchedulerConversion", "from_diffusers", "lora_from_file",
-           "scheduler_from_diffusers",
+__all__ = ["MODELS", "ConversionError", "SchedulerConversion", "from_diffusers", "is_diffusers_pipeline",
+           "lora_from_file", "pipeline_from_diffusers", "scheduler_from_diffusers",
            "unet2d_from_diffusers"]
