@@ -329,3 +329,53 @@ def test_a_lora_scale_and_a_control_image_set_on_the_page_reach_the_images(brows
     assert read_settings(tmp_path / "again.png") == read_settings(tmp_path / "controlled.png")
     assert again == controlled
     page.close()
+
+
+def _api(url: str, name: str, payload: list) -> tuple[str, object]:
+    """One call of the JSON API over plain HTTP, as the API tab documents: POST, then read the
+    event stream; returns (event, data)."""
+    import json
+    import urllib.request
+
+    post = urllib.request.Request(f"{url}gradio_api/call/{name}", data=json.dumps({"data": payload}).encode(),
+                                  headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=60) as response:
+        event_id = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{name}/{event_id}", timeout=120) as response:
+        lines = response.read().decode().splitlines()
+    events = [line.split(":", 1)[1].strip() for line in lines if line.startswith("event:")]
+    data = [line.split(":", 1)[1].strip() for line in lines if line.startswith("data:")]
+    final = events[-1]
+    return final, json.loads(data[-1]) if data[-1] not in ("", "null") else None
+
+
+def test_the_json_api_over_raw_http_generates_edits_and_answers_bad_requests(server, tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    event, data = _api(server, "pipelines", [])
+    listing = data[0]
+    assert event == "complete" and listing["pipelines"]["digits"]["loras"] == ["thick"]
+    assert "euler" in listing["samplers"] and listing["pipelines"]["digits"]["image_size"] == [8, 8]
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(buffer, format="PNG")
+    request = {"pipeline": "digits", "class_label": 5, "seed": 2, "n": 2, "steps": 4, "strength": 0.6,
+               "image": base64.b64encode(buffer.getvalue()).decode(), "loras": {"thick": 1.0}}
+    event, data = _api(server, "generate", [request])
+    result = data[0]
+    assert event == "complete" and len(result["images"]) == 2 and result["nfe"] > 0
+    (tmp_path / "one.png").write_bytes(base64.b64decode(result["images"][1]))
+    from difflab.files import read_settings
+
+    record = read_settings(tmp_path / "one.png")
+    assert record["edit"]["mode"] == "img2img" and record["adapters"]["loras"][0]["scale"] == 1.0
+    again = {**record["serve_request"]}  # the record's request, its image by the name the server keeps it under
+    event, data = _api(server, "generate", [again])
+    assert base64.b64decode(data[0]["images"][1]) == (tmp_path / "one.png").read_bytes()
+    event, data = _api(server, "generate", [{"pipeline": "digits", "sampler": "no_such"}])
+    assert event == "error" and "unknown sampler 'no_such'" in str(data)
+    event, _ = _api(server, "pipelines", [])
+    assert event == "complete"  # the server keeps running
