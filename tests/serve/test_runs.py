@@ -225,3 +225,14 @@ def test_an_adapter_for_weights_no_served_pipeline_has_is_refused_before_serving
         load_served([tmp_path / "digits"], loras=[tmp_path / "stray"])
     with pytest.raises(ServeError, match=r"--controlnet .*digits: no controlnet\.json there"):
         load_served([tmp_path / "digits"], controlnets=[tmp_path / "digits"])
+
+
+def test_difflab_serve_with_a_lora_for_other_weights_exits_1_naming_it(tmp_path, digits_pipe, capsys):
+    from difflab.adapters import LoRA
+    from difflab.cli import main
+
+    digits_pipe.save_pretrained(tmp_path / "digits")
+    LoRA(digits_pipe.network, rank=2).save_pretrained(tmp_path / "stray", base_identity="0123456789abcdef")
+    assert main(["serve", str(tmp_path / "digits"), "--lora", str(tmp_path / "stray")]) == 1
+    err = capsys.readouterr().err
+    assert "stray was trained on weights 0123456789abcdef" in err and "Traceback" not in err
