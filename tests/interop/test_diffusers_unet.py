@@ -78,3 +78,57 @@ def test_what_cannot_be_converted_is_refused_by_name(tmp_path):
     (folder / "config.json").write_text(config.replace('"UNet2DModel"', '"UNet1DModel"'))
     with pytest.raises(ConversionError, match="holds a 'UNet1DModel'"):
         from_diffusers(folder)
+
+
+EXPORTS = {
+    "difflab's own: scale-shift time, middle attention norm, classes": dict(
+        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), head_dim=16, norm_groups=8,
+        num_classes=10),
+    "additive time, eps 1e-5, cos-first off, two attention levels": dict(
+        model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 2), head_dim=8,
+        norm_groups=8, time_mode="additive", norm_eps=1e-5, time_cos_first=False, time_freq_shift=1.0),
+    "scale-shift without the middle attention norm, no attention levels": dict(
+        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), head_dim=16, norm_groups=8,
+        mid_attention_norm=False, in_channels=2, out_channels=2),
+}
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_an_exported_unet_runs_in_diffusers_and_comes_back_bit_for_bit(tmp_path, name):
+    from tests.conftest import randomise
+
+    from difflab.interop import to_diffusers
+    from difflab.models import UNet, UNetConfig
+
+    options = {"in_channels": 1, **EXPORTS[name]}
+    net = randomise(UNet(UNetConfig(**options)), 3).eval()
+    to_diffusers(net, tmp_path / "unet", sample_size=8)
+    theirs = UNet2DModel.from_pretrained(tmp_path / "unet").eval()
+    x = torch.randn(2, options["in_channels"], 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.3, 0.9])
+    labels = torch.tensor([4, 10]) if options.get("num_classes") else None  # 10: the null class
+    with torch.no_grad():
+        mine = net(x, t, class_labels=labels if labels is None else torch.tensor([4, -1]))
+        torch.testing.assert_close(theirs(x, t, class_labels=labels).sample, mine, rtol=0, atol=1e-5)
+    back = from_diffusers(tmp_path / "unet")
+    def plain(config):  # out_channels None means in_channels
+        return {**config.__dict__, "out_channels": config.out_channels or config.in_channels}
+
+    assert plain(back.config) == plain(net.config)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), net.state_dict().values(), strict=True))
+
+
+def test_what_diffusers_cannot_express_is_refused_before_anything_is_written(tmp_path):
+    from difflab.interop import to_diffusers
+    from difflab.models import UNet, UNetConfig
+
+    text = UNet(UNetConfig(in_channels=1, model_channels=16, channel_mult=(1,), num_res_blocks=1,
+                           attention_levels=(0,), head_dim=16, norm_groups=8, context_dim=8))
+    with pytest.raises(ConversionError, match=r"context_dim .* needs UNet2DConditionModel"):
+        to_diffusers(text, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConversionError, match="not a Pipeline"):
+        from difflab import processes
+        from difflab.pipeline import Pipeline
+
+        to_diffusers(Pipeline(text, processes.Flow(), "flow", sample_shape=(1, 8, 8)), tmp_path / "out")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from difflab.interop.diffusers_unet import unet2d_from_diffusers
+from difflab.interop.diffusers_unet import unet2d_from_diffusers, unet2d_to_diffusers
 from difflab.interop.lora_files import lora_from_file
 from difflab.interop.pipelines import is_diffusers_pipeline, pipeline_from_diffusers
 from difflab.interop.schedulers import ConversionError, SchedulerConversion, scheduler_from_diffusers
@@ -15,12 +15,26 @@ from difflab.interop.schedulers import ConversionError, SchedulerConversion, sch
 MODELS = {"UNet2DModel": unet2d_from_diffusers}
 
 
+def to_diffusers(obj, path: str | os.PathLike, **options) -> Path:
+    """Write a difflab network in the diffusers layout where its architecture maps (so far a
+    :class:`~difflab.models.UNet` as ``UNet2DModel``; ``sample_size=`` goes into its config)."""
+    from difflab.models import UNet
+
+    if isinstance(obj, UNet):
+        return unet2d_to_diffusers(obj, path, **options)
+    raise ConversionError(f"difflab writes a U-Net (UNet2DModel) in the diffusers layout so far, not a "
+                          f"{type(obj).__name__}; for a pipeline, write its network: to_diffusers(pipe.network, ...)")
+
+
 def from_diffusers(path: str | os.PathLike):
-    """A difflab network from a diffusers model folder (``config.json`` + safetensors weights), or a
+    """A difflab network from a diffusers model folder (``config.json`` + safetensors weights), a
+    :class:`~difflab.pipeline.Pipeline` from a pipeline folder (``model_index.json``), or a
     :class:`SchedulerConversion` from a scheduler folder."""
     from difflab.files import read_json
 
     path = Path(path)
+    if is_diffusers_pipeline(path):
+        return pipeline_from_diffusers(path)
     if (path / "scheduler_config.json").is_file() and not (path / "config.json").is_file():
         return scheduler_from_diffusers(path)
     if not (path / "config.json").is_file():
@@ -34,4 +48,4 @@ def from_diffusers(path: str | os.PathLike):
 
 __all__ = ["MODELS", "ConversionError", "SchedulerConversion", "from_diffusers", "is_diffusers_pipeline",
            "lora_from_file", "pipeline_from_diffusers", "scheduler_from_diffusers",
-           "unet2d_from_diffusers"]
+           "to_diffusers", "unet2d_from_diffusers", "unet2d_to_diffusers"]

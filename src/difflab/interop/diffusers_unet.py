@@ -23,9 +23,11 @@ from difflab.models import UNet, UNetConfig
 
 SUPPORTED_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
 SUPPORTED_UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
+#: marks a UNet2DModel config written by difflab: its last class embedding is the null class
+NULL_CLASS_KEY = "_difflab_null_class"  # diffusers ignores keys that start with _
 REFUSED = {"center_input_sample": False, "time_embedding_type": "positional", "add_attention": True,
            "class_embed_type": None, "num_train_timesteps": None, "dropout": None,
-           "resnet_time_scale_shift": None, "attn_norm_num_groups": None, "downsample_type": "conv",
+           "resnet_time_scale_shift": None, "downsample_type": "conv",
            "upsample_type": "conv", "downsample_padding": 1, "act_fn": "silu", "mid_block_scale_factor": 1}
 
 
@@ -48,18 +50,29 @@ def unet2d_config(cfg: dict[str, Any]) -> UNetConfig:
     if tuple(len(up) - 1 - i for i, b in enumerate(up) if SUPPORTED_UP[b])[::-1] != levels:
         raise ConversionError(f"attention in the up blocks {up} does not mirror the down blocks {down}")
     head = cfg.get("attention_head_dim") or 8  # a head's width in UNet2DModel (None: diffusers uses 8)
+    num_classes = None
     if cfg.get("num_class_embeds"):
-        raise ConversionError("num_class_embeds (class-conditional UNet2DModel) is not mapped yet")
+        if not cfg.get(NULL_CLASS_KEY):
+            raise ConversionError("num_class_embeds: this class-conditional UNet2DModel has no null class, which "
+                                  "difflab's label embedding keeps for guidance (only U-Nets exported by difflab, "
+                                  f"marked {NULL_CLASS_KEY}, map so far)")
+        num_classes = int(cfg["num_class_embeds"]) - 1
     shift = cfg.get("resnet_time_scale_shift", "default")
     if shift not in ("default", "scale_shift"):
         raise ConversionError(f"resnet_time_scale_shift={shift!r} is not supported")
+    groups = int(cfg.get("norm_num_groups", 32))
+    mid_groups = cfg.get("attn_norm_num_groups")
+    if mid_groups is not None and int(mid_groups) != groups:
+        raise ConversionError(f"attn_norm_num_groups={mid_groups} differs from norm_num_groups={groups}; difflab's "
+                              "middle attention norm uses the U-Net's group count")
     return UNetConfig(
         in_channels=int(cfg.get("in_channels", 3)), out_channels=int(cfg.get("out_channels", 3)), model_channels=mc,
         channel_mult=tuple(c // mc for c in channels), num_res_blocks=int(cfg.get("layers_per_block", 2)),
-        attention_levels=levels, head_dim=int(head), norm_groups=int(cfg.get("norm_num_groups", 32)),
+        attention_levels=levels, head_dim=int(head), norm_groups=groups, num_classes=num_classes,
         norm_eps=float(cfg.get("norm_eps", 1e-5)), time_cos_first=bool(cfg.get("flip_sin_to_cos", True)),
         time_freq_shift=float(cfg.get("freq_shift", 0)),
-        time_mode="additive" if shift == "default" else "scale_shift", mid_attention_norm=shift == "default",
+        time_mode="additive" if shift == "default" else "scale_shift",
+        mid_attention_norm=shift == "default" or mid_groups is not None,
         channels_last=True)
 
 
@@ -107,6 +120,7 @@ def unet2d_key_map(config: UNetConfig) -> dict[str, str]:
                 out.update({f"up_blocks.{b}.upsamplers.0.conv.{p}": f"up.{k}.{index}.conv.{p}"
                             for p in ("weight", "bias")})
             k += 1
+    out["class_embedding.weight"] = "label_embed.table.weight"
     out.update({f"conv_norm_out.{p}": f"norm_out.{p}" for p in ("weight", "bias")})
     out.update({f"conv_out.{p}": f"conv_out.{p}" for p in ("weight", "bias")})
     return out
@@ -135,7 +149,7 @@ def unet2d_from_diffusers(folder: str | os.PathLike) -> UNet:
             converted[mapping[key]] = value
         else:
             unmapped.append(key)
-    missing = sorted(set(own) - set(converted) - {"label_embed.table.weight"})
+    missing = sorted(set(own) - set(converted))
     shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
               for k, v in converted.items() if v.shape != own[k].shape]
     if unmapped or missing or shapes:
@@ -146,3 +160,63 @@ def unet2d_from_diffusers(folder: str | os.PathLike) -> UNet:
         for key, value in converted.items():
             own[key].copy_(value)
     return net.eval()
+
+
+def unet2d_diffusers_config(config: UNetConfig, sample_size: int | None = None) -> dict[str, Any]:
+    """The diffusers ``UNet2DModel`` config of a difflab U-Net config (the inverse of
+    :func:`unet2d_config`), or a :class:`ConversionError` naming what diffusers cannot express."""
+    c = config
+    refusals = [(c.context_dim is not None, "context_dim (cross-attention to text) needs UNet2DConditionModel"),
+                (c.pooled_dim is not None, "pooled_dim needs UNet2DConditionModel's added embeddings"),
+                (c.concat_channels, "concat_channels (inpainting inputs) has no UNet2DModel option"),
+                (c.step_size_embedding or c.guidance_embedding, "step-size and guidance embeddings have no "
+                                                                "UNet2DModel option"),
+                (c.qk_norm, "qk_norm has no UNet2DModel option"),
+                (c.transformer_depth != 1, f"transformer_depth={c.transformer_depth}: UNet2DModel has one attention "
+                                           "per block"),
+                (c.time_embedding != "sinusoidal", f"time_embedding={c.time_embedding!r}: UNet2DModel's is "
+                                                   "sinusoidal (positional)"),
+                (c.time_mode == "additive" and not c.mid_attention_norm,
+                 "additive time with no middle attention norm: diffusers always norms it there")]
+    for refused, why in refusals:
+        if refused:
+            raise ConversionError(f"this U-Net cannot be written as a diffusers UNet2DModel: {why}")
+    widths = [c.model_channels * m for m in c.channel_mult]
+    for level in c.attention_levels:
+        if widths[level] % c.head_dim or widths[level] < c.head_dim:
+            raise ConversionError(f"attention at width {widths[level]} with head_dim {c.head_dim}: diffusers needs "
+                                  "widths that are whole multiples of the head width")
+    down = ["AttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in range(len(widths))]
+    up = ["AttnUpBlock2D" if i in c.attention_levels else "UpBlock2D" for i in reversed(range(len(widths)))]
+    out = {"_class_name": "UNet2DModel", "sample_size": sample_size, "in_channels": c.in_channels,
+           "out_channels": c.out_channels or c.in_channels, "block_out_channels": widths, "down_block_types": down,
+           "up_block_types": up, "layers_per_block": c.num_res_blocks, "attention_head_dim": c.head_dim,
+           "norm_num_groups": c.norm_groups, "norm_eps": c.norm_eps, "flip_sin_to_cos": c.time_cos_first,
+           "freq_shift": c.time_freq_shift, "dropout": c.dropout,
+           "resnet_time_scale_shift": "default" if c.time_mode == "additive" else "scale_shift",
+           "attn_norm_num_groups": c.norm_groups if (c.mid_attention_norm and c.time_mode != "additive") else None,
+           "time_embedding_type": "positional", "act_fn": "silu", "center_input_sample": False,
+           "downsample_padding": 1, "mid_block_scale_factor": 1, "add_attention": True}
+    if c.num_classes:
+        out.update({"num_class_embeds": c.num_classes + 1, NULL_CLASS_KEY: True})
+    return out
+
+
+def unet2d_to_diffusers(net: UNet, folder: str | os.PathLike, sample_size: int | None = None) -> Path:
+    """Write a difflab U-Net as a diffusers ``UNet2DModel`` folder (``config.json`` +
+    ``diffusion_pytorch_model.safetensors``) that diffusers loads with the same outputs;
+    :func:`unet2d_from_diffusers` reads it back bit for bit. The class embedding keeps difflab's
+    null class as its last row (``class_labels = num_classes`` is unconditional)."""
+    from difflab.files import save_tensors, write_json
+
+    config = unet2d_diffusers_config(net.config, sample_size)
+    own = net.state_dict()
+    inverse = {v: k for k, v in unet2d_key_map(net.config).items() if v in own}
+    left = sorted(set(own) - set(inverse))
+    if left:
+        raise ConversionError(f"these U-Net weights have no diffusers name: {left[:5]}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / "diffusion_pytorch_model.safetensors", {inverse[k]: v for k, v in own.items()})
+    write_json(folder / "config.json", config)  # last: a half-written folder has no config
+    return folder
