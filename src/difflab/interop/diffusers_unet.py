@@ -76,7 +76,8 @@ def unet2d_config(cfg: dict[str, Any]) -> UNetConfig:
         channels_last=True)
 
 
-def _resnet(src: str, dst: str) -> dict[str, str]:
+def resnet_key_map(src: str, dst: str) -> dict[str, str]:
+    """diffusers ResnetBlock2D weight names -> difflab ResBlock names (both U-Net classes share them)."""
     names = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "emb", "norm2": "norm2", "conv2": "conv2",
              "conv_shortcut": "skip"}
     return {f"{src}.{a}.{p}": f"{dst}.{b}.{p}" for a, b in names.items() for p in ("weight", "bias")}
@@ -98,21 +99,21 @@ def unet2d_key_map(config: UNetConfig) -> dict[str, str]:
     k = 0
     for b in range(levels):
         for i in range(r):
-            out.update(_resnet(f"down_blocks.{b}.resnets.{i}", f"down.{k}.0"))
+            out.update(resnet_key_map(f"down_blocks.{b}.resnets.{i}", f"down.{k}.0"))
             out.update(_attention(f"down_blocks.{b}.attentions.{i}", f"down.{k}.1"))
             k += 1
         if b != levels - 1:
             out.update({f"down_blocks.{b}.downsamplers.0.conv.{p}": f"down.{k}.0.conv.{p}" for p in ("weight", "bias")})
             k += 1
-    out.update(_resnet("mid_block.resnets.0", "mid.0"))
+    out.update(resnet_key_map("mid_block.resnets.0", "mid.0"))
     out.update(_attention("mid_block.attentions.0", "mid.1"))
-    out.update(_resnet("mid_block.resnets.1", "mid.2"))
+    out.update(resnet_key_map("mid_block.resnets.1", "mid.2"))
     k = 0
     for b in range(levels):
         level = levels - 1 - b
         has_attention = level in config.attention_levels
         for i in range(r + 1):
-            out.update(_resnet(f"up_blocks.{b}.resnets.{i}", f"up.{k}.0"))
+            out.update(resnet_key_map(f"up_blocks.{b}.resnets.{i}", f"up.{k}.0"))
             if has_attention:
                 out.update(_attention(f"up_blocks.{b}.attentions.{i}", f"up.{k}.1"))
             if level and i == r:

@@ -71,7 +71,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, ch: int, heads: int, *, context_dim: int | None = None, depth: int = 1,
                  groups: int = 32, qk_norm: bool = False, fp32_norm: bool = False, name: str = "",
-                 eps: float = 1e-6, norm: bool = True):
+                 eps: float = 1e-6, norm: bool = True, bias: bool = True, layer_norm_eps: float = 1e-6):
         super().__init__()
         self.norm = GroupNorm(groups, ch, eps=eps, fp32=fp32_norm) if norm else nn.Identity()
         self.full = context_dim is not None
@@ -79,16 +79,17 @@ class SpatialTransformer(nn.Module):
         self.blocks = nn.ModuleList()
         for i in range(depth):
             block = nn.ModuleDict({
-                "norm1": LayerNorm(ch, fp32=fp32_norm) if self.full else nn.Identity(),
-                "attn1": Attention(ch, heads, qk_norm=qk_norm, name=f"{name}.{i}.self"),
+                "norm1": LayerNorm(ch, eps=layer_norm_eps, fp32=fp32_norm) if self.full else nn.Identity(),
+                "attn1": Attention(ch, heads, qk_norm=qk_norm, bias=bias or not self.full, name=f"{name}.{i}.self"),
             })
             if not self.full:
                 zero_(block["attn1"].to_out)
             if self.full:
                 block.update({
-                    "norm2": LayerNorm(ch, fp32=fp32_norm),
-                    "attn2": Attention(ch, heads, context_dim=context_dim, qk_norm=qk_norm, name=f"{name}.{i}.cross"),
-                    "norm3": LayerNorm(ch, fp32=fp32_norm),
+                    "norm2": LayerNorm(ch, eps=layer_norm_eps, fp32=fp32_norm),
+                    "attn2": Attention(ch, heads, context_dim=context_dim, qk_norm=qk_norm, bias=bias,
+                                       name=f"{name}.{i}.cross"),
+                    "norm3": LayerNorm(ch, eps=layer_norm_eps, fp32=fp32_norm),
                     "ff": FeedForward(ch, kind="geglu"),
                 })
             self.blocks.append(block)

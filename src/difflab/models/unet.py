@@ -51,6 +51,10 @@ class UNetConfig:
     norm_eps: float = 1e-6  # diffusers' norm_eps is 1e-5
     mid_attention_norm: bool = True  # diffusers' UNetMidBlock2D drops it unless resnet_time_scale_shift="default"
     channels_last: bool = True  # NHWC convolutions: faster with oneDNN and cuDNN
+    num_heads: tuple[int, ...] | None = None  # attention heads per level (None: width // head_dim), as SD's U-Nets
+    attention_bias: bool = True  # biases on the q/k/v projections of text-conditioned attention (SD: none)
+    transformer_norm_eps: float | None = None  # GroupNorm eps of text-conditioned attention (None: norm_eps)
+    layer_norm_eps: float = 1e-6  # the transformer blocks' LayerNorms (diffusers: 1e-5)
     gradient_checkpointing: bool = False
 
 
@@ -83,10 +87,16 @@ class UNet(Network):
         self.scalar_embedders(emb_dim, mc)
         self.conv_in = nn.Conv2d(c.in_channels + c.concat_channels, mc, 3, padding=1)
 
-        def attn(ch: int, name: str, norm: bool = True) -> SpatialTransformer:
-            return SpatialTransformer(ch, max(1, ch // c.head_dim), context_dim=c.context_dim,
-                                      depth=c.transformer_depth, groups=c.norm_groups, qk_norm=c.qk_norm,
-                                      fp32_norm=c.fp32_norm, name=name, eps=c.norm_eps, norm=norm)
+        if c.num_heads is not None and len(c.num_heads) != len(c.channel_mult):
+            raise ValueError(f"num_heads gives {len(c.num_heads)} levels' heads; the U-Net has "
+                             f"{len(c.channel_mult)} levels (channel_mult)")
+
+        def attn(ch: int, name: str, level: int, norm: bool = True) -> SpatialTransformer:
+            heads = max(1, ch // c.head_dim) if c.num_heads is None else c.num_heads[level]
+            eps = c.norm_eps if c.transformer_norm_eps is None or c.context_dim is None else c.transformer_norm_eps
+            return SpatialTransformer(ch, heads, context_dim=c.context_dim, depth=c.transformer_depth,
+                                      groups=c.norm_groups, qk_norm=c.qk_norm, fp32_norm=c.fp32_norm, name=name,
+                                      eps=eps, norm=norm, bias=c.attention_bias, layer_norm_eps=c.layer_norm_eps)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, c.dropout, c.norm_groups, c.fp32_norm, eps=c.norm_eps,
@@ -99,13 +109,14 @@ class UNet(Network):
                 block = nn.ModuleList([res(ch, mult * mc)])
                 ch = mult * mc
                 if level in c.attention_levels:
-                    block.append(attn(ch, f"down{level}.{i}"))
+                    block.append(attn(ch, f"down{level}.{i}", level))
                 self.down.append(block)
                 skips.append(ch)
             if level != len(c.channel_mult) - 1:
                 self.down.append(nn.ModuleList([Downsample(ch)]))
                 skips.append(ch)
-        self.mid = nn.ModuleList([res(ch, ch), attn(ch, "mid", c.mid_attention_norm), res(ch, ch)])
+        last = len(c.channel_mult) - 1
+        self.mid = nn.ModuleList([res(ch, ch), attn(ch, "mid", last, c.mid_attention_norm), res(ch, ch)])
         self.skip_widths = tuple(skips)  # the channels at skip.0 .. skip.N (the middle has the last)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -113,7 +124,7 @@ class UNet(Network):
                 block = nn.ModuleList([res(ch + skips.pop(), mult * mc)])
                 ch = mult * mc
                 if level in c.attention_levels:
-                    block.append(attn(ch, f"up{level}.{i}"))
+                    block.append(attn(ch, f"up{level}.{i}", level))
                 if level and i == c.num_res_blocks:
                     block.append(Upsample(ch))
                 self.up.append(block)

@@ -1,0 +1,182 @@
+"""A diffusers ``UNet2DConditionModel`` folder (Stable Diffusion 1.x / 2.x) as a difflab
+:class:`~difflab.models.UNet` with text cross-attention and the same outputs.
+
+Latent diffusion's U-Net (Rombach et al. 2022) is difflab's U-Net with ``context_dim``: resnets with
+additive time, a transformer block (GroupNorm, input projection, self-attention, cross-attention,
+GEGLU feed-forward, output projection) after the resnets of the attention levels and in the middle.
+What diffusers names differently maps to options: ``attention_head_dim`` is the number of heads per
+level here (``num_heads``), the q/k/v projections have no bias (``attention_bias=False``), the
+transformer's GroupNorm and LayerNorm epsilons are fixed at 1e-6 and 1e-5, and a 1x1-convolution
+``proj_in``/``proj_out`` (``use_linear_projection=False``, SD 1.x) is the same linear map on the
+tokens. SDXL's added embeddings, class embeddings, LCM's ``time_cond_proj_dim`` and the rarer
+attention variants are refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.files import load_tensors, read_json
+from difflab.interop.diffusers_unet import resnet_key_map
+from difflab.interop.schedulers import ConversionError
+from difflab.models import UNet, UNetConfig
+
+DOWN = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
+UP = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
+#: keys whose non-default values difflab's U-Net cannot express (key -> the value it has)
+REFUSED = {"center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
+           "only_cross_attention": False, "dual_cross_attention": False, "class_embed_type": None,
+           "addition_embed_type": None, "num_class_embeds": None, "time_cond_proj_dim": None,
+           "encoder_hid_dim": None, "encoder_hid_dim_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+           "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+           "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+           "timestep_post_act": None, "cross_attention_norm": None, "attention_type": "default",
+           "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
+           "reverse_transformer_layers_per_block": None, "act_fn": "silu", "downsample_padding": 1,
+           "mid_block_scale_factor": 1, "projection_class_embeddings_input_dim": None,
+           "addition_time_embed_dim": None}
+
+
+def _per_level(value: Any, levels: int, what: str) -> list[int]:
+    values = list(value) if isinstance(value, list | tuple) else [value] * levels
+    if len(values) != levels:
+        raise ConversionError(f"{what} gives {len(values)} values for {levels} levels")
+    return [int(v) for v in values]
+
+
+def unet2d_condition_config(cfg: dict[str, Any]) -> UNetConfig:
+    """The difflab config of a diffusers ``UNet2DConditionModel`` config, or a :class:`ConversionError`."""
+    for key, allowed in REFUSED.items():
+        if cfg.get(key) is not None and cfg[key] != allowed:
+            raise ConversionError(f"UNet2DConditionModel {key}={cfg[key]!r} is not supported yet (difflab maps "
+                                  f"{key}={allowed!r})")
+    channels = list(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    mc = channels[0]
+    if any(c % mc for c in channels):
+        raise ConversionError(f"block_out_channels {channels} are not whole multiples of the first")
+    down = list(cfg.get("down_block_types", ()))
+    up = list(cfg.get("up_block_types", ()))
+    unknown = [b for b in down if b not in DOWN] + [b for b in up if b not in UP]
+    if unknown:
+        raise ConversionError(f"block type(s) {', '.join(unknown)} are not supported; difflab maps "
+                              f"{', '.join([*DOWN, *UP])}")
+    levels = tuple(i for i, b in enumerate(down) if DOWN[b])
+    if tuple(len(up) - 1 - i for i, b in enumerate(up) if UP[b])[::-1] != levels:
+        raise ConversionError(f"attention in the up blocks {up} does not mirror the down blocks {down}")
+    n = len(channels)
+    heads = _per_level(cfg.get("num_attention_heads") or cfg.get("attention_head_dim") or 8, n,
+                       "attention_head_dim (heads per level)")
+    for level in (*levels, n - 1):
+        if channels[level] % heads[level]:
+            raise ConversionError(f"width {channels[level]} is not divisible by {heads[level]} heads")
+    depth = set(_per_level(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"))
+    if len(depth) != 1:
+        raise ConversionError(f"transformer_layers_per_block {cfg['transformer_layers_per_block']}: difflab's "
+                              "U-Net has one depth for every level so far")
+    if isinstance(cfg.get("layers_per_block"), list):
+        raise ConversionError("a list-valued layers_per_block is not supported")
+    context = cfg.get("cross_attention_dim", 1280)
+    if isinstance(context, list):
+        raise ConversionError("a list-valued cross_attention_dim is not supported")
+    return UNetConfig(
+        in_channels=int(cfg.get("in_channels", 4)), out_channels=int(cfg.get("out_channels", 4)), model_channels=mc,
+        channel_mult=tuple(c // mc for c in channels), num_res_blocks=int(cfg.get("layers_per_block", 2)),
+        attention_levels=levels, head_dim=channels[0] // heads[0], num_heads=tuple(heads),
+        transformer_depth=depth.pop(), context_dim=int(context), norm_groups=int(cfg.get("norm_num_groups", 32)),
+        norm_eps=float(cfg.get("norm_eps", 1e-5)), transformer_norm_eps=1e-6, layer_norm_eps=1e-5,
+        attention_bias=False, time_cos_first=bool(cfg.get("flip_sin_to_cos", True)),
+        time_freq_shift=float(cfg.get("freq_shift", 0)), time_mode="additive", mid_attention_norm=True,
+        channels_last=True)
+
+
+def _transformer(src: str, dst: str, depth: int) -> dict[str, str]:
+    out = {f"{src}.{a}.{p}": f"{dst}.{a}.{p}" for a in ("norm", "proj_in", "proj_out") for p in ("weight", "bias")}
+    for d in range(depth):
+        s, t = f"{src}.transformer_blocks.{d}", f"{dst}.blocks.{d}"
+        names = {"norm1": "norm1", "norm2": "norm2", "norm3": "norm3", "ff.net.0.proj": "ff.proj_in",
+                 "ff.net.2": "ff.proj_out"}
+        for attn in ("attn1", "attn2"):
+            names.update({f"{attn}.to_q": f"{attn}.to_q", f"{attn}.to_k": f"{attn}.to_k",
+                          f"{attn}.to_v": f"{attn}.to_v", f"{attn}.to_out.0": f"{attn}.to_out"})
+        out.update({f"{s}.{a}.{p}": f"{t}.{b}.{p}" for a, b in names.items() for p in ("weight", "bias")})
+    return out
+
+
+def unet2d_condition_key_map(config: UNetConfig) -> dict[str, str]:
+    """diffusers weight name -> difflab weight name (a superset: names a given model lacks included)."""
+    depth = config.transformer_depth
+    out = {f"conv_in.{p}": f"conv_in.{p}" for p in ("weight", "bias")}
+    out.update({f"time_embedding.linear_1.{p}": f"time_embed.mlp.0.{p}" for p in ("weight", "bias")})
+    out.update({f"time_embedding.linear_2.{p}": f"time_embed.mlp.2.{p}" for p in ("weight", "bias")})
+    levels, r = len(config.channel_mult), config.num_res_blocks
+    k = 0
+    for b in range(levels):
+        for i in range(r):
+            out.update(resnet_key_map(f"down_blocks.{b}.resnets.{i}", f"down.{k}.0"))
+            out.update(_transformer(f"down_blocks.{b}.attentions.{i}", f"down.{k}.1", depth))
+            k += 1
+        if b != levels - 1:
+            out.update({f"down_blocks.{b}.downsamplers.0.conv.{p}": f"down.{k}.0.conv.{p}" for p in ("weight", "bias")})
+            k += 1
+    out.update(resnet_key_map("mid_block.resnets.0", "mid.0"))
+    out.update(_transformer("mid_block.attentions.0", "mid.1", depth))
+    out.update(resnet_key_map("mid_block.resnets.1", "mid.2"))
+    k = 0
+    for b in range(levels):
+        level = levels - 1 - b
+        attention = level in config.attention_levels
+        for i in range(r + 1):
+            out.update(resnet_key_map(f"up_blocks.{b}.resnets.{i}", f"up.{k}.0"))
+            if attention:
+                out.update(_transformer(f"up_blocks.{b}.attentions.{i}", f"up.{k}.1", depth))
+            if level and i == r:
+                index = 2 if attention else 1
+                out.update({f"up_blocks.{b}.upsamplers.0.conv.{p}": f"up.{k}.{index}.conv.{p}"
+                            for p in ("weight", "bias")})
+            k += 1
+    out.update({f"conv_norm_out.{p}": f"norm_out.{p}" for p in ("weight", "bias")})
+    out.update({f"conv_out.{p}": f"conv_out.{p}" for p in ("weight", "bias")})
+    return out
+
+
+def unet2d_condition_from_diffusers(folder: str | os.PathLike) -> UNet:
+    """A difflab U-Net from a diffusers ``UNet2DConditionModel`` folder; a report of unmapped, missing
+    and mis-shaped weights instead of a half-loaded network."""
+    folder = Path(folder)
+    cfg = read_json(folder / "config.json", "diffusers model config")
+    if cfg.get("_class_name") != "UNet2DConditionModel":
+        raise ConversionError(f"{folder} holds a {cfg.get('_class_name')!r}, not a UNet2DConditionModel")
+    config = unet2d_condition_config(cfg)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        found = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
+        raise ConversionError(f"{folder} has no diffusion_pytorch_model.safetensors (found {found or 'none'}); "
+                              "difflab reads safetensors only (a .bin is a pickle)")
+    state = load_tensors(weights, "diffusers weights")
+    net = UNet(config)
+    own = net.state_dict()
+    mapping = {k: v for k, v in unet2d_condition_key_map(config).items() if v in own}
+    converted, unmapped = {}, []
+    for key, value in state.items():
+        if key not in mapping:
+            unmapped.append(key)
+            continue
+        target = own[mapping[key]]
+        if value.ndim == 4 and target.ndim == 2 and value.shape[2:] == (1, 1):  # a 1x1 conv is a linear map
+            value = value[:, :, 0, 0]
+        converted[mapping[key]] = value
+    missing = sorted(set(own) - set(converted))
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items()
+              if v.shape != own[k].shape]
+    if unmapped or missing or shapes:
+        raise ConversionError(f"{weights} does not map onto the converted config: {len(converted)} mapped; "
+                              f"unrecognised {unmapped[:5]}{' ...' if len(unmapped) > 5 else ''}; "
+                              f"missing {missing[:5]}; wrong shapes {shapes[:3]}")
+    with torch.no_grad():
+        for key, value in converted.items():
+            own[key].copy_(value)
+    return net.eval()

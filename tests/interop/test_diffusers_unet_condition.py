@@ -1,0 +1,65 @@
+"""diffusers UNet2DConditionModel folders (Stable Diffusion 1.x / 2.x U-Nets) as difflab U-Nets with
+text cross-attention: the same outputs (<= 1e-5 in float32) over the options that change the
+computation, and a refusal by name for what difflab cannot express yet."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from difflab.interop import ConversionError, from_diffusers
+from difflab.models import Network
+
+SMALL = dict(block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=24, layers_per_block=1,
+             sample_size=8, in_channels=4, out_channels=4)
+CONFIGS = {
+    "SD 1.x style: conv projections, 4 heads everywhere": dict(
+        SMALL, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4),
+    "SD 2.x style: linear projections, heads per level, two layers per block": dict(
+        SMALL, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=[2, 4],
+        use_linear_projection=True, layers_per_block=2),
+    "two transformer layers per block, upcast attention, freq shift, sin first": dict(
+        SMALL, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, transformer_layers_per_block=2,
+        upcast_attention=True, freq_shift=1, flip_sin_to_cos=False),
+}
+
+
+def _diffusers_model(tmp_path, **kw):
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**kw).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # off the zero initialisation, so every path shows
+    model.save_pretrained(tmp_path / "unet")
+    return model, tmp_path / "unet"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_converted_sd_unet_gives_diffusers_outputs(tmp_path, name):
+    model, folder = _diffusers_model(tmp_path, **CONFIGS[name])
+    net = from_diffusers(folder)
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 24, generator=g)
+    t = torch.tensor([3.0, 871.0])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, context=context),
+                                   model(x, t, encoder_hidden_states=context).sample, rtol=0, atol=1e-5)
+    net.save_pretrained(tmp_path / "difflab")  # a normal difflab network from here on
+    again = Network.from_pretrained(tmp_path / "difflab")
+    with torch.no_grad():
+        assert torch.equal(again(x, t, context=context), net(x, t, context=context))
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+      "projection_class_embeddings_input_dim": 40}, "addition_embed_type='text_time' is not supported yet"),
+    ({"time_cond_proj_dim": 16}, "time_cond_proj_dim=16 is not supported yet"),
+    ({"class_embed_type": "timestep"}, "class_embed_type='timestep' is not supported yet"),
+])
+def test_sdxl_and_other_variants_are_refused_by_name(tmp_path, option, message):
+    cfg = dict(CONFIGS["SD 1.x style: conv projections, 4 heads everywhere"], **option)
+    _, folder = _diffusers_model(tmp_path, **cfg)
+    with pytest.raises(ConversionError, match=message):
+        from_diffusers(folder)
