@@ -8,12 +8,14 @@ from pathlib import Path
 
 from difflab.interop.diffusers_unet import unet2d_from_diffusers, unet2d_to_diffusers
 from difflab.interop.diffusers_unet_condition import unet2d_condition_from_diffusers
+from difflab.interop.diffusers_vae import vae_from_diffusers
 from difflab.interop.lora_files import lora_from_file
 from difflab.interop.pipelines import is_diffusers_pipeline, pipeline_from_diffusers
 from difflab.interop.schedulers import ConversionError, SchedulerConversion, scheduler_from_diffusers
 
 #: diffusers model classes difflab converts, by ``_class_name``
-MODELS = {"UNet2DModel": unet2d_from_diffusers, "UNet2DConditionModel": unet2d_condition_from_diffusers}
+MODELS = {"UNet2DModel": unet2d_from_diffusers, "UNet2DConditionModel": unet2d_condition_from_diffusers,
+          "AutoencoderKL": vae_from_diffusers}
 
 
 def to_diffusers(obj, path: str | os.PathLike, **options) -> Path:
@@ -49,4 +51,5 @@ def from_diffusers(path: str | os.PathLike):
 
 __all__ = ["MODELS", "ConversionError", "SchedulerConversion", "from_diffusers", "is_diffusers_pipeline",
            "lora_from_file", "pipeline_from_diffusers", "scheduler_from_diffusers",
-           "to_diffusers", "unet2d_condition_from_diffusers", "unet2d_from_diffusers", "unet2d_to_diffusers"]
+           "to_diffusers", "unet2d_condition_from_diffusers", "unet2d_from_diffusers", "unet2d_to_diffusers",
+           "vae_from_diffusers"]

@@ -15,10 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from difflab.files import load_tensors, read_json
 from difflab.interop.schedulers import ConversionError
+from difflab.interop.weights import load_mapped, read_model_config
 from difflab.models import UNet, UNetConfig
 
 SUPPORTED_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
@@ -83,7 +81,8 @@ def resnet_key_map(src: str, dst: str) -> dict[str, str]:
     return {f"{src}.{a}.{p}": f"{dst}.{b}.{p}" for a, b in names.items() for p in ("weight", "bias")}
 
 
-def _attention(src: str, dst: str) -> dict[str, str]:
+def attention_key_map(src: str, dst: str) -> dict[str, str]:
+    """diffusers Attention (group norm, q/k/v/out) names -> difflab's attention block (ADM's) names."""
     names = {"group_norm": "norm", "to_q": "blocks.0.attn1.to_q", "to_k": "blocks.0.attn1.to_k",
              "to_v": "blocks.0.attn1.to_v", "to_out.0": "blocks.0.attn1.to_out"}
     return {f"{src}.{a}.{p}": f"{dst}.{b}.{p}" for a, b in names.items() for p in ("weight", "bias")}
@@ -100,13 +99,13 @@ def unet2d_key_map(config: UNetConfig) -> dict[str, str]:
     for b in range(levels):
         for i in range(r):
             out.update(resnet_key_map(f"down_blocks.{b}.resnets.{i}", f"down.{k}.0"))
-            out.update(_attention(f"down_blocks.{b}.attentions.{i}", f"down.{k}.1"))
+            out.update(attention_key_map(f"down_blocks.{b}.attentions.{i}", f"down.{k}.1"))
             k += 1
         if b != levels - 1:
             out.update({f"down_blocks.{b}.downsamplers.0.conv.{p}": f"down.{k}.0.conv.{p}" for p in ("weight", "bias")})
             k += 1
     out.update(resnet_key_map("mid_block.resnets.0", "mid.0"))
-    out.update(_attention("mid_block.attentions.0", "mid.1"))
+    out.update(attention_key_map("mid_block.attentions.0", "mid.1"))
     out.update(resnet_key_map("mid_block.resnets.1", "mid.2"))
     k = 0
     for b in range(levels):
@@ -115,7 +114,7 @@ def unet2d_key_map(config: UNetConfig) -> dict[str, str]:
         for i in range(r + 1):
             out.update(resnet_key_map(f"up_blocks.{b}.resnets.{i}", f"up.{k}.0"))
             if has_attention:
-                out.update(_attention(f"up_blocks.{b}.attentions.{i}", f"up.{k}.1"))
+                out.update(attention_key_map(f"up_blocks.{b}.attentions.{i}", f"up.{k}.1"))
             if level and i == r:
                 index = 2 if has_attention else 1
                 out.update({f"up_blocks.{b}.upsamplers.0.conv.{p}": f"up.{k}.{index}.conv.{p}"
@@ -130,37 +129,8 @@ def unet2d_key_map(config: UNetConfig) -> dict[str, str]:
 def unet2d_from_diffusers(folder: str | os.PathLike) -> UNet:
     """A difflab U-Net from a diffusers ``UNet2DModel`` folder; a report of unmapped, missing and
     mis-shaped weights instead of a half-loaded network."""
-    folder = Path(folder)
-    cfg = read_json(folder / "config.json", "diffusers model config")
-    if cfg.get("_class_name") != "UNet2DModel":
-        raise ConversionError(f"{folder} holds a {cfg.get('_class_name')!r}, not a UNet2DModel")
-    config = unet2d_config(cfg)
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    if not weights.is_file():
-        found = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
-        raise ConversionError(f"{folder} has no diffusion_pytorch_model.safetensors (found {found or 'none'}); "
-                              "difflab reads safetensors only (a .bin is a pickle)")
-    state = load_tensors(weights, "diffusers weights")
-    net = UNet(config)
-    own = net.state_dict()
-    mapping = {k: v for k, v in unet2d_key_map(config).items() if v in own}
-    converted, unmapped = {}, []
-    for key, value in state.items():
-        if key in mapping:
-            converted[mapping[key]] = value
-        else:
-            unmapped.append(key)
-    missing = sorted(set(own) - set(converted))
-    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
-              for k, v in converted.items() if v.shape != own[k].shape]
-    if unmapped or missing or shapes:
-        raise ConversionError(f"{weights} does not map onto the converted config: {len(converted)} mapped; "
-                              f"unrecognised {unmapped[:5]}{' ...' if len(unmapped) > 5 else ''}; "
-                              f"missing {missing[:5]}; wrong shapes {shapes[:3]}")
-    with torch.no_grad():
-        for key, value in converted.items():
-            own[key].copy_(value)
-    return net.eval()
+    config = unet2d_config(read_model_config(folder, "UNet2DModel"))
+    return load_mapped(UNet(config), folder, unet2d_key_map(config))
 
 
 def unet2d_diffusers_config(config: UNetConfig, sample_size: int | None = None) -> dict[str, Any]:

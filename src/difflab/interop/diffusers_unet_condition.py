@@ -15,14 +15,13 @@ attention variants are refused by name.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from difflab.files import load_tensors, read_json
 from difflab.interop.diffusers_unet import resnet_key_map
 from difflab.interop.schedulers import ConversionError
+from difflab.interop.weights import load_mapped, read_model_config
 from difflab.models import UNet, UNetConfig
 
 DOWN = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
@@ -143,40 +142,13 @@ def unet2d_condition_key_map(config: UNetConfig) -> dict[str, str]:
     return out
 
 
+def _conv_as_linear(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution's weight as the linear map it is on the tokens (SD 1.x's proj_in/proj_out)."""
+    return value[:, :, 0, 0] if value.ndim == 4 and target.ndim == 2 and value.shape[2:] == (1, 1) else value
+
+
 def unet2d_condition_from_diffusers(folder: str | os.PathLike) -> UNet:
     """A difflab U-Net from a diffusers ``UNet2DConditionModel`` folder; a report of unmapped, missing
     and mis-shaped weights instead of a half-loaded network."""
-    folder = Path(folder)
-    cfg = read_json(folder / "config.json", "diffusers model config")
-    if cfg.get("_class_name") != "UNet2DConditionModel":
-        raise ConversionError(f"{folder} holds a {cfg.get('_class_name')!r}, not a UNet2DConditionModel")
-    config = unet2d_condition_config(cfg)
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    if not weights.is_file():
-        found = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
-        raise ConversionError(f"{folder} has no diffusion_pytorch_model.safetensors (found {found or 'none'}); "
-                              "difflab reads safetensors only (a .bin is a pickle)")
-    state = load_tensors(weights, "diffusers weights")
-    net = UNet(config)
-    own = net.state_dict()
-    mapping = {k: v for k, v in unet2d_condition_key_map(config).items() if v in own}
-    converted, unmapped = {}, []
-    for key, value in state.items():
-        if key not in mapping:
-            unmapped.append(key)
-            continue
-        target = own[mapping[key]]
-        if value.ndim == 4 and target.ndim == 2 and value.shape[2:] == (1, 1):  # a 1x1 conv is a linear map
-            value = value[:, :, 0, 0]
-        converted[mapping[key]] = value
-    missing = sorted(set(own) - set(converted))
-    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items()
-              if v.shape != own[k].shape]
-    if unmapped or missing or shapes:
-        raise ConversionError(f"{weights} does not map onto the converted config: {len(converted)} mapped; "
-                              f"unrecognised {unmapped[:5]}{' ...' if len(unmapped) > 5 else ''}; "
-                              f"missing {missing[:5]}; wrong shapes {shapes[:3]}")
-    with torch.no_grad():
-        for key, value in converted.items():
-            own[key].copy_(value)
-    return net.eval()
+    config = unet2d_condition_config(read_model_config(folder, "UNet2DConditionModel"))
+    return load_mapped(UNet(config), folder, unet2d_condition_key_map(config), adapt=_conv_as_linear)

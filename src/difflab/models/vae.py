@@ -29,6 +29,8 @@ class VAEConfig:
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     gradient_checkpointing: bool = False
+    asymmetric_downsample: bool = False  # pad right/bottom before a stride-2 conv (diffusers' AutoencoderKL)
+    quant_conv: bool = False  # 1x1 convolutions after the encoder and before the decoder (AutoencoderKL)
 
 
 class DiagonalGaussian:
@@ -71,7 +73,7 @@ class VAE(Network):
                 enc.append(ResBlock(ch, out, groups=g))
                 ch = out
             if level != len(chans) - 1:
-                enc.append(Downsample(ch))
+                enc.append(Downsample(ch, asymmetric=c.asymmetric_downsample))
         enc += self._middle(ch, g, c.mid_attention)
         enc += [GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, 2 * c.latent_channels, 3, padding=1)]
         self.encoder = nn.Sequential(*enc)
@@ -84,6 +86,9 @@ class VAE(Network):
                 dec.append(Upsample(ch))
         dec += [GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, c.in_channels, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
+        moments, latent = 2 * c.latent_channels, c.latent_channels
+        self.quant = nn.Conv2d(moments, moments, 1) if c.quant_conv else nn.Identity()
+        self.post_quant = nn.Conv2d(latent, latent, 1) if c.quant_conv else nn.Identity()
 
     @staticmethod
     def _middle(ch: int, groups: int, attention: bool) -> list[nn.Module]:
@@ -99,12 +104,12 @@ class VAE(Network):
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         check_image("VAE", x, self.config.in_channels, self.downsampling, "the downsampling factor")
-        return DiagonalGaussian(self._run(self.encoder, x))
+        return DiagonalGaussian(self.quant(self._run(self.encoder, x)))
 
     def decode(self, z: Tensor) -> Tensor:
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
             raise ValueError(f"VAE decodes latents (batch, {self.config.latent_channels}, h, w), got {tuple(z.shape)}")
-        return self._run(self.decoder, z)
+        return self._run(self.decoder, self.post_quant(z))
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
         posterior = self.encode(x)

@@ -1,0 +1,57 @@
+"""A diffusers model folder's weights loaded onto a difflab network through a name map, all or
+nothing: what did not map, what is missing and what has the wrong shape is reported instead of a
+half-loaded network."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.files import load_tensors, read_json
+from difflab.interop.schedulers import ConversionError
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def read_model_config(folder: str | os.PathLike, class_name: str) -> dict[str, Any]:
+    """A diffusers model folder's ``config.json``, checked to hold ``class_name``."""
+    folder = Path(folder)
+    cfg = read_json(folder / "config.json", "diffusers model config")
+    if cfg.get("_class_name") != class_name:
+        raise ConversionError(f"{folder} holds a {cfg.get('_class_name')!r}, not a {class_name}")
+    return cfg
+
+
+def load_mapped(network: torch.nn.Module, folder: str | os.PathLike, mapping: dict[str, str],
+                adapt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
+    """Copy the folder's safetensors weights into ``network`` (``mapping``: diffusers name -> difflab
+    name, a superset is fine; ``adapt(value, target)`` reshapes a value before the shape check)."""
+    weights = Path(folder) / WEIGHTS
+    if not weights.is_file():
+        found = sorted(p.name for p in Path(folder).glob("diffusion_pytorch_model*"))
+        raise ConversionError(f"{folder} has no {WEIGHTS} (found {found or 'none'}); difflab reads safetensors "
+                              "only (a .bin is a pickle)")
+    state = load_tensors(weights, "diffusers weights")
+    own = network.state_dict()
+    mapping = {k: v for k, v in mapping.items() if v in own}
+    converted, unmapped = {}, []
+    for key, value in state.items():
+        if key not in mapping:
+            unmapped.append(key)
+            continue
+        converted[mapping[key]] = adapt(value, own[mapping[key]]) if adapt is not None else value
+    missing = sorted(set(own) - set(converted))
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items()
+              if v.shape != own[k].shape]
+    if unmapped or missing or shapes:
+        raise ConversionError(f"{weights} does not map onto the converted config: {len(converted)} mapped; "
+                              f"unrecognised {unmapped[:5]}{' ...' if len(unmapped) > 5 else ''}; "
+                              f"missing {missing[:5]}; wrong shapes {shapes[:3]}")
+    with torch.no_grad():
+        for key, value in converted.items():
+            own[key].copy_(value)
+    return network.eval()
