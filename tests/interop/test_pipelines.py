@@ -63,10 +63,91 @@ def test_pipelines_difflab_cannot_convert_yet_are_refused_by_part(tmp_path):
 
     _, _, folder = _ddpm_folder(tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKL"],
-                                                          "text_encoder": ["transformers", "CLIPTextModel"]}))
-    with pytest.raises(PipelineError, match="with text_encoder, vae; difflab converts unconditional UNet2DModel"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "transformer": ["diffusers", "SD3Transformer2DModel"],
+                                                          "text_encoder_3": ["transformers", "T5EncoderModel"]}))
+    with pytest.raises(PipelineError, match="with text_encoder_3, transformer; difflab converts unet, vae"):
+        Pipeline.from_pretrained(folder)
+    (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder": ["transformers", "CLIPTextModel"],
+                                                          "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    with pytest.raises(PipelineError, match="a text-conditional U-Net needs a text_encoder"):
         Pipeline.from_pretrained(folder)
     (folder / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "scheduler"}))
     with pytest.raises(PipelineError, match="names no scheduler"):
         Pipeline.from_pretrained(folder)
+
+
+def _tiny_sd_folder(tmp_path):
+    """A Stable Diffusion pipeline folder made here: a tiny U-Net, VAE, CLIP text encoder and a
+    character-level CLIP tokenizer (vocabulary and merges written by the test; nothing from a hub)."""
+    import json
+
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in letters:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    words = tmp_path / "words"
+    words.mkdir()
+    (words / "vocab.json").write_text(json.dumps(vocab))
+    (words / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=24, intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                norm_num_groups=8, cross_attention_dim=24, layers_per_block=1, attention_head_dim=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    vae = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    with torch.no_grad():
+        for model in (unet, vae):
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=True, timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "sd")
+    return pipe, tmp_path / "sd"
+
+
+def test_a_stable_diffusion_folder_samples_as_diffusers_does(tmp_path):
+    from difflab import guidance
+
+    theirs, folder = _tiny_sd_folder(tmp_path)
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.sample_shape == (4, 8, 8) and pipe.vae is not None and pipe.text_encoder_config["name"] == "clip"
+    steps, scale, prompt = 4, 3.0, "a red cube"
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = theirs(prompt, num_inference_steps=steps, guidance_scale=scale, latents=noise.clone(),
+                          output_type="pt").images  # in [0, 1]
+    theirs.scheduler.set_timesteps(steps)
+    grid = torch.tensor([(int(t) + 1) / 1000 for t in theirs.scheduler.timesteps] + [0.0], dtype=torch.float64)
+    encoder = pipe.text_encoder()
+    guided = guidance.guide(pipe.denoiser(), "cfg", scale=scale, uncond=encoder.null(1))
+    start = noise / float(pipe.process.sigma(grid[0]))  # difflab starts at sigma(t_0) * noise; diffusers at noise
+    with torch.no_grad():
+        latents = difflab.sample(guided, start, "ddim", schedule=grid, cond=encoder([prompt]))
+        mine = (pipe.vae.from_latent(latents.float()).clamp(-1, 1) + 1) / 2
+    torch.testing.assert_close(mine, expected, rtol=0, atol=1e-4)  # measured 7e-7
+    out = pipe(2, prompts=prompt, sampler="unipc", steps=4)  # every difflab sampler and guidance from here on
+    assert out.images.shape == (2, 3, 16, 16) and torch.isfinite(out.images).all()
+    assert torch.isfinite(pipe(1, prompts=prompt, steps=3, guidance="apg").images).all()
+
+
+def test_difflab_sample_and_serve_take_a_stable_diffusion_folder(tmp_path):
+    from difflab.cli import main
+    from difflab.serve import generate, load_served, parse_request
+
+    _, folder = _tiny_sd_folder(tmp_path)
+    assert main(["sample", str(folder), "--prompt", "a red cube", "--n", "2", "--steps", "3",
+                 "--sampler", "dpmpp_2m", "--out", str(tmp_path / "samples")]) == 0
+    assert len(list((tmp_path / "samples").glob("*.png"))) >= 2
+    served = load_served([folder])
+    run = generate(served["sd"], parse_request({"prompt": "a blue ball", "steps": 3}, served), tmp_path / "out")
+    assert run.status == "finished" and run.images.shape == (1, 3, 16, 16)

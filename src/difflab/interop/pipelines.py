@@ -2,10 +2,14 @@
 :class:`~difflab.pipeline.Pipeline`.
 
 So far: the unconditional pixel pipelines (``DDPMPipeline``, ``DDIMPipeline``, ``PNDMPipeline``: a
-``UNet2DModel`` in ``unet/`` and a scheduler in ``scheduler/``). Network and scheduler convert
-exactly (:mod:`difflab.interop.diffusers_unet`, :mod:`difflab.interop.schedulers`); the pipeline
-then samples with every difflab sampler, schedule and accelerator, and ``difflab serve`` shows it.
-Latent, text and transformer pipelines are refused by naming the part not converted yet.
+``UNet2DModel`` in ``unet/`` and a scheduler) and Stable Diffusion 1.x / 2.x text-to-image folders
+(``StableDiffusionPipeline``: a ``UNet2DConditionModel``, an ``AutoencoderKL``, a CLIP text encoder
+and tokenizer, a scheduler; the safety checker and feature extractor are not used). Every part
+converts exactly (:mod:`difflab.interop.diffusers_unet`, :mod:`~difflab.interop.diffusers_unet_condition`,
+:mod:`~difflab.interop.diffusers_vae`, :mod:`~difflab.interop.schedulers`; the text encoder loads
+from the folder with ``transformers``, never from a hub); the pipeline then samples with every
+difflab sampler, schedule, guidance method and accelerator, and ``difflab serve`` shows it. Parts
+not converted yet (SDXL's second text encoder, transformers, T5) are refused by name.
 """
 
 from __future__ import annotations
@@ -16,44 +20,70 @@ from typing import Any
 
 from difflab.files import read_json
 from difflab.interop.diffusers_unet import unet2d_from_diffusers
+from difflab.interop.diffusers_unet_condition import unet2d_condition_from_diffusers
+from difflab.interop.diffusers_vae import vae_from_diffusers
 from difflab.interop.schedulers import ConversionError, scheduler_from_diffusers
 from difflab.pipeline import Pipeline
 
 INDEX = "model_index.json"
-#: parts of a diffusers pipeline difflab reads, by role; others are refused by name
-CONVERTED = {"unet": ("UNet2DModel",), "scheduler": None}  # None: any scheduler scheduler_from_diffusers takes
+#: the parts difflab reads, by role, with the classes it converts (None: any scheduler it converts)
+CONVERTED = {"unet": ("UNet2DModel", "UNet2DConditionModel"), "scheduler": None, "vae": ("AutoencoderKL",),
+             "text_encoder": ("CLIPTextModel",), "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast")}
+#: parts a pipeline may carry that sampling does not use
+UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
+#: Stable Diffusion's guidance (its pipelines' default scale) and the condition dropout it was trained with
+SD_GUIDANCE = {"method": "cfg", "options": {"scale": 7.5}}
+SD_COND_DROPOUT = 0.1
 
 
 def is_diffusers_pipeline(path: str | os.PathLike) -> bool:
     return (Path(path) / INDEX).is_file()
 
 
-def pipeline_from_diffusers(path: str | os.PathLike, *, sampler: str = "dpmpp_2m", steps: int = 20) -> Pipeline:
-    """A difflab pipeline from a diffusers pipeline folder, sampling by default with ``sampler`` at
-    ``steps`` on the grid the scheduler's spacing names (``leading``/``trailing``/``uniform``; a
-    ``steps_offset`` of a leading grid is a sampling choice and is not kept)."""
-    path = Path(path)
-    if not is_diffusers_pipeline(path):
-        raise ConversionError(f"{path} is not a diffusers pipeline folder: it has no {INDEX}")
+def _parts(path: Path) -> dict[str, str]:
     index: dict[str, Any] = read_json(path / INDEX, "diffusers model index")
-    parts = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
-             and v[1] is not None}
+    parts = {k: v[1] for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+             and v[1] is not None and k not in UNUSED}
     unknown = sorted(k for k in parts if k not in CONVERTED)
     if unknown:
         raise ConversionError(f"{path} is a {index.get('_class_name', 'diffusers pipeline')} with "
-                              f"{', '.join(unknown)}; difflab converts unconditional UNet2DModel pipelines "
-                              "(unet + scheduler) so far")
-    for role in CONVERTED:
+                              f"{', '.join(unknown)}; difflab converts unet, vae, text_encoder (CLIP), tokenizer "
+                              "and scheduler so far")
+    for role in ("unet", "scheduler"):
         if role not in parts:
             raise ConversionError(f"{path}/{INDEX} names no {role}")
-    if parts["unet"][1] not in CONVERTED["unet"]:
-        raise ConversionError(f"{path}: its unet is a {parts['unet'][1]}; difflab converts "
-                              f"{', '.join(CONVERTED['unet'])} pipelines so far")
-    network = unet2d_from_diffusers(path / "unet")
+    for role, name in parts.items():
+        if CONVERTED[role] is not None and name not in CONVERTED[role]:
+            raise ConversionError(f"{path}: its {role} is a {name}; difflab converts {', '.join(CONVERTED[role])}")
+    if ("text_encoder" in parts) != (parts["unet"] == "UNet2DConditionModel") or (
+            "text_encoder" in parts) != ("tokenizer" in parts):
+        raise ConversionError(f"{path}: a text-conditional U-Net needs a text_encoder and a tokenizer, and only it "
+                              "takes them")
+    return parts
+
+
+def pipeline_from_diffusers(path: str | os.PathLike, *, sampler: str = "dpmpp_2m", steps: int = 20) -> Pipeline:
+    """A difflab pipeline from a diffusers pipeline folder, sampling by default with ``sampler`` at
+    ``steps`` on the grid the scheduler's spacing names (``leading``/``trailing``/``uniform``; a
+    ``steps_offset`` of a leading grid is a sampling choice and is not kept). A text pipeline's
+    default guidance is CFG at 7.5, as diffusers' Stable Diffusion pipelines."""
+    path = Path(path)
+    if not is_diffusers_pipeline(path):
+        raise ConversionError(f"{path} is not a diffusers pipeline folder: it has no {INDEX}")
+    parts = _parts(path)
+    text = parts["unet"] == "UNet2DConditionModel"
+    network = (unet2d_condition_from_diffusers if text else unet2d_from_diffusers)(path / "unet")
+    vae = vae_from_diffusers(path / "vae") if "vae" in parts else None
     conversion = scheduler_from_diffusers(path / "scheduler")
-    cfg = read_json(path / "unet" / "config.json", "diffusers model config")
-    size = cfg.get("sample_size") or 32
+    size = read_json(path / "unet" / "config.json", "diffusers model config").get("sample_size") or 32
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    encoder = None
+    if text:
+        max_tokens = int(read_json(path / "tokenizer" / "tokenizer_config.json", "tokenizer config")
+                         .get("model_max_length", 77))
+        encoder = {"name": "clip", "path": str((path / "text_encoder").resolve()),
+                   "tokenizer": str((path / "tokenizer").resolve()), "max_tokens": min(max_tokens, 77)}
     return Pipeline(network, conversion.process, conversion.prediction,
                     sample_shape=(network.config.in_channels, height, width), sampler=sampler, steps=steps,
-                    schedule=conversion.schedule)
+                    schedule=conversion.schedule, vae=vae, text_encoder=encoder,
+                    guidance=SD_GUIDANCE if text else None, cond_dropout=SD_COND_DROPOUT if text else None)

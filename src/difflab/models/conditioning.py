@@ -111,8 +111,43 @@ class MiniLM(TextEncoder):
         return out["token_embeddings"][keep], out["sentence_embedding"]
 
 
+class CLIPText(TextEncoder):
+    """A CLIP text encoder (Radford et al. 2021) from local ``transformers`` folders, as Stable
+    Diffusion uses it: every prompt padded to ``max_tokens`` (77) with the tokenizer's padding and all
+    positions' last hidden states attended to (no mask, as diffusers' pipelines do); the pooled
+    output is the text projection's input at the end token. Loads from the folders only, never a hub."""
+
+    name = "clip"
+
+    def __init__(self, path: str, tokenizer: str | None = None, max_tokens: int = 77, device: str = "cpu"):
+        super().__init__(max_tokens)
+        try:
+            from transformers import CLIPTextModel, CLIPTokenizer
+        except ImportError as err:
+            raise ImportError("CLIP text encoders need transformers: pip install 'difflab[interop]'") from err
+        self.path, self.tokenizer_path = str(path), str(tokenizer or path)
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
+        self.model = CLIPTextModel.from_pretrained(self.path, local_files_only=True).to(device).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "tokenizer": self.tokenizer_path, "max_tokens": self.max_tokens}
+
+    def tokens(self, prompt: str) -> list[str]:
+        t = self.tokenizer
+        return [t.bos_token, *t.tokenize(prompt), t.eos_token]
+
+    @torch.no_grad()
+    def encode_one(self, prompt: str) -> tuple[Tensor, Tensor]:
+        ids = self.tokenizer(prompt, padding="max_length", max_length=self.max_tokens, truncation=True,
+                             return_tensors="pt").input_ids.to(self.model.device)
+        out = self.model(ids)
+        return out.last_hidden_state[0], out.pooler_output[0]
+
+
 REGISTRY: Registry[Callable[..., TextEncoder]] = Registry("text encoder")
 REGISTRY.add("minilm", MiniLM, "Wang et al. 2020, MiniLM (all-MiniLM-L6-v2 sentence embeddings)")
+REGISTRY.add("clip", CLIPText, "Radford et al. 2021, CLIP (a local transformers CLIPTextModel, as Stable Diffusion)")
 _LOADED: dict[tuple, TextEncoder] = {}
 
 
