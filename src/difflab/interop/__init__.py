@@ -12,6 +12,7 @@ from difflab.interop.diffusers_vae import vae_from_diffusers
 from difflab.interop.lora_files import lora_from_file
 from difflab.interop.pipelines import is_diffusers_pipeline, pipeline_from_diffusers
 from difflab.interop.schedulers import ConversionError, SchedulerConversion, scheduler_from_diffusers
+from difflab.interop.single_file import SingleFile, from_single_file
 
 #: diffusers model classes difflab converts, by ``_class_name``
 MODELS = {"UNet2DModel": unet2d_from_diffusers, "UNet2DConditionModel": unet2d_condition_from_diffusers,
@@ -49,7 +50,20 @@ def from_diffusers(path: str | os.PathLike):
     return MODELS[name](path)
 
 
-__all__ = ["MODELS", "ConversionError", "SchedulerConversion", "from_diffusers", "is_diffusers_pipeline",
-           "lora_from_file", "pipeline_from_diffusers", "scheduler_from_diffusers",
-           "to_diffusers", "unet2d_condition_from_diffusers", "unet2d_from_diffusers", "unet2d_to_diffusers",
-           "vae_from_diffusers"]
+__all__ = [
+    "MODELS",
+    "ConversionError",
+    "SchedulerConversion",
+    "SingleFile",
+    "from_diffusers",
+    "from_single_file",
+    "is_diffusers_pipeline",
+    "lora_from_file",
+    "pipeline_from_diffusers",
+    "scheduler_from_diffusers",
+    "to_diffusers",
+    "unet2d_condition_from_diffusers",
+    "unet2d_from_diffusers",
+    "unet2d_to_diffusers",
+    "vae_from_diffusers",
+]

@@ -17,11 +17,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-
 from difflab.interop.diffusers_unet import resnet_key_map
 from difflab.interop.schedulers import ConversionError
-from difflab.interop.weights import load_mapped, read_model_config
+from difflab.interop.weights import conv_as_linear, load_mapped, read_model_config
 from difflab.models import UNet, UNetConfig
 
 DOWN = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
@@ -142,13 +140,8 @@ def unet2d_condition_key_map(config: UNetConfig) -> dict[str, str]:
     return out
 
 
-def _conv_as_linear(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """A 1x1 convolution's weight as the linear map it is on the tokens (SD 1.x's proj_in/proj_out)."""
-    return value[:, :, 0, 0] if value.ndim == 4 and target.ndim == 2 and value.shape[2:] == (1, 1) else value
-
-
 def unet2d_condition_from_diffusers(folder: str | os.PathLike) -> UNet:
     """A difflab U-Net from a diffusers ``UNet2DConditionModel`` folder; a report of unmapped, missing
     and mis-shaped weights instead of a half-loaded network."""
     config = unet2d_condition_config(read_model_config(folder, "UNet2DConditionModel"))
-    return load_mapped(UNet(config), folder, unet2d_condition_key_map(config), adapt=_conv_as_linear)
+    return load_mapped(UNet(config), folder, unet2d_condition_key_map(config), adapt=conv_as_linear)

@@ -26,16 +26,16 @@ def read_model_config(folder: str | os.PathLike, class_name: str) -> dict[str, A
     return cfg
 
 
-def load_mapped(network: torch.nn.Module, folder: str | os.PathLike, mapping: dict[str, str],
+def conv_as_linear(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution's weight as the linear map it is on the tokens (SD 1.x's transformer
+    projections, latent diffusion's VAE attention), when difflab's layer is linear."""
+    return value[:, :, 0, 0] if value.ndim == 4 and target.ndim == 2 and value.shape[2:] == (1, 1) else value
+
+
+def copy_mapped(network: torch.nn.Module, state: dict[str, torch.Tensor], mapping: dict[str, str], what: str,
                 adapt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
-    """Copy the folder's safetensors weights into ``network`` (``mapping``: diffusers name -> difflab
-    name, a superset is fine; ``adapt(value, target)`` reshapes a value before the shape check)."""
-    weights = Path(folder) / WEIGHTS
-    if not weights.is_file():
-        found = sorted(p.name for p in Path(folder).glob("diffusion_pytorch_model*"))
-        raise ConversionError(f"{folder} has no {WEIGHTS} (found {found or 'none'}); difflab reads safetensors "
-                              "only (a .bin is a pickle)")
-    state = load_tensors(weights, "diffusers weights")
+    """Copy ``state`` into ``network`` through ``mapping`` (source name -> difflab name, a superset
+    is fine; ``adapt(value, target)`` reshapes a value before the shape check), all or nothing."""
     own = network.state_dict()
     mapping = {k: v for k, v in mapping.items() if v in own}
     converted, unmapped = {}, []
@@ -48,10 +48,21 @@ def load_mapped(network: torch.nn.Module, folder: str | os.PathLike, mapping: di
     shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items()
               if v.shape != own[k].shape]
     if unmapped or missing or shapes:
-        raise ConversionError(f"{weights} does not map onto the converted config: {len(converted)} mapped; "
+        raise ConversionError(f"{what} does not map onto the converted config: {len(converted)} mapped; "
                               f"unrecognised {unmapped[:5]}{' ...' if len(unmapped) > 5 else ''}; "
                               f"missing {missing[:5]}; wrong shapes {shapes[:3]}")
     with torch.no_grad():
         for key, value in converted.items():
             own[key].copy_(value)
     return network.eval()
+
+
+def load_mapped(network: torch.nn.Module, folder: str | os.PathLike, mapping: dict[str, str],
+                adapt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
+    """Copy a diffusers model folder's safetensors weights into ``network`` (:func:`copy_mapped`)."""
+    weights = Path(folder) / WEIGHTS
+    if not weights.is_file():
+        found = sorted(p.name for p in Path(folder).glob("diffusion_pytorch_model*"))
+        raise ConversionError(f"{folder} has no {WEIGHTS} (found {found or 'none'}); difflab reads safetensors "
+                              "only (a .bin is a pickle)")
+    return copy_mapped(network, load_tensors(weights, "diffusers weights"), mapping, str(weights), adapt)
