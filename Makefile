@@ -23,8 +23,10 @@ $(BIN)/.installed-dev: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/difflab demo --out outputs/demo --overwrite
 
+# two workers of one thread each (a machine with 2 cores; one thread per process is the fast setting
+# there), whole files per worker so module fixtures (the page's server, trained helpers) are made once
 test: $(BIN)/.installed-dev
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(BIN)/.installed-dev
 	$(BIN)/ruff check .

@@ -92,8 +92,13 @@ def _status(page) -> str:
     return page.locator("#status").inner_text()
 
 
-def _wait_status(page, pattern: str, timeout: float = 60_000) -> str:
-    page.wait_for_function(f"() => /{pattern}/.test(document.querySelector('#status').innerText)", timeout=timeout)
+def _wait_status(page, pattern: str, timeout: float = 60_000, errors_fail: bool = True) -> str:
+    """The status once it matches ``pattern``; an error message the page shows instead fails at once, with it."""
+    error = "document.querySelector('.toast-body.error') !== null" if errors_fail else "false"
+    page.wait_for_function(f"() => /{pattern}/.test(document.querySelector('#status').innerText) || {error}",
+                           timeout=timeout)
+    errors = page.locator(".toast-body.error")
+    assert not errors_fail or errors.count() == 0, f"the page shows an error: {errors.first.inner_text()}"
     return _status(page)
 
 
@@ -223,7 +228,7 @@ def test_bad_input_gets_a_message_on_the_page_and_the_server_keeps_running(brows
     page.get_by_text("at most 16 per request").first.wait_for(timeout=20_000)
     _set(page, "n", 1)
     page.locator("#generate").click()
-    assert "1 image(s), 4 steps" in _wait_status(page, "finished")
+    assert "1 image(s), 4 steps" in _wait_status(page, "finished", errors_fail=False)  # the earlier ones still show
     page.close()
 
 
@@ -255,9 +260,13 @@ def test_an_inpainting_mask_drawn_on_the_page_keeps_the_rest_and_the_png_restore
     _set(page, "n", 2)
     _set(page, "steps", 6)
     page.locator("#extras").get_by_text("image to image").click()
-    page.locator("#source input[type=file]").first.set_input_files(str(_png(tmp_path / "source.png", source)))
     page.locator("#source canvas").first.wait_for()
-    page.wait_for_timeout(1000)  # the editor draws the uploaded background first
+    zoom = "() => (document.querySelector('#source').innerText.match(/\\d+%/) || [''])[0]"
+    empty = page.evaluate(zoom)
+    page.locator("#source input[type=file]").first.set_input_files(str(_png(tmp_path / "source.png", source)))
+    # the editor zooms to the uploaded background once it is drawn: paint only then
+    page.wait_for_function(f"() => ({zoom})() !== {empty!r}", timeout=30_000)
+    page.wait_for_timeout(500)
     page.locator("#source button[aria-label=Brush]").click()
     page.wait_for_timeout(300)
     box = page.locator("#source canvas").first.bounding_box()
