@@ -46,17 +46,25 @@ class DiTConfig:
     qk_norm: bool = False
     fp32_norm: bool = False
     gradient_checkpointing: bool = False
+    sincos_order: str = "yx"  # which coordinate fills the first half of the sin-cos embedding ("xy": DiT's, MAE's)
+    time_cos_first: bool = True  # diffusers' flip_sin_to_cos
+    time_freq_shift: float = 0.0  # diffusers' downscale_freq_shift (1 in its DiT)
+    mlp_norm_eps: float = 1e-6  # the LayerNorm before the MLP (diffusers' DiT: norm_eps, 1e-5)
 
 
-def sincos_2d(height: int, width: int, dim: int, device=None) -> Tensor:
-    """Fixed 2-D sine-cosine position embedding (MAE / DiT), any grid size: (tokens, dim)."""
+def sincos_2d(height: int, width: int, dim: int, device=None, order: str = "yx") -> Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE / DiT), any grid size: (tokens, dim); ``order``
+    says which coordinate's sines and cosines come first."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
     ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=device),
                             torch.arange(width, dtype=torch.float32, device=device), indexing="ij")
-    out = [f(grid.flatten()[:, None] * omega) for grid in (ys, xs) for f in (torch.sin, torch.cos)]
+    if order not in ("yx", "xy"):
+        raise ValueError(f"sincos order must be 'yx' or 'xy', got {order!r}")
+    grids = (ys, xs) if order == "yx" else (xs, ys)
+    out = [f(grid.flatten()[:, None] * omega) for grid in grids for f in (torch.sin, torch.cos)]
     return torch.cat(out, dim=1)
 
 
@@ -78,7 +86,7 @@ class DiTBlock(nn.Module):
             self.norm_cross = LayerNorm(d, fp32=c.fp32_norm)
             self.cross = Attention(d, c.num_heads, context_dim=c.context_dim, qk_norm=c.qk_norm,
                                    name=f"block{index}.cross")
-        self.norm2 = LayerNorm(d, affine=affine, fp32=c.fp32_norm)
+        self.norm2 = LayerNorm(d, eps=c.mlp_norm_eps, affine=affine, fp32=c.fp32_norm)
         self.mlp = FeedForward(d, c.mlp_ratio)
         if self.mode == "adaln_zero":
             self.ada = zero_(nn.Linear(d, 6 * d))
@@ -127,7 +135,7 @@ class DiT(Network):
         d, p = c.hidden_size, c.patch_size
         self.out_channels = c.out_channels or c.in_channels
         self.patch = nn.Conv2d(c.in_channels, d, p, stride=p)
-        self.time_embed = TimestepEmbedder(d)
+        self.time_embed = TimestepEmbedder(d, cos_first=c.time_cos_first, freq_shift=c.time_freq_shift)
         self.label_embed = LabelEmbedder(c.num_classes, d) if c.num_classes else None
         self.pooled_embed = PooledEmbedder(c.pooled_dim, d) if c.pooled_dim else None
         self.global_ada = zero_(nn.Linear(d, 6 * d)) if c.conditioning == "adaln_single" else None
@@ -160,7 +168,7 @@ class DiT(Network):
             tokens = tokens + hint.flatten(2).transpose(1, 2).to(tokens.dtype)
         rope = None
         if c.position == "sincos":
-            tokens = tokens + sincos_2d(gh, gw, c.hidden_size, x.device).to(tokens.dtype)[None]
+            tokens = tokens + sincos_2d(gh, gw, c.hidden_size, x.device, c.sincos_order).to(tokens.dtype)[None]
         else:
             rope = rope_2d(gh, gw, self.head_dim, device=x.device)
         cond = self.time_embed(batch_times(t, x))

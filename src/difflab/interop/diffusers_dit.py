@@ -1,0 +1,76 @@
+"""A diffusers ``DiTTransformer2DModel`` folder (Peebles & Xie 2023) as a difflab
+:class:`~difflab.models.DiT` with the same outputs.
+
+Both are DiT with adaLN-Zero; what diffusers does differently maps to options: the sin-cos position
+embedding puts x before y (``sincos_order="xy"``, as the original DiT and MAE), the time features
+divide by ``half - 1`` (``time_freq_shift=1``), and the LayerNorm before the MLP uses the config's
+``norm_eps``. diffusers gives every block its own copy of the time and class embedding (its
+``AdaLayerNormZero``) where DiT has one: the copies must be equal (they are in every converted
+checkpoint), else the conversion is refused. A learned-sigma model (``out_channels = 2 x in``) keeps
+its extra channels: the network is converted, not its variance.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from difflab.files import load_tensors
+from difflab.interop.schedulers import ConversionError
+from difflab.interop.weights import WEIGHTS, copy_mapped, read_model_config
+from difflab.models import DiT, DiTConfig
+
+
+def dit_config(cfg: dict) -> DiTConfig:
+    """The difflab config of a diffusers ``DiTTransformer2DModel`` config, or a :class:`ConversionError`."""
+    for key, allowed in (("norm_type", "ada_norm_zero"), ("activation_fn", "gelu-approximate"),
+                         ("attention_bias", True), ("upcast_attention", False), ("norm_elementwise_affine", False)):
+        if cfg.get(key) is not None and cfg[key] != allowed:
+            raise ConversionError(f"DiTTransformer2DModel {key}={cfg[key]!r} is not supported (difflab maps "
+                                  f"{allowed!r})")
+    heads, head_dim = int(cfg.get("num_attention_heads", 16)), int(cfg.get("attention_head_dim", 72))
+    in_channels = int(cfg.get("in_channels", 4))
+    classes = cfg.get("num_embeds_ada_norm") or None
+    return DiTConfig(in_channels=in_channels, out_channels=int(cfg.get("out_channels") or in_channels),
+                     patch_size=int(cfg.get("patch_size", 2)), hidden_size=heads * head_dim,
+                     depth=int(cfg.get("num_layers", 28)), num_heads=heads, mlp_ratio=4.0, num_classes=classes,
+                     conditioning="adaln_zero", position="sincos", sincos_order="xy", time_cos_first=True,
+                     time_freq_shift=1.0, mlp_norm_eps=float(cfg.get("norm_eps", 1e-5)))
+
+
+def dit_key_map(config: DiTConfig) -> dict[str, str]:
+    """diffusers weight name -> difflab weight name (block 0's embedding stands for all blocks')."""
+    pair = ("weight", "bias")
+    out = {f"pos_embed.proj.{p}": f"patch.{p}" for p in pair}
+    emb = "transformer_blocks.0.norm1.emb"
+    out.update({f"{emb}.timestep_embedder.linear_{i + 1}.{p}": f"time_embed.mlp.{2 * i}.{p}"
+                for i in (0, 1) for p in pair})
+    out[f"{emb}.class_embedder.embedding_table.weight"] = "label_embed.table.weight"
+    for b in range(config.depth):
+        s, t = f"transformer_blocks.{b}", f"blocks.{b}"
+        names = {"norm1.linear": "ada", "attn1.to_q": "attn.to_q", "attn1.to_k": "attn.to_k",
+                 "attn1.to_v": "attn.to_v", "attn1.to_out.0": "attn.to_out", "ff.net.0.proj": "mlp.proj_in",
+                 "ff.net.2": "mlp.proj_out"}
+        out.update({f"{s}.{a}.{p}": f"{t}.{n}.{p}" for a, n in names.items() for p in pair})
+    out.update({f"proj_out_1.{p}": f"ada_out.{p}" for p in pair})
+    out.update({f"proj_out_2.{p}": f"proj_out.{p}" for p in pair})
+    return out
+
+
+def dit_from_diffusers(folder: str | os.PathLike) -> DiT:
+    """A difflab DiT from a diffusers ``DiTTransformer2DModel`` folder; a report instead of a
+    half-loaded network."""
+    config = dit_config(read_model_config(folder, "DiTTransformer2DModel"))
+    path = os.path.join(folder, WEIGHTS)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{folder} has no {WEIGHTS}; difflab reads safetensors only (a .bin is a pickle)")
+    state = load_tensors(path, "diffusers weights")
+    first = "transformer_blocks.0.norm1.emb."
+    for key in [k for k in state if ".norm1.emb." in k and not k.startswith(first)]:
+        twin = first + key.split(".norm1.emb.", 1)[1]
+        if twin not in state or not torch.equal(state[key], state[twin]):
+            raise ConversionError(f"{key} differs from block 0's: diffusers gives each block its own time and "
+                                  "class embedding, difflab's DiT shares one, so only equal copies convert")
+        del state[key]
+    return copy_mapped(DiT(config), state, dit_key_map(config), path)

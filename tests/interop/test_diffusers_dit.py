@@ -1,0 +1,45 @@
+"""diffusers DiTTransformer2DModel folders as difflab DiTs: the same outputs (<= 1e-5 in float32)
+for class-conditional and learned-sigma models, and refusals by name."""
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+from difflab.interop import ConversionError, from_diffusers
+from difflab.models import Network
+
+
+def _diffusers_dit(tmp_path, share=True, **kw):
+    torch.manual_seed(0)
+    cfg = {"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "num_layers": 2, "sample_size": 8,
+           "patch_size": 2, "num_embeds_ada_norm": 10, **kw}
+    model = DiTTransformer2DModel(**cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        if share:  # one time and class embedding, as in every converted DiT checkpoint
+            first = model.transformer_blocks[0].norm1.emb.state_dict()
+            for block in model.transformer_blocks[1:]:
+                block.norm1.emb.load_state_dict(first)
+    model.save_pretrained(tmp_path / "dit")
+    return model, tmp_path / "dit"
+
+
+@pytest.mark.parametrize("options", [{}, {"out_channels": 8}, {"norm_eps": 1e-6, "patch_size": 4}])
+def test_a_converted_dit_gives_diffusers_outputs(tmp_path, options):
+    model, folder = _diffusers_dit(tmp_path, **options)
+    net = from_diffusers(folder)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t, labels = torch.tensor([3.0, 871.0]), torch.tensor([4, 10])  # 10: the null class (class dropout)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, class_labels=torch.tensor([4, -1])),
+                                   model(x, timestep=t, class_labels=labels).sample, rtol=0, atol=1e-5)
+    net.save_pretrained(tmp_path / "difflab")
+    with torch.no_grad():
+        assert torch.equal(Network.from_pretrained(tmp_path / "difflab")(x, t, class_labels=labels), net(x, t, labels))
+
+
+def test_per_block_embeddings_that_differ_are_refused(tmp_path):
+    _, folder = _diffusers_dit(tmp_path, share=False)
+    with pytest.raises(ConversionError, match="differs from block 0's"):
+        from_diffusers(folder)
