@@ -151,3 +151,22 @@ def test_difflab_sample_and_serve_take_a_stable_diffusion_folder(tmp_path):
     served = load_served([folder])
     run = generate(served["sd"], parse_request({"prompt": "a blue ball", "steps": 3}, served), tmp_path / "out")
     assert run.status == "finished" and run.images.shape == (1, 3, 16, 16)
+
+
+def test_a_stable_diffusion_folder_takes_every_sampler_and_guidance_method(tmp_path):
+    """CFG at scale 1 is the conditional model: for every sampler it must sample what no guidance
+    samples; every other method must sample finite images of the right size."""
+    from difflab import guidance, samplers
+
+    _, folder = _tiny_sd_folder(tmp_path)
+    pipe = Pipeline.from_pretrained(folder)
+    kw = {"prompts": "a red cube", "steps": 2, "seed": 3}
+    for name in samplers.available():
+        plain = pipe(1, sampler=name, guidance="none", **kw).images
+        unit = pipe(1, sampler=name, guidance="cfg", guidance_options={"scale": 1.0}, **kw).images
+        torch.testing.assert_close(unit, plain, atol=1e-5, rtol=0, msg=name)
+    weak = Pipeline.from_pretrained(folder).denoiser()
+    for method in guidance.available():
+        options = {"weak": weak} if method == "autoguidance" else {}
+        out = pipe(1, sampler="dpmpp_2m", guidance=method, guidance_options={"scale": 2.0, **options}, **kw).images
+        assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all(), method
