@@ -30,6 +30,15 @@ def randomise(net, seed=0):
     return net
 
 
+def perturb(model, scale: float = 0.02):
+    """Another library's freshly made model moved off its initialisation (zero-initialised outputs
+    would hide every path but the skip), in place, under the current torch seed."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
 @pytest.fixture
 def digits_pipe():
     """A tiny class-conditional pixel pipeline of the digits shape (untrained)."""

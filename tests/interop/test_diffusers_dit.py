@@ -4,6 +4,7 @@ for class-conditional and learned-sigma models, and refusals by name."""
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
+from tests.conftest import perturb
 
 from difflab.interop import ConversionError, from_diffusers
 from difflab.models import Network
@@ -14,13 +15,11 @@ def _diffusers_dit(tmp_path, share=True, **kw):
     cfg = {"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "num_layers": 2, "sample_size": 8,
            "patch_size": 2, "num_embeds_ada_norm": 10, **kw}
     model = DiTTransformer2DModel(**cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        if share:  # one time and class embedding, as in every converted DiT checkpoint
-            first = model.transformer_blocks[0].norm1.emb.state_dict()
-            for block in model.transformer_blocks[1:]:
-                block.norm1.emb.load_state_dict(first)
+    perturb(model)
+    if share:  # one time and class embedding, as in every converted DiT checkpoint
+        first = model.transformer_blocks[0].norm1.emb.state_dict()
+        for block in model.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(first)
     model.save_pretrained(tmp_path / "dit")
     return model, tmp_path / "dit"
 

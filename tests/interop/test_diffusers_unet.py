@@ -4,6 +4,7 @@ options that change the computation, and a clear refusal for what cannot be expr
 import pytest
 import torch
 from diffusers import UNet2DModel
+from tests.conftest import perturb, randomise
 
 import difflab
 from difflab.interop import ConversionError, from_diffusers
@@ -30,9 +31,7 @@ def _diffusers_model(tmp_path, **kw):
     torch.manual_seed(0)
     kw = {"in_channels": 3, "out_channels": 3, **kw}
     model = UNet2DModel(sample_size=16, **kw).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))  # off the zero initialisation, so every path shows
+    perturb(model)
     model.save_pretrained(tmp_path / "unet")
     return model, tmp_path / "unet"
 
@@ -95,7 +94,7 @@ EXPORTS = {
 
 @pytest.mark.parametrize("name", EXPORTS)
 def test_an_exported_unet_runs_in_diffusers_and_comes_back_bit_for_bit(tmp_path, name):
-    from tests.conftest import randomise
+
 
     from difflab.interop import to_diffusers
     from difflab.models import UNet, UNetConfig

@@ -5,6 +5,7 @@ computation, and a refusal by name for what difflab cannot express yet."""
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from tests.conftest import perturb
 
 from difflab.interop import ConversionError, from_diffusers
 from difflab.models import Network
@@ -29,9 +30,7 @@ CONFIGS = {
 def _diffusers_model(tmp_path, **kw):
     torch.manual_seed(0)
     model = UNet2DConditionModel(**kw).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))  # off the zero initialisation, so every path shows
+    perturb(model)
     model.save_pretrained(tmp_path / "unet")
     return model, tmp_path / "unet"
 

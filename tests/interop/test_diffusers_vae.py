@@ -5,6 +5,7 @@ by name."""
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from tests.conftest import perturb
 
 from difflab.interop import ConversionError, from_diffusers
 from difflab.models import Network
@@ -23,9 +24,7 @@ def _diffusers_vae(tmp_path, **kw):
     levels = len(kw["block_out_channels"])
     model = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
                           up_block_types=("UpDecoderBlock2D",) * levels, **kw).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(model)
     model.save_pretrained(tmp_path / "vae")
     return model, tmp_path / "vae"
 

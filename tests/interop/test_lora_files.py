@@ -8,6 +8,7 @@ from diffusers import UNet2DModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
+from tests.conftest import perturb
 
 from difflab.adapters import LoRAError, applied
 from difflab.interop import from_diffusers, lora_from_file
@@ -20,9 +21,7 @@ def models(tmp_path):
                         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                         norm_num_groups=8, attention_head_dim=8).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(model)
     model.save_pretrained(tmp_path / "unet")
     net = from_diffusers(tmp_path / "unet")
     x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 500])

@@ -5,6 +5,7 @@ it, and pipelines difflab cannot convert yet are refused by naming the part."""
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from tests.conftest import perturb
 
 import difflab
 from difflab.pipeline import Pipeline, PipelineError
@@ -16,9 +17,7 @@ def _ddpm_folder(tmp_path):
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D",
                                                                                              "UpBlock2D"),
                        norm_num_groups=8, attention_head_dim=8, layers_per_block=1).eval()
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(unet)
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, timestep_spacing="leading")
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "ddpm")
     return unet, scheduler, tmp_path / "ddpm"
@@ -103,10 +102,8 @@ def _tiny_sd_folder(tmp_path):
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
     vae = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    with torch.no_grad():
-        for model in (unet, vae):
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
+    perturb(unet)
+    perturb(vae)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=True, timestep_spacing="leading")
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from tests.conftest import perturb
 
 from difflab.interop import ConversionError, from_diffusers, from_single_file
 from difflab.interop.single_file import UNET_PREFIX, VAE_PREFIX, ldm_unet_key_map, ldm_vae_key_map
@@ -21,9 +22,7 @@ SD2 = dict(block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D
 
 def _random(model):
     torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(model)
     return model.eval()
 
 

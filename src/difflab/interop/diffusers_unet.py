@@ -12,6 +12,7 @@ missing are listed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,10 @@ def attention_key_map(src: str, dst: str) -> dict[str, str]:
     return {f"{src}.{a}.{p}": f"{dst}.{b}.{p}" for a, b in names.items() for p in ("weight", "bias")}
 
 
-def unet2d_key_map(config: UNetConfig) -> dict[str, str]:
-    """diffusers weight name -> difflab weight name (including names a given model may lack, such as
-    shortcut convolutions between equal widths)."""
+def unet_blocks_key_map(config: UNetConfig, attention: Callable[[str, str], dict[str, str]]) -> dict[str, str]:
+    """diffusers' U-Net layout (``down_blocks``, ``mid_block``, ``up_blocks``; shared by
+    ``UNet2DModel`` and ``UNet2DConditionModel``) -> difflab's names; ``attention(src, dst)`` maps one
+    attention block (a plain attention or a text transformer)."""
     out = {f"conv_in.{p}": f"conv_in.{p}" for p in ("weight", "bias")}
     out.update({f"time_embedding.linear_1.{p}": f"time_embed.mlp.0.{p}" for p in ("weight", "bias")})
     out.update({f"time_embedding.linear_2.{p}": f"time_embed.mlp.2.{p}" for p in ("weight", "bias")})
@@ -99,13 +101,13 @@ def unet2d_key_map(config: UNetConfig) -> dict[str, str]:
     for b in range(levels):
         for i in range(r):
             out.update(resnet_key_map(f"down_blocks.{b}.resnets.{i}", f"down.{k}.0"))
-            out.update(attention_key_map(f"down_blocks.{b}.attentions.{i}", f"down.{k}.1"))
+            out.update(attention(f"down_blocks.{b}.attentions.{i}", f"down.{k}.1"))
             k += 1
         if b != levels - 1:
             out.update({f"down_blocks.{b}.downsamplers.0.conv.{p}": f"down.{k}.0.conv.{p}" for p in ("weight", "bias")})
             k += 1
     out.update(resnet_key_map("mid_block.resnets.0", "mid.0"))
-    out.update(attention_key_map("mid_block.attentions.0", "mid.1"))
+    out.update(attention("mid_block.attentions.0", "mid.1"))
     out.update(resnet_key_map("mid_block.resnets.1", "mid.2"))
     k = 0
     for b in range(levels):
@@ -114,16 +116,21 @@ def unet2d_key_map(config: UNetConfig) -> dict[str, str]:
         for i in range(r + 1):
             out.update(resnet_key_map(f"up_blocks.{b}.resnets.{i}", f"up.{k}.0"))
             if has_attention:
-                out.update(attention_key_map(f"up_blocks.{b}.attentions.{i}", f"up.{k}.1"))
+                out.update(attention(f"up_blocks.{b}.attentions.{i}", f"up.{k}.1"))
             if level and i == r:
                 index = 2 if has_attention else 1
                 out.update({f"up_blocks.{b}.upsamplers.0.conv.{p}": f"up.{k}.{index}.conv.{p}"
                             for p in ("weight", "bias")})
             k += 1
-    out["class_embedding.weight"] = "label_embed.table.weight"
     out.update({f"conv_norm_out.{p}": f"norm_out.{p}" for p in ("weight", "bias")})
     out.update({f"conv_out.{p}": f"conv_out.{p}" for p in ("weight", "bias")})
     return out
+
+
+def unet2d_key_map(config: UNetConfig) -> dict[str, str]:
+    """``UNet2DModel`` weight name -> difflab weight name (including names a given model may lack,
+    such as shortcut convolutions between equal widths)."""
+    return {**unet_blocks_key_map(config, attention_key_map), "class_embedding.weight": "label_embed.table.weight"}
 
 
 def unet2d_from_diffusers(folder: str | os.PathLike) -> UNet:

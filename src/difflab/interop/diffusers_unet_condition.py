@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from difflab.interop.diffusers_unet import resnet_key_map
+from difflab.interop.diffusers_unet import unet_blocks_key_map
 from difflab.interop.schedulers import ConversionError
 from difflab.interop.weights import conv_as_linear, load_mapped, read_model_config
 from difflab.models import UNet, UNetConfig
@@ -105,39 +105,7 @@ def _transformer(src: str, dst: str, depth: int) -> dict[str, str]:
 
 def unet2d_condition_key_map(config: UNetConfig) -> dict[str, str]:
     """diffusers weight name -> difflab weight name (a superset: names a given model lacks included)."""
-    depth = config.transformer_depth
-    out = {f"conv_in.{p}": f"conv_in.{p}" for p in ("weight", "bias")}
-    out.update({f"time_embedding.linear_1.{p}": f"time_embed.mlp.0.{p}" for p in ("weight", "bias")})
-    out.update({f"time_embedding.linear_2.{p}": f"time_embed.mlp.2.{p}" for p in ("weight", "bias")})
-    levels, r = len(config.channel_mult), config.num_res_blocks
-    k = 0
-    for b in range(levels):
-        for i in range(r):
-            out.update(resnet_key_map(f"down_blocks.{b}.resnets.{i}", f"down.{k}.0"))
-            out.update(_transformer(f"down_blocks.{b}.attentions.{i}", f"down.{k}.1", depth))
-            k += 1
-        if b != levels - 1:
-            out.update({f"down_blocks.{b}.downsamplers.0.conv.{p}": f"down.{k}.0.conv.{p}" for p in ("weight", "bias")})
-            k += 1
-    out.update(resnet_key_map("mid_block.resnets.0", "mid.0"))
-    out.update(_transformer("mid_block.attentions.0", "mid.1", depth))
-    out.update(resnet_key_map("mid_block.resnets.1", "mid.2"))
-    k = 0
-    for b in range(levels):
-        level = levels - 1 - b
-        attention = level in config.attention_levels
-        for i in range(r + 1):
-            out.update(resnet_key_map(f"up_blocks.{b}.resnets.{i}", f"up.{k}.0"))
-            if attention:
-                out.update(_transformer(f"up_blocks.{b}.attentions.{i}", f"up.{k}.1", depth))
-            if level and i == r:
-                index = 2 if attention else 1
-                out.update({f"up_blocks.{b}.upsamplers.0.conv.{p}": f"up.{k}.{index}.conv.{p}"
-                            for p in ("weight", "bias")})
-            k += 1
-    out.update({f"conv_norm_out.{p}": f"norm_out.{p}" for p in ("weight", "bias")})
-    out.update({f"conv_out.{p}": f"conv_out.{p}" for p in ("weight", "bias")})
-    return out
+    return unet_blocks_key_map(config, lambda src, dst: _transformer(src, dst, config.transformer_depth))
 
 
 def unet2d_condition_from_diffusers(folder: str | os.PathLike) -> UNet:
