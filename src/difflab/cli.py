@@ -105,9 +105,9 @@ SAMPLE_OUTPUTS = ("grid.png", "[0-9][0-9][0-9][0-9][0-9].png", "[0-9][0-9][0-9][
 
 def _sample(args: argparse.Namespace) -> int:
     from difflab.files import claim_output, png_bytes, read_settings, write_atomic
-    from difflab.pipeline import Pipeline
+    from difflab.interop import open_pipeline
 
-    pipe = Pipeline.from_pretrained(args.pipeline)
+    pipe = open_pipeline(args.pipeline)
     out = claim_output(args.out, SAMPLE_OUTPUTS, overwrite=args.overwrite, what="samples")
     if args.settings:
         settings = read_settings(args.settings)
@@ -134,9 +134,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from difflab.pipeline import Pipeline
+    from difflab.interop import open_pipeline
 
-    pipe = Pipeline.from_pretrained(args.pipeline)
+    pipe = open_pipeline(args.pipeline)
     try:
         nfes = sorted({int(v) for v in args.nfe.split(",")})
     except ValueError as err:
@@ -188,9 +188,9 @@ def _adapters(args: argparse.Namespace, pipe, n: int) -> tuple[list, list]:
 def _edit(args: argparse.Namespace) -> int:
     from difflab.data.folder import read_images, read_masks
     from difflab.files import claim_output
-    from difflab.pipeline import Pipeline
+    from difflab.interop import open_pipeline
 
-    pipe = Pipeline.from_pretrained(args.pipeline)
+    pipe = open_pipeline(args.pipeline)
     if not args.images:
         if not (args.source_prompt and args.prompt):
             raise ValueError("give images to edit, or --source-prompt and --prompt for a prompt-to-prompt edit")
@@ -231,11 +231,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     from difflab import metrics
     from difflab.files import claim_output, write_atomic
+    from difflab.interop import open_pipeline
     from difflab.metrics.reference import load_reference
-    from difflab.pipeline import Pipeline
 
     names = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    pipe = Pipeline.from_pretrained(args.pipeline)
+    pipe = open_pipeline(args.pipeline)
     reference = load_reference(args.reference, n=args.n_reference, shape=None)
     fake = pipe(args.n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
                 guidance=args.guidance, guidance_options=_guidance_options(args), batch_size=args.batch_size,

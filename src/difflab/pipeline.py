@@ -214,7 +214,9 @@ class Pipeline:
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> Pipeline:
         directory = Path(directory)
         if not (directory / "pipeline.json").is_file() and (directory / "model_index.json").is_file():
-            return cls.from_diffusers(directory).to(device)
+            raise PipelineError(f"{directory} is a diffusers pipeline folder: open it with "
+                                "difflab.interop.from_diffusers (or difflab.interop.open_pipeline, which opens "
+                                "either kind); difflab sample, serve and the recipes open it directly")
         if not (directory / "pipeline.json").is_file():
             hint = (" It holds a bare network (config.json): load it with difflab.models.Network.from_pretrained."
                     if (directory / "config.json").is_file() else "")
@@ -235,20 +237,6 @@ class Pipeline:
             pipe.calibration = {int(k): Tuned.from_config(v) for k, v in payload["entries"].items()}
             pipe._calibrated_for = payload["model"]
         return pipe
-
-    @classmethod
-    def from_diffusers(cls, directory: str | os.PathLike, **defaults: Any) -> Pipeline:
-        """A diffusers pipeline folder (``model_index.json``) converted exactly
-        (:func:`difflab.interop.pipelines.pipeline_from_diffusers`; ``defaults``: its ``sampler`` and
-        ``steps``). :meth:`from_pretrained` calls this for such a folder; ``save_pretrained`` then
-        writes a difflab folder."""
-        from difflab.interop.pipelines import pipeline_from_diffusers
-        from difflab.interop.schedulers import ConversionError
-
-        try:
-            return pipeline_from_diffusers(directory, **defaults)
-        except ConversionError as err:
-            raise PipelineError(str(err)) from None
 
     @classmethod
     def from_parts(cls, config: dict[str, Any], network: Network, vae: Network | None = None) -> Pipeline:

@@ -8,6 +8,7 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from tests.conftest import perturb
 
 import difflab
+from difflab.interop import ConversionError, from_diffusers, open_pipeline
 from difflab.pipeline import Pipeline, PipelineError
 
 
@@ -25,7 +26,10 @@ def _ddpm_folder(tmp_path):
 
 def test_ddim_through_a_converted_diffusers_pipeline_lands_where_diffusers_does(tmp_path):
     unet, scheduler, folder = _ddpm_folder(tmp_path)
-    pipe = Pipeline.from_pretrained(folder)  # a diffusers folder opens like a difflab one
+    pipe = from_diffusers(folder)
+    with pytest.raises(PipelineError, match=r"is a diffusers pipeline folder: open it with difflab\.interop"):
+        Pipeline.from_pretrained(folder)
+    assert open_pipeline(folder).identity() == pipe.identity()  # either kind of folder
     assert pipe.sample_shape == (1, 8, 8) and pipe.schedule == "leading"
     steps = 5
     ddim = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True)
@@ -64,15 +68,15 @@ def test_pipelines_difflab_cannot_convert_yet_are_refused_by_part(tmp_path):
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "transformer": ["diffusers", "SD3Transformer2DModel"],
                                                           "text_encoder_3": ["transformers", "T5EncoderModel"]}))
-    with pytest.raises(PipelineError, match="with text_encoder_3, transformer; difflab converts unet, vae"):
-        Pipeline.from_pretrained(folder)
+    with pytest.raises(ConversionError, match="with text_encoder_3, transformer; difflab converts unet, vae"):
+        from_diffusers(folder)
     (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder": ["transformers", "CLIPTextModel"],
                                                           "tokenizer": ["transformers", "CLIPTokenizer"]}))
-    with pytest.raises(PipelineError, match="a text-conditional U-Net needs a text_encoder"):
-        Pipeline.from_pretrained(folder)
+    with pytest.raises(ConversionError, match="a text-conditional U-Net needs a text_encoder"):
+        from_diffusers(folder)
     (folder / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "scheduler"}))
-    with pytest.raises(PipelineError, match="names no scheduler"):
-        Pipeline.from_pretrained(folder)
+    with pytest.raises(ConversionError, match="names no scheduler"):
+        from_diffusers(folder)
 
 
 def _tiny_sd_folder(tmp_path):
@@ -116,7 +120,7 @@ def test_a_stable_diffusion_folder_samples_as_diffusers_does(tmp_path):
     from difflab import guidance
 
     theirs, folder = _tiny_sd_folder(tmp_path)
-    pipe = Pipeline.from_pretrained(folder)
+    pipe = from_diffusers(folder)
     assert pipe.sample_shape == (4, 8, 8) and pipe.vae is not None and pipe.text_encoder_config["name"] == "clip"
     steps, scale, prompt = 4, 3.0, "a red cube"
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -156,13 +160,13 @@ def test_a_stable_diffusion_folder_takes_every_sampler_and_guidance_method(tmp_p
     from difflab import guidance, samplers
 
     _, folder = _tiny_sd_folder(tmp_path)
-    pipe = Pipeline.from_pretrained(folder)
+    pipe = from_diffusers(folder)
     kw = {"prompts": "a red cube", "steps": 2, "seed": 3}
     for name in samplers.available():
         plain = pipe(1, sampler=name, guidance="none", **kw).images
         unit = pipe(1, sampler=name, guidance="cfg", guidance_options={"scale": 1.0}, **kw).images
         torch.testing.assert_close(unit, plain, atol=1e-5, rtol=0, msg=name)
-    weak = Pipeline.from_pretrained(folder).denoiser()
+    weak = from_diffusers(folder).denoiser()
     for method in guidance.available():
         options = {"weak": weak} if method == "autoguidance" else {}
         out = pipe(1, sampler="dpmpp_2m", guidance=method, guidance_options={"scale": 2.0, **options}, **kw).images

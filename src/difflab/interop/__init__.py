@@ -11,7 +11,7 @@ from difflab.interop.diffusers_unet import unet2d_from_diffusers, unet2d_to_diff
 from difflab.interop.diffusers_unet_condition import unet2d_condition_from_diffusers
 from difflab.interop.diffusers_vae import vae_from_diffusers
 from difflab.interop.lora_files import lora_from_file
-from difflab.interop.pipelines import is_diffusers_pipeline, pipeline_from_diffusers
+from difflab.interop.pipelines import is_diffusers_pipeline, open_pipeline, pipeline_from_diffusers
 from difflab.interop.schedulers import ConversionError, SchedulerConversion, scheduler_from_diffusers
 from difflab.interop.single_file import SingleFile, from_single_file
 
@@ -56,10 +56,12 @@ __all__ = [
     "ConversionError",
     "SchedulerConversion",
     "SingleFile",
+    "dit_from_diffusers",
     "from_diffusers",
     "from_single_file",
     "is_diffusers_pipeline",
     "lora_from_file",
+    "open_pipeline",
     "pipeline_from_diffusers",
     "scheduler_from_diffusers",
     "to_diffusers",

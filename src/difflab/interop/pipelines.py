@@ -87,3 +87,12 @@ def pipeline_from_diffusers(path: str | os.PathLike, *, sampler: str = "dpmpp_2m
                     sample_shape=(network.config.in_channels, height, width), sampler=sampler, steps=steps,
                     schedule=conversion.schedule, vae=vae, text_encoder=encoder,
                     guidance=SD_GUIDANCE if text else None, cond_dropout=SD_COND_DROPOUT if text else None)
+
+
+def open_pipeline(path: str | os.PathLike, device: str = "cpu") -> Pipeline:
+    """A difflab pipeline folder, or a diffusers one converted (:func:`pipeline_from_diffusers`):
+    what the command line, the web page and the recipes open."""
+    path = Path(path)
+    if is_diffusers_pipeline(path) and not (path / "pipeline.json").is_file():
+        return pipeline_from_diffusers(path).to(device)
+    return Pipeline.from_pretrained(path, device)

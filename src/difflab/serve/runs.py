@@ -33,6 +33,7 @@ import torch
 
 from difflab import accel, guidance, samplers, schedules
 from difflab.files import FileError, png_bytes, write_atomic
+from difflab.interop import open_pipeline
 from difflab.pipeline import Output, Pipeline, PipelineError
 
 Tensor = torch.Tensor
@@ -169,7 +170,7 @@ def load_served(paths: Sequence[str | Path], *, loras: Sequence[str | Path] = ()
             raise ServeError(f"{path} is not a folder: give pipeline folders (written by Pipeline.save_pretrained, "
                              "by training as OUT_DIR/final, or by `difflab export`)")
         try:
-            pipe = Pipeline.from_pretrained(path)
+            pipe = open_pipeline(path)
             if pipe.text_encoder_config is not None:
                 pipe.text_encoder()  # loaded now, so a missing encoder fails here and not on the first request
         except (PipelineError, FileError, ValueError, OSError, RuntimeError, ImportError) as err:

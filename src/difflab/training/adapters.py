@@ -273,13 +273,13 @@ def run_recipe(config: dict[str, Any], *, overwrite: bool = False, progress: boo
 
     from difflab import data as datasets
     from difflab.files import claim_output, write_atomic
-    from difflab.pipeline import Pipeline
+    from difflab.interop import open_pipeline
     from difflab.training.config import ConfigError
 
     if not config["base"]:
         raise ConfigError("base is empty: give the pipeline folder the adapter is trained for (e.g. a training "
                           "run's OUT_DIR/final)")
-    pipe = Pipeline.from_pretrained(config["base"])
+    pipe = open_pipeline(config["base"])
     out = claim_output(config["out_dir"], ADAPTER_OUTPUTS, overwrite=overwrite, what="adapter")
     t = config["train"]
     if t["num_threads"]:

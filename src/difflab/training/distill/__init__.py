@@ -155,12 +155,13 @@ def options(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _teacher_pipeline(path: str):
-    from difflab.pipeline import Pipeline, PipelineError
+    from difflab.interop import open_pipeline
+    from difflab.pipeline import PipelineError
 
     if not path:
         raise ConfigError("distill.teacher is empty: give the teacher's pipeline folder (e.g. outputs/digits/final)")
     try:
-        return Pipeline.from_pretrained(path)
+        return open_pipeline(path)
     except (PipelineError, OSError) as err:
         raise ConfigError(f"distill.teacher = {path!r}: {err}") from err
 
