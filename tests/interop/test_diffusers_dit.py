@@ -42,3 +42,34 @@ def test_per_block_embeddings_that_differ_are_refused(tmp_path):
     _, folder = _diffusers_dit(tmp_path, share=False)
     with pytest.raises(ConversionError, match="differs from block 0's"):
         from_diffusers(folder)
+
+
+@pytest.mark.parametrize("options", [{}, {"out_channels": 8, "interpolation_scale": 2}])
+def test_a_converted_pixart_transformer_gives_diffusers_outputs(tmp_path, options):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+                                     sample_size=8, patch_size=2, caption_channels=24, cross_attention_dim=16,
+                                     **options).eval()
+    perturb(model)
+    model.save_pretrained(tmp_path / "pixart")
+    net = from_diffusers(tmp_path / "pixart")
+    g = torch.Generator().manual_seed(1)
+    x, captions = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 24, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False  # the second caption is two tokens shorter
+    t = torch.tensor([3.0, 871.0])
+    with torch.no_grad():
+        theirs = model(x, encoder_hidden_states=captions, timestep=t, encoder_attention_mask=mask.long(),
+                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        torch.testing.assert_close(net(x, t, context=captions, context_mask=mask), theirs, rtol=0, atol=1e-5)
+
+
+def test_pixart_1024_size_embeddings_are_refused_by_name(tmp_path):
+    from diffusers import PixArtTransformer2DModel
+
+    PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=128,
+                             caption_channels=24, cross_attention_dim=16).save_pretrained(tmp_path / "pixart")
+    with pytest.raises(ConversionError, match="use_additional_conditions"):
+        from_diffusers(tmp_path / "pixart")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from difflab.interop.diffusers_dit import dit_from_diffusers
+from difflab.interop.diffusers_dit import dit_from_diffusers, pixart_from_diffusers
 from difflab.interop.diffusers_unet import unet2d_from_diffusers, unet2d_to_diffusers
 from difflab.interop.diffusers_unet_condition import unet2d_condition_from_diffusers
 from difflab.interop.diffusers_vae import vae_from_diffusers
@@ -17,7 +17,8 @@ from difflab.interop.single_file import SingleFile, from_single_file
 
 #: diffusers model classes difflab converts, by ``_class_name``
 MODELS = {"UNet2DModel": unet2d_from_diffusers, "UNet2DConditionModel": unet2d_condition_from_diffusers,
-          "AutoencoderKL": vae_from_diffusers, "DiTTransformer2DModel": dit_from_diffusers}
+          "AutoencoderKL": vae_from_diffusers, "DiTTransformer2DModel": dit_from_diffusers,
+          "PixArtTransformer2DModel": pixart_from_diffusers}
 
 
 def to_diffusers(obj, path: str | os.PathLike, **options) -> Path:
@@ -63,6 +64,7 @@ __all__ = [
     "lora_from_file",
     "open_pipeline",
     "pipeline_from_diffusers",
+    "pixart_from_diffusers",
     "scheduler_from_diffusers",
     "to_diffusers",
     "unet2d_condition_from_diffusers",

@@ -1,5 +1,6 @@
-"""A diffusers ``DiTTransformer2DModel`` folder (Peebles & Xie 2023) as a difflab
-:class:`~difflab.models.DiT` with the same outputs.
+"""diffusers ``DiTTransformer2DModel`` (Peebles & Xie 2023) and ``PixArtTransformer2DModel``
+(PixArt-alpha, Chen et al. 2023) folders as difflab :class:`~difflab.models.DiT` networks with the
+same outputs.
 
 Both are DiT with adaLN-Zero; what diffusers does differently maps to options: the sin-cos position
 embedding puts x before y (``sincos_order="xy"``, as the original DiT and MAE), the time features
@@ -18,7 +19,7 @@ import torch
 
 from difflab.files import load_tensors
 from difflab.interop.schedulers import ConversionError
-from difflab.interop.weights import WEIGHTS, copy_mapped, read_model_config
+from difflab.interop.weights import WEIGHTS, copy_mapped, load_mapped, read_model_config
 from difflab.models import DiT, DiTConfig
 
 
@@ -36,7 +37,8 @@ def dit_config(cfg: dict) -> DiTConfig:
                      patch_size=int(cfg.get("patch_size", 2)), hidden_size=heads * head_dim,
                      depth=int(cfg.get("num_layers", 28)), num_heads=heads, mlp_ratio=4.0, num_classes=classes,
                      conditioning="adaln_zero", position="sincos", sincos_order="xy", time_cos_first=True,
-                     time_freq_shift=1.0, mlp_norm_eps=float(cfg.get("norm_eps", 1e-5)))
+                     time_freq_shift=1.0, mlp_norm_eps=float(cfg.get("norm_eps", 1e-5)),
+                     sincos_base=int(cfg.get("sample_size") or 32) // int(cfg.get("patch_size", 2)))
 
 
 def dit_key_map(config: DiTConfig) -> dict[str, str]:
@@ -74,3 +76,60 @@ def dit_from_diffusers(folder: str | os.PathLike) -> DiT:
                                   "class embedding, difflab's DiT shares one, so only equal copies convert")
         del state[key]
     return copy_mapped(DiT(config), state, dit_key_map(config), path)
+
+
+def pixart_config(cfg: dict) -> DiTConfig:
+    """The difflab config of a diffusers ``PixArtTransformer2DModel`` config, or a :class:`ConversionError`."""
+    for key, allowed in (("norm_type", "ada_norm_single"), ("activation_fn", "gelu-approximate"),
+                         ("attention_bias", True), ("upcast_attention", False), ("norm_elementwise_affine", False),
+                         ("norm_eps", 1e-6), ("attention_type", "default")):
+        if cfg.get(key) is not None and cfg[key] != allowed:
+            raise ConversionError(f"PixArtTransformer2DModel {key}={cfg[key]!r} is not supported (difflab maps "
+                                  f"{allowed!r})")
+    size, patch = int(cfg.get("sample_size") or 128), int(cfg.get("patch_size", 2))
+    extra = cfg.get("use_additional_conditions")
+    if extra or (extra is None and size == 128):
+        raise ConversionError("use_additional_conditions (PixArt-alpha 1024's resolution and aspect-ratio "
+                              "embeddings) is not supported yet")
+    heads, head_dim = int(cfg.get("num_attention_heads", 16)), int(cfg.get("attention_head_dim", 72))
+    width = heads * head_dim
+    captions = cfg.get("caption_channels")
+    if captions is not None and int(cfg.get("cross_attention_dim") or width) != width:
+        raise ConversionError("a caption projection to another width than the blocks' is not supported")
+    in_channels = int(cfg.get("in_channels", 4))
+    scale = cfg.get("interpolation_scale") or max(size // 64, 1)
+    return DiTConfig(in_channels=in_channels, out_channels=int(cfg.get("out_channels") or in_channels),
+                     patch_size=patch, hidden_size=width, depth=int(cfg.get("num_layers", 28)), num_heads=heads,
+                     mlp_ratio=4.0, context_dim=int(captions) if captions is not None else
+                     int(cfg.get("cross_attention_dim") or width), conditioning="adaln_single", position="sincos",
+                     sincos_order="xy", sincos_base=size // patch, sincos_scale=float(scale),
+                     caption_projection=captions is not None, cross_norm=False, final_modulation="table",
+                     time_cos_first=True, time_freq_shift=0.0, mlp_norm_eps=1e-6)
+
+
+def pixart_key_map(config: DiTConfig) -> dict[str, str]:
+    """diffusers PixArt weight name -> difflab weight name."""
+    pair = ("weight", "bias")
+    out = {f"pos_embed.proj.{p}": f"patch.{p}" for p in pair}
+    emb = "adaln_single.emb.timestep_embedder"
+    out.update({f"{emb}.linear_{i + 1}.{p}": f"time_embed.mlp.{2 * i}.{p}" for i in (0, 1) for p in pair})
+    out.update({f"adaln_single.linear.{p}": f"global_ada.{p}" for p in pair})
+    out.update({f"caption_projection.linear_{i + 1}.{p}": f"caption.{2 * i}.{p}" for i in (0, 1) for p in pair})
+    for b in range(config.depth):
+        s, t = f"transformer_blocks.{b}", f"blocks.{b}"
+        out[f"{s}.scale_shift_table"] = f"{t}.scale_shift_table"
+        names = {"ff.net.0.proj": "mlp.proj_in", "ff.net.2": "mlp.proj_out"}
+        for src, dst in (("attn1", "attn"), ("attn2", "cross")):
+            names.update({f"{src}.{x}": f"{dst}.{x}" for x in ("to_q", "to_k", "to_v")})
+            names[f"{src}.to_out.0"] = f"{dst}.to_out"
+        out.update({f"{s}.{a}.{p}": f"{t}.{n}.{p}" for a, n in names.items() for p in pair})
+    out["scale_shift_table"] = "final_table"
+    out.update({f"proj_out.{p}": f"proj_out.{p}" for p in pair})
+    return out
+
+
+def pixart_from_diffusers(folder: str | os.PathLike) -> DiT:
+    """A difflab DiT (adaLN-single, cross-attention to the caption) from a diffusers
+    ``PixArtTransformer2DModel`` folder; a report instead of a half-loaded network."""
+    config = pixart_config(read_model_config(folder, "PixArtTransformer2DModel"))
+    return load_mapped(DiT(config), folder, pixart_key_map(config))

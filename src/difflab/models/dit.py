@@ -50,17 +50,28 @@ class DiTConfig:
     time_cos_first: bool = True  # diffusers' flip_sin_to_cos
     time_freq_shift: float = 0.0  # diffusers' downscale_freq_shift (1 in its DiT)
     mlp_norm_eps: float = 1e-6  # the LayerNorm before the MLP (diffusers' DiT: norm_eps, 1e-5)
+    sincos_base: int | None = None  # positions rescaled to a grid of this many patches (diffusers' base_size)
+    sincos_scale: float = 1.0  # positions divided by this (PixArt's interpolation_scale)
+    caption_projection: bool = False  # text tokens through Linear-GELU-Linear to the width first (PixArt)
+    cross_norm: bool = True  # a LayerNorm before the cross-attention (PixArt has none)
+    final_modulation: str = "linear"  # the output's shift and scale: "linear" of the condition, or PixArt's "table"
 
 
-def sincos_2d(height: int, width: int, dim: int, device=None, order: str = "yx") -> Tensor:
+def sincos_2d(height: int, width: int, dim: int, device=None, order: str = "yx", base: int | None = None,
+              scale: float = 1.0) -> Tensor:
     """Fixed 2-D sine-cosine position embedding (MAE / DiT), any grid size: (tokens, dim); ``order``
-    says which coordinate's sines and cosines come first."""
+    says which coordinate's sines and cosines come first; ``base``: positions rescaled as if the grid
+    had ``base`` patches per side, ``scale``: then divided (diffusers' PatchEmbed base size and
+    interpolation scale, as PixArt resizes its embedding)."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=device),
-                            torch.arange(width, dtype=torch.float32, device=device), indexing="ij")
+    rows = torch.arange(height, dtype=torch.float32, device=device)
+    cols = torch.arange(width, dtype=torch.float32, device=device)
+    if base is not None:
+        rows, cols = rows / (height / base), cols / (width / base)
+    ys, xs = torch.meshgrid(rows / scale, cols / scale, indexing="ij")
     if order not in ("yx", "xy"):
         raise ValueError(f"sincos order must be 'yx' or 'xy', got {order!r}")
     grids = (ys, xs) if order == "yx" else (xs, ys)
@@ -83,8 +94,9 @@ class DiTBlock(nn.Module):
         self.attn = Attention(d, c.num_heads, qk_norm=c.qk_norm, name=f"block{index}.self")
         self.cross = None
         if c.context_dim is not None:
-            self.norm_cross = LayerNorm(d, fp32=c.fp32_norm)
-            self.cross = Attention(d, c.num_heads, context_dim=c.context_dim, qk_norm=c.qk_norm,
+            self.norm_cross = LayerNorm(d, fp32=c.fp32_norm) if c.cross_norm else nn.Identity()
+            self.cross = Attention(d, c.num_heads, context_dim=d if c.caption_projection else c.context_dim,
+                                   qk_norm=c.qk_norm,
                                    name=f"block{index}.cross")
         self.norm2 = LayerNorm(d, eps=c.mlp_norm_eps, affine=affine, fp32=c.fp32_norm)
         self.mlp = FeedForward(d, c.mlp_ratio)
@@ -132,6 +144,8 @@ class DiT(Network):
             raise ValueError(f"unknown DiT conditioning {c.conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
         if c.position not in ("sincos", "rope"):
             raise ValueError(f"DiT position must be 'sincos' or 'rope', got {c.position!r}")
+        if c.final_modulation not in ("linear", "table"):
+            raise ValueError(f"DiT final_modulation must be 'linear' or 'table', got {c.final_modulation!r}")
         d, p = c.hidden_size, c.patch_size
         self.out_channels = c.out_channels or c.in_channels
         self.patch = nn.Conv2d(c.in_channels, d, p, stride=p)
@@ -140,8 +154,13 @@ class DiT(Network):
         self.pooled_embed = PooledEmbedder(c.pooled_dim, d) if c.pooled_dim else None
         self.global_ada = zero_(nn.Linear(d, 6 * d)) if c.conditioning == "adaln_single" else None
         self.blocks = nn.ModuleList(DiTBlock(c, i) for i in range(c.depth))
+        self.caption = (nn.Sequential(nn.Linear(c.context_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+                        if c.caption_projection and c.context_dim is not None else None)
         self.norm_out = LayerNorm(d, affine=False, fp32=c.fp32_norm)
-        self.ada_out = zero_(nn.Linear(d, 2 * d))
+        if c.final_modulation == "table":  # PixArt: a learned offset of the condition itself
+            self.ada_out, self.final_table = None, nn.Parameter(torch.randn(2, d) / math.sqrt(d))
+        else:
+            self.ada_out = zero_(nn.Linear(d, 2 * d))
         self.proj_out = zero_(nn.Linear(d, p * p * self.out_channels))
         self.head_dim = d // c.num_heads
         nn.init.xavier_uniform_(self.patch.weight.view(d, -1))
@@ -168,7 +187,8 @@ class DiT(Network):
             tokens = tokens + hint.flatten(2).transpose(1, 2).to(tokens.dtype)
         rope = None
         if c.position == "sincos":
-            tokens = tokens + sincos_2d(gh, gw, c.hidden_size, x.device, c.sincos_order).to(tokens.dtype)[None]
+            tokens = tokens + sincos_2d(gh, gw, c.hidden_size, x.device, c.sincos_order, c.sincos_base,
+                                        c.sincos_scale).to(tokens.dtype)[None]
         else:
             rope = rope_2d(gh, gw, self.head_dim, device=x.device)
         cond = self.time_embed(batch_times(t, x))
@@ -187,6 +207,10 @@ class DiT(Network):
         block_cond = self.global_ada(nn.functional.silu(cond)) if self.global_ada is not None else cond
         return tokens, rope, cond, block_cond, n_prefix
 
+    def _project(self, context: Tensor | None) -> Tensor | None:
+        """The text tokens the cross-attention sees (through the caption projection, if any)."""
+        return self.caption(context) if self.caption is not None and context is not None else context
+
     def _block(self, i: int, tokens: Tensor, block_cond: Tensor, context, context_mask, rope, skip) -> Tensor:
         block = self.blocks[i]
         return self.run_block(
@@ -204,6 +228,7 @@ class DiT(Network):
         b, _, height, width = x.shape
         gh, gw = height // c.patch_size, width // c.patch_size
         tokens, rope, cond, block_cond, n_prefix = self._embed(x, t, class_labels, context, pooled)
+        context = self._project(context)
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             skip = skips.pop() if block.skip is not None else None
@@ -214,7 +239,10 @@ class DiT(Network):
             if c.long_skip and i < c.depth // 2:
                 skips.append(tokens)
         tokens = tokens[:, n_prefix:]
-        shift, scale = self.ada_out(nn.functional.silu(cond)).chunk(2, dim=-1)
+        if self.ada_out is None:
+            shift, scale = (self.final_table[None] + cond[:, None]).unbind(1)
+        else:
+            shift, scale = self.ada_out(nn.functional.silu(cond)).chunk(2, dim=-1)
         out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))
         out = out.view(b, gh, gw, c.patch_size, c.patch_size, self.out_channels)
         return out.permute(0, 5, 1, 3, 2, 4).reshape(b, self.out_channels, height, width)
@@ -232,6 +260,7 @@ class DiT(Network):
                          pooled: Tensor | None = None) -> dict[str, Tensor]:
         """Each block's output tokens (without prefix tokens) with ``hint`` added to the patch tokens."""
         tokens, rope, _, block_cond, n_prefix = self._embed(x, t, class_labels, context, pooled, hint)
+        context = self._project(context)
         out = {}
         for i in range(len(self.blocks)):
             tokens = self._block(i, tokens, block_cond, context, context_mask, rope, None)
