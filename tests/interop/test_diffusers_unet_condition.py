@@ -51,9 +51,29 @@ def test_a_converted_sd_unet_gives_diffusers_outputs(tmp_path, name):
         assert torch.equal(again(x, t, context=context), net(x, t, context=context))
 
 
+def test_an_sdxl_style_unet_with_added_embeddings_and_deeper_levels_gives_diffusers_outputs(tmp_path):
+    cfg = dict(SMALL, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=[2, 4],
+               transformer_layers_per_block=[1, 2], use_linear_projection=True, addition_embed_type="text_time",
+               addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
+    model, folder = _diffusers_model(tmp_path, **cfg)
+    net = from_diffusers(folder)
+    assert net.config.transformer_depth == (1, 2) and net.config.pooled_dim == 16
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 24, generator=g)
+    pooled = torch.randn(2, 16, generator=g)
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [48.0, 80, 8, 0, 64, 64]])  # sizes and crops
+    t = torch.tensor([3.0, 871.0])
+    with torch.no_grad():
+        theirs = model(x, t, encoder_hidden_states=context,
+                       added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        torch.testing.assert_close(net(x, t, context=context, pooled=pooled, time_ids=ids), theirs, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"pass time_ids of shape \(2, 6\)"):
+        net(x, t, context=context, pooled=pooled)
+
+
 @pytest.mark.parametrize("option, message", [
-    ({"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-      "projection_class_embeddings_input_dim": 40}, "addition_embed_type='text_time' is not supported yet"),
+    ({"addition_embed_type": "text", "encoder_hid_dim": None}, "addition_embed_type='text' is not supported yet"),
     ({"time_cond_proj_dim": 16}, "time_cond_proj_dim=16 is not supported yet"),
     ({"class_embed_type": "timestep"}, "class_embed_type='timestep' is not supported yet"),
 ])

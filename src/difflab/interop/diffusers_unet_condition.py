@@ -27,15 +27,14 @@ UP = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
 #: keys whose non-default values difflab's U-Net cannot express (key -> the value it has)
 REFUSED = {"center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
            "only_cross_attention": False, "dual_cross_attention": False, "class_embed_type": None,
-           "addition_embed_type": None, "num_class_embeds": None, "time_cond_proj_dim": None,
+           "num_class_embeds": None, "time_cond_proj_dim": None,
            "encoder_hid_dim": None, "encoder_hid_dim_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
            "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
            "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
            "timestep_post_act": None, "cross_attention_norm": None, "attention_type": "default",
            "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
            "reverse_transformer_layers_per_block": None, "act_fn": "silu", "downsample_padding": 1,
-           "mid_block_scale_factor": 1, "projection_class_embeddings_input_dim": None,
-           "addition_time_embed_dim": None}
+           "mid_block_scale_factor": 1}
 
 
 def _per_level(value: Any, levels: int, what: str) -> list[int]:
@@ -70,10 +69,21 @@ def unet2d_condition_config(cfg: dict[str, Any]) -> UNetConfig:
     for level in (*levels, n - 1):
         if channels[level] % heads[level]:
             raise ConversionError(f"width {channels[level]} is not divisible by {heads[level]} heads")
-    depth = set(_per_level(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"))
-    if len(depth) != 1:
-        raise ConversionError(f"transformer_layers_per_block {cfg['transformer_layers_per_block']}: difflab's "
-                              "U-Net has one depth for every level so far")
+    depths = _per_level(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
+    depth: int | tuple[int, ...] = depths[0] if len(set(depths)) == 1 else tuple(depths)
+    added = cfg.get("addition_embed_type")
+    pooled_dim, time_ids, time_dim = None, 0, 256
+    if added == "text_time":  # SDXL: the pooled text and 6 size/crop numbers, embedded and added to the time
+        time_dim = int(cfg.get("addition_time_embed_dim") or 256)
+        width = int(cfg.get("projection_class_embeddings_input_dim") or 0)
+        time_ids = 6
+        pooled_dim = width - time_ids * time_dim
+        if pooled_dim <= 0:
+            raise ConversionError(f"projection_class_embeddings_input_dim={width} leaves no room for the pooled text "
+                                  f"beside {time_ids} x {time_dim} time-id features")
+    elif added is not None:
+        raise ConversionError(f"UNet2DConditionModel addition_embed_type={added!r} is not supported yet (difflab "
+                              "maps 'text_time', SDXL's)")
     if isinstance(cfg.get("layers_per_block"), list):
         raise ConversionError("a list-valued layers_per_block is not supported")
     context = cfg.get("cross_attention_dim", 1280)
@@ -83,7 +93,8 @@ def unet2d_condition_config(cfg: dict[str, Any]) -> UNetConfig:
         in_channels=int(cfg.get("in_channels", 4)), out_channels=int(cfg.get("out_channels", 4)), model_channels=mc,
         channel_mult=tuple(c // mc for c in channels), num_res_blocks=int(cfg.get("layers_per_block", 2)),
         attention_levels=levels, head_dim=channels[0] // heads[0], num_heads=tuple(heads),
-        transformer_depth=depth.pop(), context_dim=int(context), norm_groups=int(cfg.get("norm_num_groups", 32)),
+        transformer_depth=depth, context_dim=int(context), pooled_dim=pooled_dim, pooled_time_ids=time_ids,
+        pooled_time_dim=time_dim, norm_groups=int(cfg.get("norm_num_groups", 32)),
         norm_eps=float(cfg.get("norm_eps", 1e-5)), transformer_norm_eps=1e-6, layer_norm_eps=1e-5,
         attention_bias=False, time_cos_first=bool(cfg.get("flip_sin_to_cos", True)),
         time_freq_shift=float(cfg.get("freq_shift", 0)), time_mode="additive", mid_attention_norm=True,
@@ -105,7 +116,11 @@ def _transformer(src: str, dst: str, depth: int) -> dict[str, str]:
 
 def unet2d_condition_key_map(config: UNetConfig) -> dict[str, str]:
     """diffusers weight name -> difflab weight name (a superset: names a given model lacks included)."""
-    return unet_blocks_key_map(config, lambda src, dst: _transformer(src, dst, config.transformer_depth))
+    depth = config.transformer_depth if isinstance(config.transformer_depth, int) else max(config.transformer_depth)
+    out = unet_blocks_key_map(config, lambda src, dst: _transformer(src, dst, depth))  # names of absent blocks drop
+    out.update({f"add_embedding.linear_{i + 1}.{p}": f"pooled_embed.proj.{2 * i}.{p}" for i in (0, 1)
+                for p in ("weight", "bias")})
+    return out
 
 
 def unet2d_condition_from_diffusers(folder: str | os.PathLike) -> UNet:

@@ -18,6 +18,7 @@ from difflab.models.layers import (
     PooledEmbedder,
     TimestepEmbedder,
     checkpointed,
+    sinusoidal_embedding,
     zero_,
 )
 
@@ -33,7 +34,7 @@ class UNetConfig:
     num_res_blocks: int = 2
     attention_levels: tuple[int, ...] = (1, 2)  # indices into channel_mult that get attention
     head_dim: int = 32
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # transformer blocks per attention (one value, or per level)
     dropout: float = 0.0
     num_classes: int | None = None
     context_dim: int | None = None  # text tokens for cross-attention
@@ -55,6 +56,8 @@ class UNetConfig:
     attention_bias: bool = True  # biases on the q/k/v projections of text-conditioned attention (SD: none)
     transformer_norm_eps: float | None = None  # GroupNorm eps of text-conditioned attention (None: norm_eps)
     layer_norm_eps: float = 1e-6  # the transformer blocks' LayerNorms (diffusers: 1e-5)
+    pooled_time_ids: int = 0  # SDXL: this many size/crop numbers (forward's time_ids) embedded beside the pooled text
+    pooled_time_dim: int = 256  # the sinusoidal width of each of them
     gradient_checkpointing: bool = False
 
 
@@ -83,7 +86,8 @@ class UNet(Network):
         self.time_embed = TimestepEmbedder(emb_dim, frequency_dim=mc, kind=c.time_embedding,
                                            cos_first=c.time_cos_first, freq_shift=c.time_freq_shift)
         self.label_embed = LabelEmbedder(c.num_classes, emb_dim) if c.num_classes else None
-        self.pooled_embed = PooledEmbedder(c.pooled_dim, emb_dim) if c.pooled_dim else None
+        self.pooled_embed = (PooledEmbedder(c.pooled_dim + c.pooled_time_ids * c.pooled_time_dim, emb_dim)
+                             if c.pooled_dim else None)
         self.scalar_embedders(emb_dim, mc)
         self.conv_in = nn.Conv2d(c.in_channels + c.concat_channels, mc, 3, padding=1)
 
@@ -91,10 +95,15 @@ class UNet(Network):
             raise ValueError(f"num_heads gives {len(c.num_heads)} levels' heads; the U-Net has "
                              f"{len(c.channel_mult)} levels (channel_mult)")
 
+        if not isinstance(c.transformer_depth, int) and len(c.transformer_depth) != len(c.channel_mult):
+            raise ValueError(f"transformer_depth gives {len(c.transformer_depth)} levels' depths; the U-Net has "
+                             f"{len(c.channel_mult)} levels (channel_mult)")
+
         def attn(ch: int, name: str, level: int, norm: bool = True) -> SpatialTransformer:
             heads = max(1, ch // c.head_dim) if c.num_heads is None else c.num_heads[level]
+            depth = c.transformer_depth if isinstance(c.transformer_depth, int) else c.transformer_depth[level]
             eps = c.norm_eps if c.transformer_norm_eps is None or c.context_dim is None else c.transformer_norm_eps
-            return SpatialTransformer(ch, heads, context_dim=c.context_dim, depth=c.transformer_depth,
+            return SpatialTransformer(ch, heads, context_dim=c.context_dim, depth=depth,
                                       groups=c.norm_groups, qk_norm=c.qk_norm, fp32_norm=c.fp32_norm, name=name,
                                       eps=eps, norm=norm, bias=c.attention_bias, layer_norm_eps=c.layer_norm_eps)
 
@@ -149,12 +158,13 @@ class UNet(Network):
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, pooled: Tensor | None = None,
                 residuals: dict[str, Tensor] | None = None, concat: Tensor | None = None,
-                step_size: Tensor | None = None, guidance_scale: Tensor | None = None) -> Tensor:
+                step_size: Tensor | None = None, guidance_scale: Tensor | None = None,
+                time_ids: Tensor | None = None) -> Tensor:
         if self.encoder_only:
             raise ValueError("this U-Net is an encoder copy (a ControlNet's): it has no decoder; call encode()")
         residuals = self.check_residuals(residuals)
         hs, h, emb = self.encode(x, t, class_labels, context, context_mask, pooled, concat, step_size=step_size,
-                                 guidance_scale=guidance_scale)
+                                 guidance_scale=guidance_scale, time_ids=time_ids)
         if residuals:  # ControlNet: added to the skip connections and the middle, after the down pass
             hs = [s + residuals[f"skip.{i}"] if f"skip.{i}" in residuals else s for i, s in enumerate(hs)]
             h = h + residuals["middle"] if "middle" in residuals else h
@@ -166,7 +176,8 @@ class UNet(Network):
     def encode(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
                context_mask: Tensor | None = None, pooled: Tensor | None = None, concat: Tensor | None = None,
                hint: Tensor | None = None, step_size: Tensor | None = None,
-               guidance_scale: Tensor | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
+               guidance_scale: Tensor | None = None, time_ids: Tensor | None = None
+               ) -> tuple[list[Tensor], Tensor, Tensor]:
         """The down pass and the middle: (the skip features ``skip.0..N``, the middle's output, the
         time/condition embedding). ``hint`` is added after the input convolution (ControlNet's
         conditioning features, Zhang et al. 2023)."""
@@ -184,7 +195,7 @@ class UNet(Network):
         if self.label_embed is not None:
             emb = emb + self.label_embed(class_labels)
         if self.pooled_embed is not None and pooled is not None:
-            emb = emb + self.pooled_embed(pooled)
+            emb = emb + self.pooled_embed(self._with_time_ids(pooled, time_ids))
         emb = self.add_scalar_conditions(emb, x, step_size=step_size, guidance_scale=guidance_scale)
         emb = emb.to(x.dtype) if emb.dtype != x.dtype else emb
         if self.config.channels_last:
@@ -198,6 +209,20 @@ class UNet(Network):
             hs.append(h)
         h = self.run_block("mid", self._run, self.mid, h, emb, context, context_mask)
         return hs, h, emb
+
+    def _with_time_ids(self, pooled: Tensor, time_ids: Tensor | None) -> Tensor:
+        """SDXL's added embedding input: the pooled text beside the sinusoidal features of its size
+        and crop numbers (Podell et al. 2023)."""
+        c = self.config
+        if not c.pooled_time_ids:
+            return pooled
+        if time_ids is None or time_ids.shape != (pooled.shape[0], c.pooled_time_ids):
+            raise ValueError(f"this U-Net embeds {c.pooled_time_ids} size/crop numbers per image beside the pooled "
+                             f"text: pass time_ids of shape ({pooled.shape[0]}, {c.pooled_time_ids}), got "
+                             f"{None if time_ids is None else tuple(time_ids.shape)}")
+        feats = sinusoidal_embedding(time_ids.flatten(), c.pooled_time_dim, cos_first=c.time_cos_first,
+                                     freq_shift=c.time_freq_shift).reshape(pooled.shape[0], -1)
+        return torch.cat([pooled, feats.to(pooled.dtype)], dim=-1)
 
     def hint_spec(self) -> tuple[int, int]:
         """(channels, stride over the input) of the hint features :meth:`control_features` takes."""
