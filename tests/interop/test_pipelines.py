@@ -171,3 +171,57 @@ def test_a_stable_diffusion_folder_takes_every_sampler_and_guidance_method(tmp_p
         options = {"weak": weak} if method == "autoguidance" else {}
         out = pipe(1, sampler="dpmpp_2m", guidance=method, guidance_options={"scale": 2.0, **options}, **kw).images
         assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all(), method
+
+
+def test_an_sdxl_folder_samples_as_diffusers_does(tmp_path):
+    """SDXL: two CLIP text encoders side by side, the pooled projection and the six size numbers
+    embedded beside it, zeros as the null condition; the same images as StableDiffusionXLPipeline."""
+    import json
+
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from difflab import guidance
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    common = {"vocab_size": len(vocab), "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=16, **common)).eval()
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, projection_dim=12, **common)).eval()
+    unet = perturb(UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), norm_num_groups=8,
+        layers_per_block=1, cross_attention_dim=40, attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2],
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=12 + 6 * 8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval())
+    vae = perturb(AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                                latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2).eval())
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=True, timestep_spacing="leading")
+    theirs = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                                       tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
+    theirs.save_pretrained(tmp_path / "sdxl")
+    pipe = from_diffusers(tmp_path / "sdxl")
+    assert pipe.text_encoder_config["name"] == "sdxl_clip" and pipe.text_encoder_config["size"] == [16, 16]
+    steps, scale, prompt = 4, 3.0, "a red cube"
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = theirs(prompt, num_inference_steps=steps, guidance_scale=scale, latents=noise.clone(),
+                          output_type="pt").images
+    theirs.scheduler.set_timesteps(steps)
+    grid = torch.tensor([(int(t) + 1) / 1000 for t in theirs.scheduler.timesteps] + [0.0], dtype=torch.float64)
+    encoder = pipe.text_encoder()
+    guided = guidance.guide(pipe.denoiser(), "cfg", scale=scale, uncond=encoder.null(1))
+    with torch.no_grad():
+        latents = difflab.sample(guided, noise / float(pipe.process.sigma(grid[0])), "ddim", schedule=grid,
+                                 cond=encoder([prompt]))
+        mine = (pipe.vae.from_latent(latents.float()).clamp(-1, 1) + 1) / 2
+    torch.testing.assert_close(mine, expected, rtol=0, atol=1e-4)
+    assert torch.isfinite(pipe(2, prompts=prompt, steps=3).images).all()

@@ -28,11 +28,13 @@ from difflab.pipeline import Pipeline
 INDEX = "model_index.json"
 #: the parts difflab reads, by role, with the classes it converts (None: any scheduler it converts)
 CONVERTED = {"unet": ("UNet2DModel", "UNet2DConditionModel"), "scheduler": None, "vae": ("AutoencoderKL",),
-             "text_encoder": ("CLIPTextModel",), "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast")}
+             "text_encoder": ("CLIPTextModel",), "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+             "text_encoder_2": ("CLIPTextModelWithProjection",), "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast")}
 #: parts a pipeline may carry that sampling does not use
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
 #: Stable Diffusion's guidance (its pipelines' default scale) and the condition dropout it was trained with
 SD_GUIDANCE = {"method": "cfg", "options": {"scale": 7.5}}
+SDXL_GUIDANCE = {"method": "cfg", "options": {"scale": 5.0}}
 SD_COND_DROPOUT = 0.1
 
 
@@ -56,7 +58,8 @@ def _parts(path: Path) -> dict[str, str]:
         if CONVERTED[role] is not None and name not in CONVERTED[role]:
             raise ConversionError(f"{path}: its {role} is a {name}; difflab converts {', '.join(CONVERTED[role])}")
     if ("text_encoder" in parts) != (parts["unet"] == "UNet2DConditionModel") or (
-            "text_encoder" in parts) != ("tokenizer" in parts):
+            "text_encoder" in parts) != ("tokenizer" in parts) or ("text_encoder_2" in parts) != (
+            "tokenizer_2" in parts):
         raise ConversionError(f"{path}: a text-conditional U-Net needs a text_encoder and a tokenizer, and only it "
                               "takes them")
     return parts
@@ -81,12 +84,22 @@ def pipeline_from_diffusers(path: str | os.PathLike, *, sampler: str = "dpmpp_2m
     if text:
         max_tokens = int(read_json(path / "tokenizer" / "tokenizer_config.json", "tokenizer config")
                          .get("model_max_length", 77))
-        encoder = {"name": "clip", "path": str((path / "text_encoder").resolve()),
-                   "tokenizer": str((path / "tokenizer").resolve()), "max_tokens": min(max_tokens, 77)}
+        folder = {role: str((path / role).resolve()) for role in ("text_encoder", "tokenizer", "text_encoder_2",
+                                                                   "tokenizer_2")}
+        encoder = {"name": "clip", "path": folder["text_encoder"], "tokenizer": folder["tokenizer"],
+                   "max_tokens": min(max_tokens, 77)}
+        if "text_encoder_2" in parts:  # SDXL: both encoders, the image size as its size conditioning
+            factor = vae.downsampling if vae is not None else 1
+            index = read_json(path / INDEX, "diffusers model index")
+            encoder = {"name": "sdxl_clip", "path": folder["text_encoder"], "path_2": folder["text_encoder_2"],
+                       "tokenizer": folder["tokenizer"], "tokenizer_2": folder["tokenizer_2"],
+                       "size": [height * factor, width * factor], "max_tokens": min(max_tokens, 77),
+                       "zero_null": bool(index.get("force_zeros_for_empty_prompt", True))}
+    guidance = (SDXL_GUIDANCE if "text_encoder_2" in parts else SD_GUIDANCE) if text else None
     return Pipeline(network, conversion.process, conversion.prediction,
                     sample_shape=(network.config.in_channels, height, width), sampler=sampler, steps=steps,
-                    schedule=conversion.schedule, vae=vae, text_encoder=encoder,
-                    guidance=SD_GUIDANCE if text else None, cond_dropout=SD_COND_DROPOUT if text else None)
+                    schedule=conversion.schedule, vae=vae, text_encoder=encoder, guidance=guidance,
+                    cond_dropout=SD_COND_DROPOUT if text else None)
 
 
 def open_pipeline(path: str | os.PathLike, device: str = "cpu") -> Pipeline:

@@ -10,6 +10,7 @@ prompt as the null condition for guidance.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,10 +24,12 @@ Tensor = torch.Tensor
 
 
 class TextEncoder:
-    """Base: subclasses implement :meth:`encode_one` (tokens (L, D), pooled (D,)) and set ``dim``."""
+    """Base: subclasses implement :meth:`encode_one` (tokens (L, D), pooled (P,)) and set ``dim``
+    (and ``pooled_dim`` when P differs from D)."""
 
     name = ""
     dim = 0
+    pooled_dim: int | None = None  # None: dim
 
     def __init__(self, max_tokens: int = 32):
         if max_tokens < 2:
@@ -59,7 +62,7 @@ class TextEncoder:
                 raise TypeError(f"prompts must be strings, got {type(p).__name__}")
         context = torch.zeros(len(prompts), self.max_tokens, self.dim)
         mask = torch.zeros(len(prompts), self.max_tokens, dtype=torch.bool)
-        pooled = torch.zeros(len(prompts), self.dim)
+        pooled = torch.zeros(len(prompts), self.pooled_dim or self.dim)
         for i, p in enumerate(prompts):
             tokens, pool = self._encoded(p)
             context[i, : len(tokens)], mask[i, : len(tokens)], pooled[i] = tokens, True, pool
@@ -145,9 +148,70 @@ class CLIPText(TextEncoder):
         return out.last_hidden_state[0], out.pooler_output[0]
 
 
+class SDXLText(TextEncoder):
+    """Stable Diffusion XL's two CLIP text encoders (Podell et al. 2023) from local folders: the
+    penultimate hidden states of both side by side as the tokens, the second's projected end-token
+    embedding as the pooled vector, and the six size and crop numbers (``time_ids``: the image's
+    size, no crop, the same target size) that SDXL's U-Net embeds beside it. The null condition is
+    zeros, as diffusers' SDXL pipelines make it (``force_zeros_for_empty_prompt``), unless
+    ``zero_null`` is off."""
+
+    name = "sdxl_clip"
+
+    def __init__(self, path: str, path_2: str, tokenizer: str, tokenizer_2: str, size: Sequence[int] = (1024, 1024),
+                 max_tokens: int = 77, zero_null: bool = True, device: str = "cpu"):
+        super().__init__(max_tokens)
+        try:
+            from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        except ImportError as err:
+            raise ImportError("SDXL's text encoders need transformers: pip install 'difflab[interop]'") from err
+        self.paths = [str(path), str(path_2), str(tokenizer), str(tokenizer_2)]
+        self.tokenizers = [CLIPTokenizer.from_pretrained(t, local_files_only=True) for t in (tokenizer, tokenizer_2)]
+        self.models = [CLIPTextModel.from_pretrained(path, local_files_only=True).to(device).eval(),
+                       CLIPTextModelWithProjection.from_pretrained(path_2, local_files_only=True).to(device).eval()]
+        self.dim = sum(int(m.config.hidden_size) for m in self.models)
+        self.pooled_dim = int(self.models[1].config.projection_dim)
+        self.size, self.zero_null = [int(s) for s in size], bool(zero_null)
+
+    def config(self) -> dict[str, Any]:
+        path, path_2, tokenizer, tokenizer_2 = self.paths
+        return {"name": self.name, "path": path, "path_2": path_2, "tokenizer": tokenizer, "tokenizer_2": tokenizer_2,
+                "size": self.size, "max_tokens": self.max_tokens, "zero_null": self.zero_null}
+
+    def tokens(self, prompt: str) -> list[str]:
+        t = self.tokenizers[0]
+        return [t.bos_token, *t.tokenize(prompt), t.eos_token]
+
+    @torch.no_grad()
+    def encode_one(self, prompt: str) -> tuple[Tensor, Tensor]:
+        hidden, pooled = [], None
+        for tokenizer, model in zip(self.tokenizers, self.models, strict=True):
+            ids = tokenizer(prompt, padding="max_length", max_length=self.max_tokens, truncation=True,
+                            return_tensors="pt").input_ids.to(model.device)
+            out = model(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2][0])
+            pooled = out[0][0]  # the second model's projected end token (text_embeds)
+        return torch.cat(hidden, dim=-1), pooled
+
+    def __call__(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        out = super().__call__(prompts)
+        height, width = self.size
+        out["time_ids"] = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32).expand(
+            len(out["pooled"]), 6).clone()
+        return out
+
+    def null(self, batch: int = 1) -> dict[str, Tensor]:
+        out = self([""] * batch)
+        if self.zero_null:
+            out["context"], out["pooled"] = torch.zeros_like(out["context"]), torch.zeros_like(out["pooled"])
+            out["context_mask"] = torch.ones_like(out["context_mask"])
+        return out
+
+
 REGISTRY: Registry[Callable[..., TextEncoder]] = Registry("text encoder")
 REGISTRY.add("minilm", MiniLM, "Wang et al. 2020, MiniLM (all-MiniLM-L6-v2 sentence embeddings)")
 REGISTRY.add("clip", CLIPText, "Radford et al. 2021, CLIP (a local transformers CLIPTextModel, as Stable Diffusion)")
+REGISTRY.add("sdxl_clip", SDXLText, "Podell et al. 2023, SDXL (two local CLIP text encoders and the size conditioning)")
 _LOADED: dict[tuple, TextEncoder] = {}
 
 
@@ -159,7 +223,7 @@ def register(name: str, factory: Callable[..., TextEncoder], reference: str = ""
 def get(name: str = "minilm", **options: Any) -> TextEncoder:
     """A text encoder by name; loaded once per process and options, then shared (its cache too)."""
     factory = REGISTRY.get(name)
-    key = (name, tuple(sorted(options.items())))
+    key = (name, json.dumps(options, sort_keys=True, default=str))  # list-valued options (sizes) too
     if key not in _LOADED:
         _LOADED[key] = factory(**options)
     return _LOADED[key]
