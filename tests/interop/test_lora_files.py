@@ -72,3 +72,37 @@ def test_a_peft_lora_file_gives_diffusers_outputs(models, tmp_path):
     (tmp_path / "x.bin").write_bytes(b"0")
     with pytest.raises(LoRAError, match="pickle"):
         lora_from_file(tmp_path / "x.bin", net)
+
+
+def test_a_stable_diffusion_lora_file_gives_diffusers_outputs(tmp_path):
+    """An SD 1.x-style U-Net (1x1-convolution projections) with a PEFT LoRA on its attention and
+    projections: the file in kohya naming on the converted U-Net gives what diffusers gives."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = perturb(UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                         norm_num_groups=8, cross_attention_dim=24, layers_per_block=1,
+                                         attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval())
+    model.save_pretrained(tmp_path / "unet")
+    net = from_diffusers(tmp_path / "unet")
+    g = torch.Generator().manual_seed(1)
+    x, context, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 24, generator=g), torch.tensor([10, 500])
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]),
+                            model)
+    with torch.no_grad():
+        expected = model(x, t, encoder_hidden_states=context).sample
+    state = get_peft_model_state_dict(model)
+    assert any(v.ndim == 4 for v in state.values())  # the projections' LoRA is convolutional
+    kohya = {}
+    for key, value in state.items():
+        name = "lora_unet_" + key.replace(".lora_A.weight", "").replace(".lora_B.weight", "").replace(".", "_")
+        kohya[f"{name}.lora_{'down' if '.lora_A.' in key else 'up'}.weight"] = value.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(4.0)
+    kohya["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(4, 24)
+    save_file(kohya, tmp_path / "sd_lora.safetensors")
+    with pytest.warns(UserWarning, match="1 text-encoder modules were not loaded"):
+        lora = lora_from_file(tmp_path / "sd_lora.safetensors", net)
+    with torch.no_grad(), applied(net, lora):
+        torch.testing.assert_close(net(x, t, context=context), expected, atol=2e-5, rtol=1e-4)

@@ -8,7 +8,9 @@
   ``lora_up.weight`` with a per-layer ``.alpha``.
 
 The module names are diffusers'; they map to difflab layer names through the converter's weight
-map (``unet2d_key_map``), so a LoRA made for a diffusers ``UNet2DModel`` runs on its difflab U-Net.
+map (``unet2d_key_map``, or ``unet2d_condition_key_map`` for a text-conditioned U-Net), so a LoRA
+made for a diffusers ``UNet2DModel`` or a Stable Diffusion ``UNet2DConditionModel`` runs on its
+difflab U-Net; a 1x1-convolution LoRA on SD 1.x's projections becomes the linear update it is.
 Keys that match no layer are listed, and nothing is loaded half-way.
 """
 
@@ -23,6 +25,7 @@ import torch
 from difflab.adapters.lora import LoRA, LoRAError
 from difflab.files import load_tensors, read_json
 from difflab.interop.diffusers_unet import unet2d_key_map
+from difflab.interop.diffusers_unet_condition import unet2d_condition_key_map
 
 Tensor = torch.Tensor
 PREFIXES = ("base_model.model.", "unet.")
@@ -31,8 +34,9 @@ PREFIXES = ("base_model.model.", "unet.")
 def module_names(network: Any) -> dict[str, str]:
     """diffusers module name -> difflab layer name, for the layers a LoRA may update."""
     layers = network.weight_layers()
+    key_map = unet2d_condition_key_map if getattr(network.config, "context_dim", None) else unet2d_key_map
     out = {}
-    for source, target in unet2d_key_map(network.config).items():
+    for source, target in key_map(network.config).items():
         if source.endswith(".weight") and target[: -len(".weight")] in layers:
             out[source[: -len(".weight")]] = target[: -len(".weight")]
     return out
@@ -52,7 +56,7 @@ def naming(tensors: dict[str, Tensor]) -> str:
 def lora_from_file(path: str | os.PathLike, network: Any, *, alpha: float | None = None) -> LoRA:
     """A LoRA from a diffusers/PEFT or kohya ``.safetensors`` file (or a folder holding one and a
     PEFT ``adapter_config.json``) on ``network``, a difflab U-Net converted from a diffusers
-    ``UNet2DModel``."""
+    ``UNet2DModel`` or ``UNet2DConditionModel``."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
@@ -81,8 +85,24 @@ def lora_from_file(path: str | os.PathLike, network: Any, *, alpha: float | None
         key = key.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight",
                                                                               ".lora_B.weight")
         renamed[key] = value
+    renamed = _linear_where_linear(renamed, network, names)
     rank = next(v.shape[0] for k, v in renamed.items() if k.endswith(".lora_A.weight"))
     return LoRA.from_tensors(network, renamed, alpha=alpha if alpha is not None else float(rank), names=names)
+
+
+def _linear_where_linear(tensors: dict[str, Tensor], network: Any, names: dict[str, str] | None = None
+                         ) -> dict[str, Tensor]:
+    """1x1-convolution LoRA factors (SD 1.x's ``proj_in``/``proj_out``) as the linear factors they
+    are where difflab's layer is linear."""
+    layers = network.weight_layers()
+    out = {}
+    for key, value in tensors.items():
+        module = key.rsplit(".", 2)[0]
+        layer = layers.get((names or {}).get(module, module))
+        if isinstance(layer, torch.nn.Linear) and value.ndim == 4 and value.shape[2:] == (1, 1):
+            value = value[:, :, 0, 0]
+        out[key] = value
+    return out
 
 
 def _kohya(tensors: dict[str, Tensor], network: Any, names: dict[str, str]) -> LoRA:
@@ -113,5 +133,6 @@ def _kohya(tensors: dict[str, Tensor], network: Any, names: dict[str, str]) -> L
 
         warnings.warn(f"the LoRA's {len(skipped)} text-encoder modules were not loaded (difflab's text encoders "
                       "take no LoRA)", stacklevel=3)
+    renamed = _linear_where_linear(renamed, network)
     rank = next(v.shape[0] for k, v in renamed.items() if k.endswith(".lora_A.weight"))
     return LoRA.from_tensors(network, renamed, alpha=float(rank), alphas=alphas)
