@@ -17,19 +17,15 @@ import os
 
 import torch
 
-from difflab.files import load_tensors
 from difflab.interop.schedulers import ConversionError
-from difflab.interop.weights import WEIGHTS, copy_mapped, load_mapped, read_model_config
+from difflab.interop.weights import check_supported, copy_mapped, load_mapped, read_model_config, read_weights
 from difflab.models import DiT, DiTConfig
 
 
 def dit_config(cfg: dict) -> DiTConfig:
     """The difflab config of a diffusers ``DiTTransformer2DModel`` config, or a :class:`ConversionError`."""
-    for key, allowed in (("norm_type", "ada_norm_zero"), ("activation_fn", "gelu-approximate"),
-                         ("attention_bias", True), ("upcast_attention", False), ("norm_elementwise_affine", False)):
-        if cfg.get(key) is not None and cfg[key] != allowed:
-            raise ConversionError(f"DiTTransformer2DModel {key}={cfg[key]!r} is not supported (difflab maps "
-                                  f"{allowed!r})")
+    check_supported(cfg, {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
+                          "upcast_attention": False, "norm_elementwise_affine": False}, "DiTTransformer2DModel")
     heads, head_dim = int(cfg.get("num_attention_heads", 16)), int(cfg.get("attention_head_dim", 72))
     in_channels = int(cfg.get("in_channels", 4))
     classes = cfg.get("num_embeds_ada_norm") or None
@@ -64,10 +60,7 @@ def dit_from_diffusers(folder: str | os.PathLike) -> DiT:
     """A difflab DiT from a diffusers ``DiTTransformer2DModel`` folder; a report instead of a
     half-loaded network."""
     config = dit_config(read_model_config(folder, "DiTTransformer2DModel"))
-    path = os.path.join(folder, WEIGHTS)
-    if not os.path.isfile(path):
-        raise ConversionError(f"{folder} has no {WEIGHTS}; difflab reads safetensors only (a .bin is a pickle)")
-    state = load_tensors(path, "diffusers weights")
+    state = read_weights(folder)
     first = "transformer_blocks.0.norm1.emb."
     for key in [k for k in state if ".norm1.emb." in k and not k.startswith(first)]:
         twin = first + key.split(".norm1.emb.", 1)[1]
@@ -75,17 +68,14 @@ def dit_from_diffusers(folder: str | os.PathLike) -> DiT:
             raise ConversionError(f"{key} differs from block 0's: diffusers gives each block its own time and "
                                   "class embedding, difflab's DiT shares one, so only equal copies convert")
         del state[key]
-    return copy_mapped(DiT(config), state, dit_key_map(config), path)
+    return copy_mapped(DiT(config), state, dit_key_map(config), str(folder))
 
 
 def pixart_config(cfg: dict) -> DiTConfig:
     """The difflab config of a diffusers ``PixArtTransformer2DModel`` config, or a :class:`ConversionError`."""
-    for key, allowed in (("norm_type", "ada_norm_single"), ("activation_fn", "gelu-approximate"),
-                         ("attention_bias", True), ("upcast_attention", False), ("norm_elementwise_affine", False),
-                         ("norm_eps", 1e-6), ("attention_type", "default")):
-        if cfg.get(key) is not None and cfg[key] != allowed:
-            raise ConversionError(f"PixArtTransformer2DModel {key}={cfg[key]!r} is not supported (difflab maps "
-                                  f"{allowed!r})")
+    check_supported(cfg, {"norm_type": "ada_norm_single", "activation_fn": "gelu-approximate", "attention_bias": True,
+                          "upcast_attention": False, "norm_elementwise_affine": False, "norm_eps": 1e-6,
+                          "attention_type": "default"}, "PixArtTransformer2DModel")
     size, patch = int(cfg.get("sample_size") or 128), int(cfg.get("patch_size", 2))
     extra = cfg.get("use_additional_conditions")
     if extra or (extra is None and size == 128):

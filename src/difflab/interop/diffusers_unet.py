@@ -17,24 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from difflab.interop.schedulers import ConversionError
-from difflab.interop.weights import load_mapped, read_model_config
+from difflab.interop.weights import check_supported, load_mapped, read_model_config
 from difflab.models import UNet, UNetConfig
 
 SUPPORTED_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
 SUPPORTED_UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
 #: marks a UNet2DModel config written by difflab: its last class embedding is the null class
 NULL_CLASS_KEY = "_difflab_null_class"  # diffusers ignores keys that start with _
-REFUSED = {"center_input_sample": False, "time_embedding_type": "positional", "add_attention": True,
-           "class_embed_type": None, "num_train_timesteps": None, "dropout": None,
-           "resnet_time_scale_shift": None, "downsample_type": "conv",
-           "upsample_type": "conv", "downsample_padding": 1, "act_fn": "silu", "mid_block_scale_factor": 1}
+SUPPORTED = {"center_input_sample": False, "time_embedding_type": "positional", "add_attention": True,
+             "class_embed_type": None, "downsample_type": "conv", "upsample_type": "conv", "downsample_padding": 1,
+             "act_fn": "silu", "mid_block_scale_factor": 1}
 
 
 def unet2d_config(cfg: dict[str, Any]) -> UNetConfig:
     """The difflab config of a diffusers ``UNet2DModel`` config, or a :class:`ConversionError`."""
-    for key, wanted in REFUSED.items():
-        if wanted is not None and key in cfg and cfg[key] != wanted and cfg[key] is not None:
-            raise ConversionError(f"UNet2DModel {key}={cfg[key]!r} is not supported (difflab's U-Net has {wanted!r})")
+    check_supported(cfg, SUPPORTED, "UNet2DModel")
     channels = list(cfg.get("block_out_channels", (224, 448, 672, 896)))
     mc = channels[0]
     if any(c % mc for c in channels):

@@ -19,13 +19,13 @@ from typing import Any
 
 from difflab.interop.diffusers_unet import unet_blocks_key_map
 from difflab.interop.schedulers import ConversionError
-from difflab.interop.weights import conv_as_linear, load_mapped, read_model_config
+from difflab.interop.weights import check_supported, conv_as_linear, load_mapped, read_model_config
 from difflab.models import UNet, UNetConfig
 
 DOWN = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
 UP = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
-#: keys whose non-default values difflab's U-Net cannot express (key -> the value it has)
-REFUSED = {"center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
+#: keys difflab's U-Net expresses at one value only (key -> that value; None: unset)
+SUPPORTED = {"center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
            "only_cross_attention": False, "dual_cross_attention": False, "class_embed_type": None,
            "num_class_embeds": None, "time_cond_proj_dim": None,
            "encoder_hid_dim": None, "encoder_hid_dim_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
@@ -46,10 +46,7 @@ def _per_level(value: Any, levels: int, what: str) -> list[int]:
 
 def unet2d_condition_config(cfg: dict[str, Any]) -> UNetConfig:
     """The difflab config of a diffusers ``UNet2DConditionModel`` config, or a :class:`ConversionError`."""
-    for key, allowed in REFUSED.items():
-        if cfg.get(key) is not None and cfg[key] != allowed:
-            raise ConversionError(f"UNet2DConditionModel {key}={cfg[key]!r} is not supported yet (difflab maps "
-                                  f"{key}={allowed!r})")
+    check_supported(cfg, SUPPORTED, "UNet2DConditionModel")
     channels = list(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
     mc = channels[0]
     if any(c % mc for c in channels):

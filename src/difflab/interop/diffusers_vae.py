@@ -14,16 +14,14 @@ from typing import Any
 
 from difflab.interop.diffusers_unet import attention_key_map, resnet_key_map
 from difflab.interop.schedulers import ConversionError
-from difflab.interop.weights import load_mapped, read_model_config
+from difflab.interop.weights import check_supported, load_mapped, read_model_config
 from difflab.models import VAE, VAEConfig
 
 
 def vae_config(cfg: dict[str, Any]) -> VAEConfig:
     """The difflab config of a diffusers ``AutoencoderKL`` config, or a :class:`ConversionError`."""
-    for key, allowed in (("act_fn", "silu"), ("norm_type", "group"), ("use_quant_conv", True),
-                         ("use_post_quant_conv", True)):
-        if cfg.get(key) is not None and cfg[key] != allowed:
-            raise ConversionError(f"AutoencoderKL {key}={cfg[key]!r} is not supported (difflab maps {allowed!r})")
+    check_supported(cfg, {"act_fn": "silu", "norm_type": "group", "use_quant_conv": True,
+                          "use_post_quant_conv": True}, "AutoencoderKL")
     down, up = set(cfg.get("down_block_types", ())), set(cfg.get("up_block_types", ()))
     if down - {"DownEncoderBlock2D"} or up - {"UpDecoderBlock2D"}:
         raise ConversionError(f"block types {sorted((down - {'DownEncoderBlock2D'}) | (up - {'UpDecoderBlock2D'}))} "

@@ -26,6 +26,15 @@ def read_model_config(folder: str | os.PathLike, class_name: str) -> dict[str, A
     return cfg
 
 
+def check_supported(cfg: dict[str, Any], supported: dict[str, Any], class_name: str) -> None:
+    """A :class:`ConversionError` naming the first key of ``cfg`` whose value is set and is not the
+    one difflab maps (``supported``: key -> that value; None means the key must be unset)."""
+    for key, allowed in supported.items():
+        if cfg.get(key) is not None and cfg[key] != allowed:
+            raise ConversionError(f"{class_name} {key}={cfg[key]!r} is not supported yet (difflab maps "
+                                  f"{key}={allowed!r})")
+
+
 def conv_as_linear(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """A 1x1 convolution's weight as the linear map it is on the tokens (SD 1.x's transformer
     projections, latent diffusion's VAE attention), when difflab's layer is linear."""
@@ -57,12 +66,17 @@ def copy_mapped(network: torch.nn.Module, state: dict[str, torch.Tensor], mappin
     return network.eval()
 
 
-def load_mapped(network: torch.nn.Module, folder: str | os.PathLike, mapping: dict[str, str],
-                adapt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
-    """Copy a diffusers model folder's safetensors weights into ``network`` (:func:`copy_mapped`)."""
+def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A diffusers model folder's safetensors weights; a ``.bin`` (a pickle) is never read."""
     weights = Path(folder) / WEIGHTS
     if not weights.is_file():
         found = sorted(p.name for p in Path(folder).glob("diffusion_pytorch_model*"))
         raise ConversionError(f"{folder} has no {WEIGHTS} (found {found or 'none'}); difflab reads safetensors "
                               "only (a .bin is a pickle)")
-    return copy_mapped(network, load_tensors(weights, "diffusers weights"), mapping, str(weights), adapt)
+    return load_tensors(weights, "diffusers weights")
+
+
+def load_mapped(network: torch.nn.Module, folder: str | os.PathLike, mapping: dict[str, str],
+                adapt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
+    """Copy a diffusers model folder's weights into ``network`` (:func:`copy_mapped`)."""
+    return copy_mapped(network, read_weights(folder), mapping, str(Path(folder) / WEIGHTS), adapt)
