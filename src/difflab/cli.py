@@ -202,7 +202,7 @@ def _edit(args: argparse.Namespace) -> int:
         grid = result.save(out)
         print(f"wrote {grid} and {len(result.settings)} prompt-to-prompt edits with their settings to {out}")
         return 0
-    channels = pipe.vae.config.in_channels if pipe.vae is not None else pipe.sample_shape[0]
+    channels = pipe.image_channels
     images = read_images(args.images, channels)
     mask = read_masks(args.mask) if args.mask else None
     out = claim_output(args.out, SAMPLE_OUTPUTS, overwrite=args.overwrite, what="edits")

@@ -264,6 +264,17 @@ class Pipeline:
         return self
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images the pipeline makes (decoded, for a latent pipeline)."""
+        factor = self.vae.downsampling if self.vae is not None else 1
+        return self.sample_shape[1] * factor, self.sample_shape[2] * factor
+
+    @property
+    def image_channels(self) -> int:
+        """The channels of the images the pipeline makes and edits."""
+        return self.vae.config.in_channels if self.vae is not None else self.sample_shape[0]
+
+    @property
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
 
@@ -727,8 +738,7 @@ class Pipeline:
         if images.ndim != 4 or images.shape[1] != channels:
             raise PipelineError(f"this pipeline's VAE takes images of {channels} channels (N, {channels}, H, W); "
                                 f"got shape {tuple(images.shape)}")
-        factor = self.vae.downsampling
-        want = (self.sample_shape[1] * factor, self.sample_shape[2] * factor)
+        want = self.image_size
         if tuple(images.shape[-2:]) != want:
             raise PipelineError(f"this pipeline makes {want[0]}x{want[1]} images; got {tuple(images.shape[-2:])}: "
                                 "resize them first")
@@ -893,7 +903,7 @@ class Pipeline:
         if not edit.get("batch_sources"):
             raise PipelineError("this edit's record names no image files (it was made from tensors): pass the "
                                 "images to Pipeline.edit again with the recorded settings")
-        channels = self.vae.config.in_channels if self.vae is not None else self.sample_shape[0]
+        channels = self.image_channels
 
         try:
             images = read_images(edit["batch_sources"], channels)

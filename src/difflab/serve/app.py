@@ -170,7 +170,7 @@ def build_app(served: dict[str, Served], out_dir: str | Path, *, concurrency: in
     first = next(iter(served.values()))
     sampler_names, schedule_names = samplers.available(), schedules.available()
     guidance_names, accel_names = [NONE, *guidance.available()], [NONE, *accel.REGISTRY.available()]
-    brush_size = max(1, min(min(s.image_size) for s in served.values()) // 8)  # in image pixels
+    brush_size = max(1, min(min(s.pipeline.image_size) for s in served.values()) // 8)  # in image pixels
 
     def pipeline_view(name: str) -> dict[str, Any]:
         """The controls' values and visibility for one pipeline's defaults."""
@@ -464,7 +464,7 @@ def build_app(served: dict[str, Served], out_dir: str | Path, *, concurrency: in
                                          "sampler": s.pipeline.sampler, "schedule": s.pipeline.schedule,
                                          "steps": s.pipeline.steps, "guidance": s.default_guidance[0],
                                          "scale": s.default_guidance[1], "model": s.pipeline.identity(),
-                                         "image_size": list(s.image_size), "loras": list(s.loras),
+                                         "image_size": list(s.pipeline.image_size), "loras": list(s.loras),
                                          "controlnets": {name: {"control_channels": net.settings["control_channels"]}
                                                          for name, net in s.controlnets.items()}}
                                   for name, s in served.items()},

@@ -91,16 +91,6 @@ class Served:
     loras: dict[str, Any] = field(default_factory=dict)
     controlnets: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(height, width) of the pipeline's images."""
-        factor = self.pipeline.vae.downsampling if self.pipeline.vae is not None else 1
-        return self.pipeline.sample_shape[1] * factor, self.pipeline.sample_shape[2] * factor
-
-    @property
-    def image_channels(self) -> int:
-        pipe = self.pipeline
-        return pipe.vae.config.in_channels if pipe.vae is not None else pipe.sample_shape[0]
 
     @property
     def conditioning(self) -> str:
@@ -526,7 +516,7 @@ def _read_input(served: Served, out_dir: str | Path, name: str, channels: int, w
         picture = read_images([str(input_path(out_dir, name))], channels, what)
     except (FileNotFoundError, ValueError, OSError) as err:
         raise RequestError(f"{what}: {err}") from None
-    height, width = served.image_size
+    height, width = served.pipeline.image_size
     if tuple(picture.shape[-2:]) != (height, width):
         raise RequestError(f"{what} is {picture.shape[-1]}x{picture.shape[-2]} pixels; {served.name} makes "
                            f"{width}x{height} images: resize it to that")
@@ -535,7 +525,7 @@ def _read_input(served: Served, out_dir: str | Path, name: str, channels: int, w
 
 def _edit_call(served: Served, req: Request, out_dir: str | Path, args: dict[str, Any]) -> Callable[..., Output]:
     """The pipeline's edit (img2img, or inpainting with the mask) for a request with a source image."""
-    image = _read_input(served, out_dir, req.image, served.image_channels, "the source image")
+    image = _read_input(served, out_dir, req.image, served.pipeline.image_channels, "the source image")
     mask = None if req.mask is None else (_read_input(served, out_dir, req.mask, 1, "the mask") + 1) / 2
     keys = ("seed", "steps", "sampler", "schedule", "guidance", "guidance_options", "batch_size", "prompts",
             "class_labels", "loras", "controls")
