@@ -16,6 +16,9 @@ CONFIGS = {
     "two resnets per level, no mid attention, SD3-style shift": dict(
         block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8, latent_channels=2,
         mid_block_add_attention=False, scaling_factor=1.5, shift_factor=0.1, in_channels=1, out_channels=1),
+    "SD 3-style: no quant convolutions": dict(
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4, use_quant_conv=False,
+        use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609),
 }
 
 
@@ -54,5 +57,5 @@ def test_vae_variants_difflab_cannot_express_are_refused_by_name(tmp_path):
     _, folder = _diffusers_vae(tmp_path, **CONFIGS["SD-style: three levels, mid attention, scaling 0.18215"])
     config = (folder / "config.json").read_text()
     (folder / "config.json").write_text(config.replace('"use_quant_conv": true', '"use_quant_conv": false'))
-    with pytest.raises(ConversionError, match="use_quant_conv=False is not supported"):
+    with pytest.raises(ConversionError, match="only one of use_quant_conv"):
         from_diffusers(folder)

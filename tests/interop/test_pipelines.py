@@ -66,16 +66,23 @@ def test_pipelines_difflab_cannot_convert_yet_are_refused_by_part(tmp_path):
 
     _, _, folder = _ddpm_folder(tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "transformer": ["diffusers", "SD3Transformer2DModel"],
-                                                          "text_encoder_3": ["transformers", "T5EncoderModel"]}))
-    with pytest.raises(ConversionError, match="with text_encoder_3, transformer; difflab converts unet, vae"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "controlnet": ["diffusers", "ControlNetModel"]}))
+    with pytest.raises(ConversionError, match="with controlnet; difflab converts unet, transformer"):
+        from_diffusers(folder)
+    flux = ["diffusers", "FluxTransformer2DModel"]
+    (folder / "model_index.json").write_text(json.dumps({**index, "transformer": flux}))
+    with pytest.raises(ConversionError, match="must name one network"):
+        from_diffusers(folder)
+    unet_free = {k: v for k, v in index.items() if k != "unet"}
+    (folder / "model_index.json").write_text(json.dumps({**unet_free, "transformer": flux}))
+    with pytest.raises(ConversionError, match="transformer is a FluxTransformer2DModel; difflab converts SD3"):
         from_diffusers(folder)
     (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder": ["transformers", "CLIPTextModel"],
                                                           "tokenizer": ["transformers", "CLIPTokenizer"]}))
-    with pytest.raises(ConversionError, match="a text-conditional U-Net needs a text_encoder"):
+    with pytest.raises(ConversionError, match="a text-conditional network needs its text encoders"):
         from_diffusers(folder)
     (folder / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "scheduler"}))
-    with pytest.raises(ConversionError, match="names no scheduler"):
+    with pytest.raises(ConversionError, match="and a scheduler"):
         from_diffusers(folder)
 
 
@@ -225,3 +232,107 @@ def test_an_sdxl_folder_samples_as_diffusers_does(tmp_path):
         mine = (pipe.vae.from_latent(latents.float()).clamp(-1, 1) + 1) / 2
     torch.testing.assert_close(mine, expected, rtol=0, atol=1e-4)
     assert torch.isfinite(pipe(2, prompts=prompt, steps=3).images).all()
+
+
+def _tiny_sd3_folder(tmp_path, t5=True):
+    """A Stable Diffusion 3 folder made here: a tiny MMDiT, a 16-channel-style VAE without quant
+    convolutions, two projected CLIP encoders, a T5 encoder and a unigram T5 tokenizer (written by
+    the test; nothing from a hub)."""
+    import json
+
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from tokenizers import Tokenizer, models
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz "]
+    tokenizer_3 = T5TokenizerFast(tokenizer_object=Tokenizer(models.Unigram(pieces, unk_id=2)), extra_ids=0,
+                                  model_max_length=256)
+    torch.manual_seed(0)
+    common = {"vocab_size": len(vocab), "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    text = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, projection_dim=8, **common)).eval()
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, projection_dim=8, **common)).eval()
+    text_3 = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=48, d_ff=32, d_kv=8, num_layers=2, num_heads=2,
+                                     relative_attention_num_buckets=8)).eval() if t5 else None
+    transformer = perturb(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,)).eval(), 0.05)
+    vae = perturb(AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5,
+                                shift_factor=0.1).eval())
+    theirs = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                      vae=vae, text_encoder=text, tokenizer=tokenizer, text_encoder_2=text_2,
+                                      tokenizer_2=tokenizer, text_encoder_3=text_3,
+                                      tokenizer_3=tokenizer_3 if t5 else None)
+    theirs.save_pretrained(tmp_path / "sd3")  # read back: a tokenizer made in memory differs from its saved files
+    dropped = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    folder = tmp_path / "sd3"
+    return StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, **dropped), folder
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_an_sd3_folder_samples_as_diffusers_does(tmp_path, t5):
+    """SD 3: an MMDiT on rectified flow with shift 3, two CLIPs side by side and T5 after them (or
+    zeros in its place), the VAE's shift factor; the same images as StableDiffusion3Pipeline."""
+    from difflab import guidance
+
+    theirs, folder = _tiny_sd3_folder(tmp_path, t5)
+    pipe = from_diffusers(folder)
+    assert pipe.text_encoder_config["name"] == "sd3_text" and pipe.sample_shape == (4, 8, 8)
+    assert pipe.guidance == {"method": "cfg", "options": {"scale": 7.0}}
+    steps, scale, prompt = 4, 3.0, "a red cube"
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = theirs(prompt, num_inference_steps=steps, guidance_scale=scale, latents=noise.clone(),
+                          output_type="pt").images
+    sigmas = theirs.scheduler.sigmas.double()
+    grid = sigmas / (3.0 - 2.0 * sigmas)  # difflab's time before the shift
+    encoder = pipe.text_encoder()
+    guided = guidance.guide(pipe.denoiser(), "cfg", scale=scale, uncond=encoder.null(1))
+    with torch.no_grad():
+        latents = difflab.sample(guided, noise / float(pipe.process.sigma(grid[0])), "euler", schedule=grid,
+                                 cond=encoder([prompt]))
+        mine = (pipe.vae.from_latent(latents.float()).clamp(-1, 1) + 1) / 2
+    assert (expected - 0.5).abs().max() > 1e-2
+    torch.testing.assert_close(mine, expected, rtol=0, atol=1e-4)
+
+
+def test_an_sd3_folder_takes_every_sampler_and_guidance_method(tmp_path):
+    from difflab import guidance, samplers
+    from difflab.cli import main
+
+    _, folder = _tiny_sd3_folder(tmp_path)
+    assert main(["sample", str(folder), "--prompt", "a red cube", "--n", "2", "--steps", "3",
+                 "--out", str(tmp_path / "samples")]) == 0
+    assert len(list((tmp_path / "samples").glob("*.png"))) >= 2
+    pipe = from_diffusers(folder)
+    kw = {"prompts": "a red cube", "steps": 2, "seed": 3}
+    for name in samplers.available():
+        plain = pipe(1, sampler=name, guidance="none", **kw).images
+        unit = pipe(1, sampler=name, guidance="cfg", guidance_options={"scale": 1.0}, **kw).images
+        torch.testing.assert_close(unit, plain, atol=1e-5, rtol=0, msg=name)
+    weak = from_diffusers(folder).denoiser()
+    for method in guidance.available():
+        options = {"weak": weak} if method == "autoguidance" else {}
+        out = pipe(1, sampler="dpmpp_2m", guidance=method, guidance_options={"scale": 2.0, **options}, **kw).images
+        assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all(), method

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from difflab import hooks
-from difflab.models import MLP, DiT, DiTConfig, MLPConfig, UNet, UNetConfig
+from difflab.models import MLP, DiT, DiTConfig, MLPConfig, MMDiT, MMDiTConfig, UNet, UNetConfig
 
 
 def _perturb(model, scale=0.05, seed=0):
@@ -29,15 +29,22 @@ def _mlp():
     return MLP(MLPConfig(dim=3, hidden=32, depth=3, num_classes=5))
 
 
-NETS = {"unet": _unet, "dit": _dit, "mlp": _mlp}
+def _mmdit():
+    return MMDiT(MMDiTConfig(in_channels=3, patch_size=2, hidden_size=32, depth=3, num_heads=2, context_dim=12,
+                             pooled_dim=6, position_grid=4, sincos_base=4, qk_norm=True, dual_attention=(1,)))
+
+
+NETS = {"unet": _unet, "dit": _dit, "mlp": _mlp, "mmdit": _mmdit}
 
 
 def _inputs(kind):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3) if kind == "mlp" else torch.randn(2, 3, 8, 8, generator=g)
-    cond = {"class_labels": torch.tensor([1, 3])}
+    cond = {} if kind == "mmdit" else {"class_labels": torch.tensor([1, 3])}
     if kind != "mlp":
         cond["context"] = torch.randn(2, 4, 12, generator=g)
+    if kind == "mmdit":  # text tokens and the pooled text embedding, no classes
+        cond["pooled"] = torch.randn(2, 6, generator=g)
     return x, torch.tensor([0.3, 0.7]), cond
 
 
@@ -112,6 +119,8 @@ def test_residual_points_add_to_the_output_path(net):
             model(x, t, **cond)
         point = points[-1] if kind == "unet" else points[0]  # the U-Net's middle, a block otherwise
         shape = shapes["mid"] if kind == "unet" else shapes[point]
+        if kind == "mmdit":  # a block carries image then text tokens; residuals add to the image's
+            shape = (shape[0], shape[1] - cond["context"].shape[1], shape[2])
         zero = model(x, t, **cond, residuals={point: torch.zeros(shape)})
         pushed = model(x, t, **cond, residuals={point: torch.randn(shape, generator=torch.Generator().manual_seed(3))})
     assert torch.equal(plain, zero) and not torch.allclose(plain, pushed)
@@ -121,6 +130,9 @@ def test_residual_points_add_to_the_output_path(net):
 
 def test_class_embeddings_given_directly_equal_their_labels(net):
     kind, model = net
+    if kind == "mmdit":
+        assert model.class_embedding_table() is None  # text-only: no label embedding
+        return
     x, t, cond = _inputs(kind)
     table = model.class_embedding_table()
     assert table.shape[0] == 6  # 5 classes and the null class
@@ -149,6 +161,28 @@ def test_attention_layers_are_named_by_block_and_kind():
     with pytest.raises(ValueError, match="no self attention layer"):
         with model.hook_attention(zero_attention, "self", ["mid/99"]):
             pass
+
+
+def test_joint_attention_is_hooked_as_self_attention_over_both_streams():
+    """An MMDiT's joint attention runs through the same processor protocol: a processor that
+    zeroes its output changes the image, the default one restored gives the same output."""
+    model = _perturb(_mmdit())
+    names = model.attention_names("self")
+    assert len(names) == 4 and not model.attention_names("cross")  # three joint layers, one image-only
+    x, t, cond = _inputs("mmdit")
+    seen = []
+
+    def zero_attention(attn, h, context, mask, rope):
+        q, _, v = attn.qkv(h, context, rope)
+        seen.append(q.shape[2])
+        return attn.out(torch.zeros_like(v))
+
+    with torch.no_grad():
+        plain = model(x, t, **cond)
+        with model.hook_attention(zero_attention, "self", [names[0]]):
+            changed = model(x, t, **cond)
+        again = model(x, t, **cond)
+    assert seen == [16 + 4] and not torch.allclose(plain, changed) and torch.equal(plain, again)
 
 
 def test_network_of_finds_the_network_behind_wrappers():

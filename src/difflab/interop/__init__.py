@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from difflab.interop.diffusers_dit import dit_from_diffusers, pixart_from_diffusers
+from difflab.interop.diffusers_mmdit import mmdit_from_diffusers
 from difflab.interop.diffusers_unet import unet2d_from_diffusers, unet2d_to_diffusers
 from difflab.interop.diffusers_unet_condition import unet2d_condition_from_diffusers
 from difflab.interop.diffusers_vae import vae_from_diffusers
@@ -18,7 +19,7 @@ from difflab.interop.single_file import SingleFile, from_single_file
 #: diffusers model classes difflab converts, by ``_class_name``
 MODELS = {"UNet2DModel": unet2d_from_diffusers, "UNet2DConditionModel": unet2d_condition_from_diffusers,
           "AutoencoderKL": vae_from_diffusers, "DiTTransformer2DModel": dit_from_diffusers,
-          "PixArtTransformer2DModel": pixart_from_diffusers}
+          "PixArtTransformer2DModel": pixart_from_diffusers, "SD3Transformer2DModel": mmdit_from_diffusers}
 
 
 def to_diffusers(obj, path: str | os.PathLike, **options) -> Path:
@@ -62,6 +63,7 @@ __all__ = [
     "from_single_file",
     "is_diffusers_pipeline",
     "lora_from_file",
+    "mmdit_from_diffusers",
     "open_pipeline",
     "pipeline_from_diffusers",
     "pixart_from_diffusers",

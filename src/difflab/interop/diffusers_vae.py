@@ -4,7 +4,7 @@
 
 The two autoencoders are one architecture; what diffusers does differently maps to options: the
 encoder's stride-2 convolutions pad only right and bottom (``asymmetric_downsample``), and 1x1
-``quant_conv`` / ``post_quant_conv`` sit around the latent (``quant_conv``).
+``quant_conv`` / ``post_quant_conv`` sit around the latent (``quant_conv``; SD 3's VAE has neither).
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from difflab.models import VAE, VAEConfig
 
 def vae_config(cfg: dict[str, Any]) -> VAEConfig:
     """The difflab config of a diffusers ``AutoencoderKL`` config, or a :class:`ConversionError`."""
-    check_supported(cfg, {"act_fn": "silu", "norm_type": "group", "use_quant_conv": True,
-                          "use_post_quant_conv": True}, "AutoencoderKL")
+    check_supported(cfg, {"act_fn": "silu", "norm_type": "group"}, "AutoencoderKL")
+    quant = bool(cfg.get("use_quant_conv", True))
+    if quant != bool(cfg.get("use_post_quant_conv", True)):
+        raise ConversionError("AutoencoderKL with only one of use_quant_conv / use_post_quant_conv is not supported "
+                              "(difflab's quant_conv is both or neither)")
     down, up = set(cfg.get("down_block_types", ())), set(cfg.get("up_block_types", ()))
     if down - {"DownEncoderBlock2D"} or up - {"UpDecoderBlock2D"}:
         raise ConversionError(f"block types {sorted((down - {'DownEncoderBlock2D'}) | (up - {'UpDecoderBlock2D'}))} "
@@ -38,7 +41,7 @@ def vae_config(cfg: dict[str, Any]) -> VAEConfig:
                      mid_attention=bool(cfg.get("mid_block_add_attention", True)),
                      norm_groups=int(cfg.get("norm_num_groups", 32)),
                      scaling_factor=float(cfg.get("scaling_factor") or 0.18215),
-                     shift_factor=float(cfg.get("shift_factor") or 0.0), asymmetric_downsample=True, quant_conv=True)
+                     shift_factor=float(cfg.get("shift_factor") or 0.0), asymmetric_downsample=True, quant_conv=quant)
 
 
 def vae_key_map(config: VAEConfig) -> dict[str, str]:

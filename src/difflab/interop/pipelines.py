@@ -4,12 +4,14 @@
 So far: the unconditional pixel pipelines (``DDPMPipeline``, ``DDIMPipeline``, ``PNDMPipeline``: a
 ``UNet2DModel`` in ``unet/`` and a scheduler) and Stable Diffusion 1.x / 2.x text-to-image folders
 (``StableDiffusionPipeline``: a ``UNet2DConditionModel``, an ``AutoencoderKL``, a CLIP text encoder
-and tokenizer, a scheduler; the safety checker and feature extractor are not used). Every part
+and tokenizer, a scheduler; the safety checker and feature extractor are not used), Stable
+Diffusion XL (two CLIP encoders) and Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``: an
+``SD3Transformer2DModel``, two projected CLIP encoders and an optional T5). Every part
 converts exactly (:mod:`difflab.interop.diffusers_unet`, :mod:`~difflab.interop.diffusers_unet_condition`,
 :mod:`~difflab.interop.diffusers_vae`, :mod:`~difflab.interop.schedulers`; the text encoder loads
 from the folder with ``transformers``, never from a hub); the pipeline then samples with every
 difflab sampler, schedule, guidance method and accelerator, and ``difflab serve`` shows it. Parts
-not converted yet (SDXL's second text encoder, transformers, T5) are refused by name.
+not converted (other transformers, IP-Adapter image encoders) are refused by name.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from difflab.files import read_json
+from difflab.interop.diffusers_mmdit import mmdit_from_diffusers
 from difflab.interop.diffusers_unet import unet2d_from_diffusers
 from difflab.interop.diffusers_unet_condition import unet2d_condition_from_diffusers
 from difflab.interop.diffusers_vae import vae_from_diffusers
@@ -27,14 +30,18 @@ from difflab.pipeline import Pipeline
 
 INDEX = "model_index.json"
 #: the parts difflab reads, by role, with the classes it converts (None: any scheduler it converts)
-CONVERTED = {"unet": ("UNet2DModel", "UNet2DConditionModel"), "scheduler": None, "vae": ("AutoencoderKL",),
-             "text_encoder": ("CLIPTextModel",), "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
-             "text_encoder_2": ("CLIPTextModelWithProjection",), "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast")}
+CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+CONVERTED = {"unet": ("UNet2DModel", "UNet2DConditionModel"), "transformer": ("SD3Transformer2DModel",),
+             "scheduler": None, "vae": ("AutoencoderKL",),
+             "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"), "tokenizer": CLIP_TOKENIZERS,
+             "text_encoder_2": ("CLIPTextModelWithProjection",), "tokenizer_2": CLIP_TOKENIZERS,
+             "text_encoder_3": ("T5EncoderModel",), "tokenizer_3": ("T5TokenizerFast", "T5Tokenizer")}
 #: parts a pipeline may carry that sampling does not use
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
 #: Stable Diffusion's guidance (its pipelines' default scale) and the condition dropout it was trained with
 SD_GUIDANCE = {"method": "cfg", "options": {"scale": 7.5}}
 SDXL_GUIDANCE = {"method": "cfg", "options": {"scale": 5.0}}
+SD3_GUIDANCE = {"method": "cfg", "options": {"scale": 7.0}}
 SD_COND_DROPOUT = 0.1
 
 
@@ -49,53 +56,69 @@ def _parts(path: Path) -> dict[str, str]:
     unknown = sorted(k for k in parts if k not in CONVERTED)
     if unknown:
         raise ConversionError(f"{path} is a {index.get('_class_name', 'diffusers pipeline')} with "
-                              f"{', '.join(unknown)}; difflab converts unet, vae, text_encoder (CLIP), tokenizer "
-                              "and scheduler so far")
-    for role in ("unet", "scheduler"):
-        if role not in parts:
-            raise ConversionError(f"{path}/{INDEX} names no {role}")
+                              f"{', '.join(unknown)}; difflab converts {', '.join(CONVERTED)}")
+    if ("unet" in parts) == ("transformer" in parts) or "scheduler" not in parts:
+        raise ConversionError(f"{path}/{INDEX} must name one network (unet or transformer) and a scheduler")
     for role, name in parts.items():
         if CONVERTED[role] is not None and name not in CONVERTED[role]:
             raise ConversionError(f"{path}: its {role} is a {name}; difflab converts {', '.join(CONVERTED[role])}")
-    if ("text_encoder" in parts) != (parts["unet"] == "UNet2DConditionModel") or (
-            "text_encoder" in parts) != ("tokenizer" in parts) or ("text_encoder_2" in parts) != (
-            "tokenizer_2" in parts):
-        raise ConversionError(f"{path}: a text-conditional U-Net needs a text_encoder and a tokenizer, and only it "
-                              "takes them")
+    texts = [role for role in ("text_encoder", "text_encoder_2", "text_encoder_3") if role in parts]
+    conditional = parts.get("unet") == "UNet2DConditionModel" or "transformer" in parts
+    if bool(texts) != conditional or any((role in parts) != (role.replace("text_encoder", "tokenizer") in parts)
+                                         for role in ("text_encoder", "text_encoder_2", "text_encoder_3")):
+        raise ConversionError(f"{path}: a text-conditional network needs its text encoders and tokenizers, and only "
+                              "it takes them")
+    if "transformer" in parts and texts[:2] != ["text_encoder", "text_encoder_2"]:
+        raise ConversionError(f"{path}: a Stable Diffusion 3 folder needs text_encoder and text_encoder_2 (CLIP)")
     return parts
+
+
+def _text_encoder(path: Path, parts: dict[str, str], image_size: tuple[int, int],
+                  network_config: dict[str, Any]) -> dict[str, Any]:
+    """The difflab text-encoder config of a pipeline's CLIP / SDXL / SD 3 encoders (folders only)."""
+    max_tokens = int(read_json(path / "tokenizer" / "tokenizer_config.json", "tokenizer config")
+                     .get("model_max_length", 77))
+    folder = {role: str((path / role).resolve()) for role in parts if role.startswith(("text_encoder", "tokenizer"))}
+    if "transformer" in parts:  # SD 3: two CLIPs and (optionally) T5
+        return {"name": "sd3_text", "path": folder["text_encoder"], "path_2": folder["text_encoder_2"],
+                "tokenizer": folder["tokenizer"], "tokenizer_2": folder["tokenizer_2"],
+                "path_3": folder.get("text_encoder_3"), "tokenizer_3": folder.get("tokenizer_3"),
+                "clip_tokens": min(max_tokens, 77), "t5_tokens": 256,
+                "joint_dim": int(network_config.get("joint_attention_dim", 4096))}
+    if "text_encoder_2" in parts:  # SDXL: both encoders, the image size as its size conditioning
+        index = read_json(path / INDEX, "diffusers model index")
+        return {"name": "sdxl_clip", "path": folder["text_encoder"], "path_2": folder["text_encoder_2"],
+                "tokenizer": folder["tokenizer"], "tokenizer_2": folder["tokenizer_2"], "size": list(image_size),
+                "max_tokens": min(max_tokens, 77), "zero_null": bool(index.get("force_zeros_for_empty_prompt", True))}
+    return {"name": "clip", "path": folder["text_encoder"], "tokenizer": folder["tokenizer"],
+            "max_tokens": min(max_tokens, 77)}
 
 
 def pipeline_from_diffusers(path: str | os.PathLike, *, sampler: str = "dpmpp_2m", steps: int = 20) -> Pipeline:
     """A difflab pipeline from a diffusers pipeline folder, sampling by default with ``sampler`` at
     ``steps`` on the grid the scheduler's spacing names (``leading``/``trailing``/``uniform``; a
     ``steps_offset`` of a leading grid is a sampling choice and is not kept). A text pipeline's
-    default guidance is CFG at 7.5, as diffusers' Stable Diffusion pipelines."""
+    default guidance is CFG at diffusers' default scale (7.5 SD, 5 SDXL, 7 SD 3)."""
     path = Path(path)
     if not is_diffusers_pipeline(path):
         raise ConversionError(f"{path} is not a diffusers pipeline folder: it has no {INDEX}")
     parts = _parts(path)
-    text = parts["unet"] == "UNet2DConditionModel"
-    network = (unet2d_condition_from_diffusers if text else unet2d_from_diffusers)(path / "unet")
+    role = "transformer" if "transformer" in parts else "unet"
+    convert = {"UNet2DModel": unet2d_from_diffusers, "UNet2DConditionModel": unet2d_condition_from_diffusers,
+               "SD3Transformer2DModel": mmdit_from_diffusers}[parts[role]]
+    network = convert(path / role)
+    network_config = read_json(path / role / "config.json", "diffusers model config")
     vae = vae_from_diffusers(path / "vae") if "vae" in parts else None
     conversion = scheduler_from_diffusers(path / "scheduler")
-    size = read_json(path / "unet" / "config.json", "diffusers model config").get("sample_size") or 32
+    size = network_config.get("sample_size") or 32
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    encoder = None
+    factor = vae.downsampling if vae is not None else 1
+    text = "text_encoder" in parts
+    encoder = _text_encoder(path, parts, (height * factor, width * factor), network_config) if text else None
+    guidance = None
     if text:
-        max_tokens = int(read_json(path / "tokenizer" / "tokenizer_config.json", "tokenizer config")
-                         .get("model_max_length", 77))
-        folder = {role: str((path / role).resolve()) for role in ("text_encoder", "tokenizer", "text_encoder_2",
-                                                                   "tokenizer_2")}
-        encoder = {"name": "clip", "path": folder["text_encoder"], "tokenizer": folder["tokenizer"],
-                   "max_tokens": min(max_tokens, 77)}
-        if "text_encoder_2" in parts:  # SDXL: both encoders, the image size as its size conditioning
-            factor = vae.downsampling if vae is not None else 1
-            index = read_json(path / INDEX, "diffusers model index")
-            encoder = {"name": "sdxl_clip", "path": folder["text_encoder"], "path_2": folder["text_encoder_2"],
-                       "tokenizer": folder["tokenizer"], "tokenizer_2": folder["tokenizer_2"],
-                       "size": [height * factor, width * factor], "max_tokens": min(max_tokens, 77),
-                       "zero_null": bool(index.get("force_zeros_for_empty_prompt", True))}
-    guidance = (SDXL_GUIDANCE if "text_encoder_2" in parts else SD_GUIDANCE) if text else None
+        guidance = SD3_GUIDANCE if role == "transformer" else SDXL_GUIDANCE if "text_encoder_2" in parts else \
+            SD_GUIDANCE
     return Pipeline(network, conversion.process, conversion.prediction,
                     sample_shape=(network.config.in_channels, height, width), sampler=sampler, steps=steps,
                     schedule=conversion.schedule, vae=vae, text_encoder=encoder, guidance=guidance,

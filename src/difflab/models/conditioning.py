@@ -208,10 +208,80 @@ class SDXLText(TextEncoder):
         return out
 
 
+class SD3Text(TextEncoder):
+    """Stable Diffusion 3's three text encoders (Esser et al. 2024) from local folders: the
+    penultimate hidden states of two projected CLIP encoders side by side, zero-padded to T5's width,
+    followed by T5's last hidden states (Raffel et al. 2020) as the tokens; both CLIPs' projected end
+    tokens side by side as the pooled vector. Without a T5 folder its tokens are zeros of
+    ``joint_dim``, as diffusers does when ``text_encoder_3`` is dropped. The null condition is the
+    empty prompt encoded (SD 3 does not zero it)."""
+
+    name = "sd3_text"
+
+    def __init__(self, path: str, path_2: str, tokenizer: str, tokenizer_2: str, path_3: str | None = None,
+                 tokenizer_3: str | None = None, clip_tokens: int = 77, t5_tokens: int = 256,
+                 joint_dim: int | None = None, device: str = "cpu"):
+        super().__init__(clip_tokens + t5_tokens)
+        try:
+            from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+        except ImportError as err:
+            raise ImportError("SD 3's text encoders need transformers: pip install 'difflab[interop]'") from err
+        if (path_3 is None) != (tokenizer_3 is None):
+            raise ValueError("SD 3's T5 encoder needs both path_3 and tokenizer_3 (or neither)")
+        self.options = {"path": str(path), "path_2": str(path_2), "tokenizer": str(tokenizer),
+                        "tokenizer_2": str(tokenizer_2), "path_3": None if path_3 is None else str(path_3),
+                        "tokenizer_3": None if tokenizer_3 is None else str(tokenizer_3), "clip_tokens": clip_tokens,
+                        "t5_tokens": t5_tokens, "joint_dim": joint_dim}
+        self.clip_tokens, self.t5_tokens = clip_tokens, t5_tokens
+        self.tokenizers = [CLIPTokenizer.from_pretrained(t, local_files_only=True) for t in (tokenizer, tokenizer_2)]
+        self.models = [CLIPTextModelWithProjection.from_pretrained(p, local_files_only=True).to(device).eval()
+                       for p in (path, path_2)]
+        self.t5 = self.t5_tokenizer = None
+        if path_3 is not None:
+            self.t5_tokenizer = AutoTokenizer.from_pretrained(tokenizer_3, local_files_only=True)
+            self.t5 = T5EncoderModel.from_pretrained(path_3, local_files_only=True).to(device).eval()
+            joint_dim = joint_dim or int(self.t5.config.d_model)
+        if joint_dim is None:
+            raise ValueError("without a T5 encoder, SD 3's text tokens need joint_dim (the transformer's "
+                             "joint_attention_dim) for T5's place")
+        self.dim = int(joint_dim)
+        clip_width = sum(int(m.config.hidden_size) for m in self.models)
+        if clip_width > self.dim:
+            raise ValueError(f"the two CLIP encoders' width {clip_width} exceeds the joint width {self.dim}")
+        self.pooled_dim = sum(int(m.config.projection_dim) for m in self.models)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
+
+    def tokens(self, prompt: str) -> list[str]:
+        t = self.tokenizers[0]
+        return [t.bos_token, *t.tokenize(prompt), t.eos_token]
+
+    @torch.no_grad()
+    def encode_one(self, prompt: str) -> tuple[Tensor, Tensor]:
+        hidden, pooled = [], []
+        for tokenizer, model in zip(self.tokenizers, self.models, strict=True):
+            ids = tokenizer(prompt, padding="max_length", max_length=self.clip_tokens, truncation=True,
+                            return_tensors="pt").input_ids.to(model.device)
+            out = model(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2][0])
+            pooled.append(out[0][0])
+        clip = torch.cat(hidden, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, self.dim - clip.shape[-1]))
+        if self.t5 is None:
+            t5 = clip.new_zeros(self.t5_tokens, self.dim)
+        else:
+            ids = self.t5_tokenizer(prompt, padding="max_length", max_length=self.t5_tokens, truncation=True,
+                                    add_special_tokens=True, return_tensors="pt").input_ids.to(self.t5.device)
+            t5 = self.t5(ids)[0][0]
+        return torch.cat([clip, t5.to(clip.dtype)]), torch.cat(pooled)
+
+
 REGISTRY: Registry[Callable[..., TextEncoder]] = Registry("text encoder")
 REGISTRY.add("minilm", MiniLM, "Wang et al. 2020, MiniLM (all-MiniLM-L6-v2 sentence embeddings)")
 REGISTRY.add("clip", CLIPText, "Radford et al. 2021, CLIP (a local transformers CLIPTextModel, as Stable Diffusion)")
 REGISTRY.add("sdxl_clip", SDXLText, "Podell et al. 2023, SDXL (two local CLIP text encoders and the size conditioning)")
+REGISTRY.add("sd3_text", SD3Text, "Esser et al. 2024, SD 3 (two local CLIP encoders and T5)")
 _LOADED: dict[tuple, TextEncoder] = {}
 
 
