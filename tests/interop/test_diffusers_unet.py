@@ -126,7 +126,7 @@ def test_what_diffusers_cannot_express_is_refused_before_anything_is_written(tmp
     with pytest.raises(ConversionError, match=r"context_dim .* needs UNet2DConditionModel"):
         to_diffusers(text, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(ConversionError, match="not a Pipeline"):
+    with pytest.raises(ConversionError, match="samples a discrete VP"):
         from difflab import processes
         from difflab.pipeline import Pipeline
 

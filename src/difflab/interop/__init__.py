@@ -6,14 +6,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from difflab.interop.diffusers_dit import dit_from_diffusers, pixart_from_diffusers
+from difflab.interop.diffusers_dit import dit_from_diffusers, dit_to_diffusers, pixart_from_diffusers
 from difflab.interop.diffusers_mmdit import mmdit_from_diffusers
 from difflab.interop.diffusers_unet import unet2d_from_diffusers, unet2d_to_diffusers
 from difflab.interop.diffusers_unet_condition import unet2d_condition_from_diffusers
-from difflab.interop.diffusers_vae import vae_from_diffusers
+from difflab.interop.diffusers_vae import vae_from_diffusers, vae_to_diffusers
 from difflab.interop.lora_files import lora_from_file
-from difflab.interop.pipelines import is_diffusers_pipeline, open_pipeline, pipeline_from_diffusers
-from difflab.interop.schedulers import ConversionError, SchedulerConversion, scheduler_from_diffusers
+from difflab.interop.pipelines import (
+    is_diffusers_pipeline,
+    open_pipeline,
+    pipeline_from_diffusers,
+    pipeline_to_diffusers,
+)
+from difflab.interop.schedulers import (
+    ConversionError,
+    SchedulerConversion,
+    scheduler_from_diffusers,
+    scheduler_to_diffusers,
+)
 from difflab.interop.single_file import SingleFile, from_single_file
 
 #: diffusers model classes difflab converts, by ``_class_name``
@@ -23,14 +33,21 @@ MODELS = {"UNet2DModel": unet2d_from_diffusers, "UNet2DConditionModel": unet2d_c
 
 
 def to_diffusers(obj, path: str | os.PathLike, **options) -> Path:
-    """Write a difflab network in the diffusers layout where its architecture maps (so far a
-    :class:`~difflab.models.UNet` as ``UNet2DModel``; ``sample_size=`` goes into its config)."""
-    from difflab.models import UNet
+    """Write a difflab network or pipeline in the diffusers layout where its architecture maps: a
+    :class:`~difflab.models.UNet` as ``UNet2DModel`` (``sample_size=`` goes into its config), a
+    :class:`~difflab.models.DiT` as ``DiTTransformer2DModel``, a :class:`~difflab.models.VAE` as
+    ``AutoencoderKL``, a :class:`~difflab.pipeline.Pipeline` as a ``DDPMPipeline`` or ``DiTPipeline``
+    folder. What diffusers cannot express is refused by name before anything is written."""
+    from difflab.models import VAE, DiT, UNet
+    from difflab.pipeline import Pipeline
 
-    if isinstance(obj, UNet):
-        return unet2d_to_diffusers(obj, path, **options)
-    raise ConversionError(f"difflab writes a U-Net (UNet2DModel) in the diffusers layout so far, not a "
-                          f"{type(obj).__name__}; for a pipeline, write its network: to_diffusers(pipe.network, ...)")
+    writers = [(UNet, unet2d_to_diffusers), (DiT, dit_to_diffusers), (VAE, vae_to_diffusers),
+               (Pipeline, pipeline_to_diffusers)]
+    for cls, write in writers:
+        if isinstance(obj, cls):
+            return write(obj, path, **options)
+    raise ConversionError(f"difflab writes a U-Net, DiT, VAE or pipeline in the diffusers layout, not a "
+                          f"{type(obj).__name__}")
 
 
 def from_diffusers(path: str | os.PathLike):
@@ -59,6 +76,7 @@ __all__ = [
     "SchedulerConversion",
     "SingleFile",
     "dit_from_diffusers",
+    "dit_to_diffusers",
     "from_diffusers",
     "from_single_file",
     "is_diffusers_pipeline",
@@ -66,11 +84,14 @@ __all__ = [
     "mmdit_from_diffusers",
     "open_pipeline",
     "pipeline_from_diffusers",
+    "pipeline_to_diffusers",
     "pixart_from_diffusers",
     "scheduler_from_diffusers",
+    "scheduler_to_diffusers",
     "to_diffusers",
     "unet2d_condition_from_diffusers",
     "unet2d_from_diffusers",
     "unet2d_to_diffusers",
     "vae_from_diffusers",
+    "vae_to_diffusers",
 ]

@@ -14,11 +14,20 @@ its extra channels: the network is converted, not its variance.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from difflab.interop.schedulers import ConversionError
-from difflab.interop.weights import check_supported, copy_mapped, load_mapped, read_model_config, read_weights
+from difflab.interop.weights import (
+    check_supported,
+    copy_mapped,
+    load_mapped,
+    read_model_config,
+    read_weights,
+    write_mapped,
+)
 from difflab.models import DiT, DiTConfig
 
 
@@ -69,6 +78,41 @@ def dit_from_diffusers(folder: str | os.PathLike) -> DiT:
                                   "class embedding, difflab's DiT shares one, so only equal copies convert")
         del state[key]
     return copy_mapped(DiT(config), state, dit_key_map(config), str(folder))
+
+
+def dit_diffusers_config(config: DiTConfig) -> dict[str, Any]:
+    """The diffusers ``DiTTransformer2DModel`` config of a difflab DiT config (the inverse of
+    :func:`dit_config`), or a :class:`ConversionError` naming each option diffusers cannot express."""
+    c = config
+    wanted = {"conditioning": "adaln_zero", "position": "sincos", "sincos_order": "xy", "time_cos_first": True,
+              "time_freq_shift": 1.0, "context_dim": None, "pooled_dim": None, "long_skip": False, "qk_norm": False,
+              "mlp_ratio": 4.0, "caption_projection": False, "final_modulation": "linear", "sincos_scale": 1.0}
+    wrong = [f"{k}={getattr(c, k)!r} (diffusers: {v!r})" for k, v in wanted.items() if getattr(c, k) != v]
+    if c.num_classes is None:
+        wrong.append("num_classes=None (diffusers' DiT is class-conditional)")
+    if c.sincos_base is None:
+        wrong.append("sincos_base=None (diffusers rescales positions to its sample size's grid)")
+    if wrong:
+        raise ConversionError("this DiT cannot be written as a diffusers DiTTransformer2DModel: " + "; ".join(wrong)
+                              + ". A DiT built with diffusers' conventions (those values) can.")
+    return {"_class_name": "DiTTransformer2DModel", "num_attention_heads": c.num_heads,
+            "attention_head_dim": c.hidden_size // c.num_heads, "in_channels": c.in_channels,
+            "out_channels": c.out_channels or c.in_channels, "num_layers": c.depth,
+            "sample_size": c.sincos_base * c.patch_size, "patch_size": c.patch_size,
+            "num_embeds_ada_norm": c.num_classes, "norm_eps": c.mlp_norm_eps, "norm_type": "ada_norm_zero",
+            "activation_fn": "gelu-approximate",
+            "attention_bias": True, "upcast_attention": False, "norm_elementwise_affine": False, "dropout": 0.0}
+
+
+def dit_to_diffusers(dit: DiT, folder: str | os.PathLike) -> Path:
+    """Write a difflab DiT as a diffusers ``DiTTransformer2DModel`` folder (each block gets its copy
+    of the shared time and class embedding, as diffusers keeps them); :func:`dit_from_diffusers`
+    reads it back bit for bit."""
+    mapping = dit_key_map(dit.config)
+    first = "transformer_blocks.0.norm1.emb."
+    copies = {mapping[k]: [k.replace("blocks.0.", f"blocks.{b}.", 1) for b in range(1, dit.config.depth)]
+              for k in mapping if k.startswith(first)}
+    return write_mapped(dit, folder, dit_diffusers_config(dit.config), mapping, copies)
 
 
 def pixart_config(cfg: dict) -> DiTConfig:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from difflab.interop.schedulers import ConversionError
-from difflab.interop.weights import check_supported, load_mapped, read_model_config
+from difflab.interop.weights import check_supported, load_mapped, read_model_config, write_mapped
 from difflab.models import UNet, UNetConfig
 
 SUPPORTED_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
@@ -182,16 +182,4 @@ def unet2d_to_diffusers(net: UNet, folder: str | os.PathLike, sample_size: int |
     ``diffusion_pytorch_model.safetensors``) that diffusers loads with the same outputs;
     :func:`unet2d_from_diffusers` reads it back bit for bit. The class embedding keeps difflab's
     null class as its last row (``class_labels = num_classes`` is unconditional)."""
-    from difflab.files import save_tensors, write_json
-
-    config = unet2d_diffusers_config(net.config, sample_size)
-    own = net.state_dict()
-    inverse = {v: k for k, v in unet2d_key_map(net.config).items() if v in own}
-    left = sorted(set(own) - set(inverse))
-    if left:
-        raise ConversionError(f"these U-Net weights have no diffusers name: {left[:5]}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(folder / "diffusion_pytorch_model.safetensors", {inverse[k]: v for k, v in own.items()})
-    write_json(folder / "config.json", config)  # last: a half-written folder has no config
-    return folder
+    return write_mapped(net, folder, unet2d_diffusers_config(net.config, sample_size), unet2d_key_map(net.config))

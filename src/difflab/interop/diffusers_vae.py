@@ -10,11 +10,12 @@ encoder's stride-2 convolutions pad only right and bottom (``asymmetric_downsamp
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from difflab.interop.diffusers_unet import attention_key_map, resnet_key_map
 from difflab.interop.schedulers import ConversionError
-from difflab.interop.weights import check_supported, load_mapped, read_model_config
+from difflab.interop.weights import check_supported, load_mapped, read_model_config, write_mapped
 from difflab.models import VAE, VAEConfig
 
 
@@ -94,3 +95,29 @@ def vae_from_diffusers(folder: str | os.PathLike) -> VAE:
     mis-shaped weights instead of a half-loaded network."""
     config = vae_config(read_model_config(folder, "AutoencoderKL"))
     return load_mapped(VAE(config), folder, vae_key_map(config))
+
+
+def vae_diffusers_config(config: VAEConfig) -> dict[str, Any]:
+    """The diffusers ``AutoencoderKL`` config of a difflab VAE config (the inverse of
+    :func:`vae_config`), or a :class:`ConversionError` naming what diffusers cannot express."""
+    c = config
+    widths = [c.base_channels * m for m in c.channel_mult]
+    if not c.asymmetric_downsample:
+        raise ConversionError("this VAE's stride-2 convolutions pad on every side; diffusers' AutoencoderKL pads only "
+                              "right and bottom, so only a VAE built with asymmetric_downsample=True can be written")
+    if any(w % c.norm_groups for w in widths):
+        raise ConversionError(f"norm_groups={c.norm_groups} does not divide every width {widths}; diffusers uses one "
+                              "group count everywhere")
+    levels = len(widths)
+    return {"_class_name": "AutoencoderKL", "in_channels": c.in_channels, "out_channels": c.in_channels,
+            "latent_channels": c.latent_channels, "block_out_channels": widths, "layers_per_block": c.num_res_blocks,
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "act_fn": "silu", "norm_num_groups": c.norm_groups, "mid_block_add_attention": c.mid_attention,
+            "scaling_factor": c.scaling_factor, "shift_factor": c.shift_factor or None,
+            "use_quant_conv": c.quant_conv, "use_post_quant_conv": c.quant_conv}
+
+
+def vae_to_diffusers(vae: VAE, folder: str | os.PathLike) -> Path:
+    """Write a difflab VAE as a diffusers ``AutoencoderKL`` folder that diffusers loads with the same
+    encodings and decodings; :func:`vae_from_diffusers` reads it back bit for bit."""
+    return write_mapped(vae, folder, vae_diffusers_config(vae.config), vae_key_map(vae.config))

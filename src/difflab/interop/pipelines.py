@@ -21,18 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from difflab.files import read_json
+from difflab.interop.diffusers_dit import dit_diffusers_config, dit_from_diffusers, dit_to_diffusers
 from difflab.interop.diffusers_mmdit import mmdit_from_diffusers
-from difflab.interop.diffusers_unet import unet2d_from_diffusers
+from difflab.interop.diffusers_unet import unet2d_diffusers_config, unet2d_from_diffusers, unet2d_to_diffusers
 from difflab.interop.diffusers_unet_condition import unet2d_condition_from_diffusers
-from difflab.interop.diffusers_vae import vae_from_diffusers
-from difflab.interop.schedulers import ConversionError, scheduler_from_diffusers
+from difflab.interop.diffusers_vae import vae_diffusers_config, vae_from_diffusers, vae_to_diffusers
+from difflab.interop.schedulers import ConversionError, scheduler_from_diffusers, scheduler_to_diffusers
 from difflab.pipeline import Pipeline
 
 INDEX = "model_index.json"
 #: the parts difflab reads, by role, with the classes it converts (None: any scheduler it converts)
 CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
-CONVERTED = {"unet": ("UNet2DModel", "UNet2DConditionModel"), "transformer": ("SD3Transformer2DModel",),
-             "scheduler": None, "vae": ("AutoencoderKL",),
+CONVERTED = {"unet": ("UNet2DModel", "UNet2DConditionModel"),
+             "transformer": ("SD3Transformer2DModel", "DiTTransformer2DModel"), "scheduler": None,
+             "vae": ("AutoencoderKL",),
              "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"), "tokenizer": CLIP_TOKENIZERS,
              "text_encoder_2": ("CLIPTextModelWithProjection",), "tokenizer_2": CLIP_TOKENIZERS,
              "text_encoder_3": ("T5EncoderModel",), "tokenizer_3": ("T5TokenizerFast", "T5Tokenizer")}
@@ -42,6 +44,10 @@ UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
 SD_GUIDANCE = {"method": "cfg", "options": {"scale": 7.5}}
 SDXL_GUIDANCE = {"method": "cfg", "options": {"scale": 5.0}}
 SD3_GUIDANCE = {"method": "cfg", "options": {"scale": 7.0}}
+DIT_GUIDANCE = {"method": "cfg", "options": {"scale": 4.0}}
+#: what a difflab pipeline becomes in diffusers: (pipeline class, network role, network class)
+EXPORTS = {"unconditional pixel U-Net": ("DDPMPipeline", "unet", "UNet2DModel"),
+           "class-conditional latent DiT": ("DiTPipeline", "transformer", "DiTTransformer2DModel")}
 SD_COND_DROPOUT = 0.1
 
 
@@ -63,12 +69,12 @@ def _parts(path: Path) -> dict[str, str]:
         if CONVERTED[role] is not None and name not in CONVERTED[role]:
             raise ConversionError(f"{path}: its {role} is a {name}; difflab converts {', '.join(CONVERTED[role])}")
     texts = [role for role in ("text_encoder", "text_encoder_2", "text_encoder_3") if role in parts]
-    conditional = parts.get("unet") == "UNet2DConditionModel" or "transformer" in parts
+    conditional = parts.get("unet") == "UNet2DConditionModel" or parts.get("transformer") == "SD3Transformer2DModel"
     if bool(texts) != conditional or any((role in parts) != (role.replace("text_encoder", "tokenizer") in parts)
                                          for role in ("text_encoder", "text_encoder_2", "text_encoder_3")):
         raise ConversionError(f"{path}: a text-conditional network needs its text encoders and tokenizers, and only "
                               "it takes them")
-    if "transformer" in parts and texts[:2] != ["text_encoder", "text_encoder_2"]:
+    if parts.get("transformer") == "SD3Transformer2DModel" and texts[:2] != ["text_encoder", "text_encoder_2"]:
         raise ConversionError(f"{path}: a Stable Diffusion 3 folder needs text_encoder and text_encoder_2 (CLIP)")
     return parts
 
@@ -79,7 +85,7 @@ def _text_encoder(path: Path, parts: dict[str, str], image_size: tuple[int, int]
     max_tokens = int(read_json(path / "tokenizer" / "tokenizer_config.json", "tokenizer config")
                      .get("model_max_length", 77))
     folder = {role: str((path / role).resolve()) for role in parts if role.startswith(("text_encoder", "tokenizer"))}
-    if "transformer" in parts:  # SD 3: two CLIPs and (optionally) T5
+    if parts.get("transformer") == "SD3Transformer2DModel":  # two CLIPs and (optionally) T5
         return {"name": "sd3_text", "path": folder["text_encoder"], "path_2": folder["text_encoder_2"],
                 "tokenizer": folder["tokenizer"], "tokenizer_2": folder["tokenizer_2"],
                 "path_3": folder.get("text_encoder_3"), "tokenizer_3": folder.get("tokenizer_3"),
@@ -105,8 +111,13 @@ def pipeline_from_diffusers(path: str | os.PathLike, *, sampler: str = "dpmpp_2m
     parts = _parts(path)
     role = "transformer" if "transformer" in parts else "unet"
     convert = {"UNet2DModel": unet2d_from_diffusers, "UNet2DConditionModel": unet2d_condition_from_diffusers,
-               "SD3Transformer2DModel": mmdit_from_diffusers}[parts[role]]
+               "SD3Transformer2DModel": mmdit_from_diffusers, "DiTTransformer2DModel": dit_from_diffusers}[parts[role]]
     network = convert(path / role)
+    classes = getattr(network.config, "num_classes", None) if parts[role] == "DiTTransformer2DModel" else None
+    if classes and (network.config.out_channels or network.config.in_channels) != network.config.in_channels:
+        raise ConversionError(f"{path}: its DiT also predicts a variance (out_channels = 2 x in_channels, learned "
+                              "sigma); difflab's denoisers take the mean prediction only, so this pipeline is not "
+                              "converted (the network alone is: from_diffusers on its transformer folder)")
     network_config = read_json(path / role / "config.json", "diffusers model config")
     vae = vae_from_diffusers(path / "vae") if "vae" in parts else None
     conversion = scheduler_from_diffusers(path / "scheduler")
@@ -115,14 +126,64 @@ def pipeline_from_diffusers(path: str | os.PathLike, *, sampler: str = "dpmpp_2m
     factor = vae.downsampling if vae is not None else 1
     text = "text_encoder" in parts
     encoder = _text_encoder(path, parts, (height * factor, width * factor), network_config) if text else None
-    guidance = None
+    guidance = DIT_GUIDANCE if classes else None
     if text:
         guidance = SD3_GUIDANCE if role == "transformer" else SDXL_GUIDANCE if "text_encoder_2" in parts else \
             SD_GUIDANCE
     return Pipeline(network, conversion.process, conversion.prediction,
                     sample_shape=(network.config.in_channels, height, width), sampler=sampler, steps=steps,
                     schedule=conversion.schedule, vae=vae, text_encoder=encoder, guidance=guidance,
-                    cond_dropout=SD_COND_DROPOUT if text else None)
+                    num_classes=classes, cond_dropout=SD_COND_DROPOUT if text else None)
+
+
+def pipeline_to_diffusers(pipe: Pipeline, folder: str | os.PathLike) -> Path:
+    """Write a difflab pipeline as a diffusers pipeline folder where diffusers has one for it: an
+    unconditional pixel U-Net as a ``DDPMPipeline``, a class-conditional latent DiT with its VAE as
+    a ``DiTPipeline``, each with a ``DDPMScheduler`` for its discrete VP process (a
+    :class:`ConversionError` otherwise, before anything is written). :func:`pipeline_from_diffusers`
+    reads the folder back with bit-identical networks and the same process and prediction."""
+    from difflab.files import write_json
+    from difflab.models import DiT, UNet
+
+    kind = None
+    if isinstance(pipe.network, UNet) and pipe.vae is None and not pipe.num_classes and not pipe.text_encoder_config:
+        kind = "unconditional pixel U-Net"
+    elif isinstance(pipe.network, DiT) and pipe.vae is not None and pipe.num_classes and not pipe.text_encoder_config:
+        kind = "class-conditional latent DiT"
+    if kind is None:
+        raise ConversionError(f"diffusers has a pipeline for an {' and a '.join(EXPORTS)}; this pipeline is a "
+                              f"{type(pipe.network).__name__}{' with a VAE' if pipe.vae is not None else ''}"
+                              f"{' with classes' if pipe.num_classes else ''}"
+                              f"{' with a text encoder' if pipe.text_encoder_config else ''}. Write its networks "
+                              "alone with to_diffusers(pipe.network, ...)")
+    height, width = pipe.sample_shape[-2:]
+    if height != width:
+        raise ConversionError(f"diffusers' {EXPORTS[kind][0]} samples square images; this pipeline's are "
+                              f"{height}x{width}")
+    spacing = {"leading": "leading", "trailing": "trailing", "uniform": "linspace"}.get(pipe.schedule, "leading")
+    scheduler = scheduler_to_diffusers(pipe.process, pipe.prediction, spacing)
+    if scheduler["_class_name"] != "DDPMScheduler":
+        raise ConversionError(f"diffusers' {EXPORTS[kind][0]} samples a discrete VP (DDPM) process; this pipeline's "
+                              f"process is {pipe.process.name!r}")
+    name, role, network_class = EXPORTS[kind]
+    folder = Path(folder)
+    if kind == "unconditional pixel U-Net":
+        unet2d_diffusers_config(pipe.network.config, height)  # refusals before anything is written
+    else:
+        dit_diffusers_config(pipe.network.config)
+        vae_diffusers_config(pipe.vae.config)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {role: ["diffusers", network_class], "scheduler": ["diffusers", "DDPMScheduler"]}
+    if kind == "unconditional pixel U-Net":
+        unet2d_to_diffusers(pipe.network, folder / role, sample_size=height)
+    else:
+        dit_to_diffusers(pipe.network, folder / role)
+        vae_to_diffusers(pipe.vae, folder / "vae")
+        parts["vae"] = ["diffusers", "AutoencoderKL"]
+    (folder / "scheduler").mkdir(exist_ok=True)
+    write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+    write_json(folder / INDEX, {"_class_name": name, **parts})  # last: a half-written folder is no pipeline
+    return folder
 
 
 def open_pipeline(path: str | os.PathLike, device: str = "cpu") -> Pipeline:

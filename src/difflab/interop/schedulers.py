@@ -138,3 +138,40 @@ def _schedule(cfg: dict[str, Any], steps: int, is_flow: bool) -> tuple[str, dict
     if spacing == "trailing":
         return "trailing", {}
     return "uniform", {}
+
+
+def scheduler_to_diffusers(process: processes.Process, prediction: predictions.Prediction | str,
+                           spacing: str = "leading") -> dict[str, Any]:
+    """The diffusers scheduler config of a difflab process and prediction (the inverse of
+    :func:`scheduler_from_diffusers`): a discrete VP process as a ``DDPMScheduler`` (its named beta
+    schedule, else its betas), a flow process as a ``FlowMatchEulerDiscreteScheduler``; a
+    :class:`ConversionError` for a process diffusers' schedulers cannot express."""
+    prediction = predictions.get(prediction)
+    kinds = {v: k for k, v in PREDICTION_TYPES.items()}
+    if isinstance(process, processes.Flow):
+        if prediction.name != "flow":
+            raise ConversionError(f"a flow process with {prediction.name!r} prediction: diffusers' flow schedulers "
+                                  "take the velocity (flow) prediction only")
+        steps = round(process.time_scale)
+        if steps != process.time_scale or abs(process.t_min * steps - 1) > 1e-9:
+            raise ConversionError(f"a flow process fed {process.time_scale} x sigma with t_min {process.t_min}: "
+                                  "diffusers feeds num_train_timesteps x sigma and starts at 1 / num_train_timesteps")
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": steps,
+                "shift": process.shift}
+    if not isinstance(process, processes.DiscreteVP):
+        raise ConversionError(f"a {process.name!r} process has no diffusers scheduler; diffusers' DDPM-family "
+                              "schedulers are discrete VP (DiscreteVP) and its flow schedulers rectified flow (Flow)")
+    if prediction.name not in kinds:
+        raise ConversionError(f"the {prediction.name!r} prediction has no diffusers prediction_type (it has "
+                              f"{', '.join(PREDICTION_TYPES)})")
+    cfg = process.config()
+    out: dict[str, Any] = {"_class_name": "DDPMScheduler", "num_train_timesteps": process.num_train_steps,
+                           "prediction_type": kinds[prediction.name], "clip_sample": False,
+                           "timestep_spacing": spacing}
+    if cfg.get("beta_schedule") in processes.BETA_SCHEDULES:
+        out.update({"beta_schedule": cfg["beta_schedule"],
+                    "rescale_betas_zero_snr": bool(cfg.get("zero_terminal_snr"))})
+        out.update({k: cfg[k] for k in ("beta_start", "beta_end") if k in cfg})
+    else:
+        out["trained_betas"] = process.betas.tolist()
+    return out

@@ -80,3 +80,26 @@ def load_mapped(network: torch.nn.Module, folder: str | os.PathLike, mapping: di
                 adapt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
     """Copy a diffusers model folder's weights into ``network`` (:func:`copy_mapped`)."""
     return copy_mapped(network, read_weights(folder), mapping, str(Path(folder) / WEIGHTS), adapt)
+
+
+def write_mapped(network: torch.nn.Module, folder: str | os.PathLike, config: dict[str, Any],
+                 mapping: dict[str, str], copies: dict[str, list[str]] | None = None) -> Path:
+    """Write ``network`` as a diffusers model folder: its weights under their diffusers names
+    (``mapping``: diffusers name -> difflab name, a superset is fine; ``copies``: difflab name ->
+    further diffusers names that hold the same weight) and ``config``, the config last, so a
+    half-written folder has none. Every weight must have a diffusers name."""
+    from difflab.files import save_tensors, write_json
+
+    own = network.state_dict()
+    inverse = {v: k for k, v in mapping.items() if v in own}
+    left = sorted(set(own) - set(inverse))
+    if left:
+        raise ConversionError(f"these {type(network).__name__} weights have no diffusers name: {left[:5]}")
+    tensors = {inverse[k]: v for k, v in own.items()}
+    for key, names in (copies or {}).items():
+        tensors.update({name: own[key].clone() for name in names})  # stored apart, as diffusers keeps them
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / WEIGHTS, {k: v.contiguous() for k, v in tensors.items()})
+    write_json(folder / "config.json", config)
+    return folder
