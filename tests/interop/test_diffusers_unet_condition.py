@@ -72,9 +72,28 @@ def test_an_sdxl_style_unet_with_added_embeddings_and_deeper_levels_gives_diffus
         net(x, t, context=context, pooled=pooled)
 
 
+def test_a_latent_consistency_unet_takes_the_guidance_scale_as_diffusers_lcm_pipeline_gives_it(tmp_path):
+    """LCM's time_cond_proj_dim: diffusers' pipeline embeds w = scale - 1 and passes it as
+    timestep_cond; difflab's U-Net takes guidance_scale and does the same inside."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    cfg = dict(CONFIGS["SD 1.x style: conv projections, 4 heads everywhere"], time_cond_proj_dim=16)
+    model, folder = _diffusers_model(tmp_path, **cfg)
+    net = from_diffusers(folder)
+    assert net.config.guidance_embedding and net.config.guidance_projection_dim == 16
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 24, generator=g)
+    t, scale = torch.tensor([3.0, 871.0]), torch.tensor([8.5, 3.0])
+    cond = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, scale - 1, embedding_dim=16)
+    with torch.no_grad():
+        theirs = model(x, t, encoder_hidden_states=context, timestep_cond=cond).sample
+        mine = net(x, t, context=context, guidance_scale=scale)
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+        assert not torch.allclose(mine, net(x, t, context=context, guidance_scale=torch.tensor([1.0, 1.0])), atol=1e-3)
+
+
 @pytest.mark.parametrize("option, message", [
     ({"addition_embed_type": "text", "encoder_hid_dim": None}, "addition_embed_type='text' is not supported yet"),
-    ({"time_cond_proj_dim": 16}, "time_cond_proj_dim=16 is not supported yet"),
     ({"class_embed_type": "timestep"}, "class_embed_type='timestep' is not supported yet"),
 ])
 def test_sdxl_and_other_variants_are_refused_by_name(tmp_path, option, message):

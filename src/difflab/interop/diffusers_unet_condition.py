@@ -8,8 +8,10 @@ What diffusers names differently maps to options: ``attention_head_dim`` is the 
 level here (``num_heads``), the q/k/v projections have no bias (``attention_bias=False``), the
 transformer's GroupNorm and LayerNorm epsilons are fixed at 1e-6 and 1e-5, and a 1x1-convolution
 ``proj_in``/``proj_out`` (``use_linear_projection=False``, SD 1.x) is the same linear map on the
-tokens. SDXL's added embeddings, class embeddings, LCM's ``time_cond_proj_dim`` and the rarer
-attention variants are refused by name.
+tokens. SDXL's ``text_time`` added embeddings map to the pooled embedding with ``time_ids``; a latent
+consistency model's ``time_cond_proj_dim`` to ``guidance_projection_dim`` (forward's
+``guidance_scale``, as the LCM pipeline's ``w = scale - 1``). Class embeddings, other added
+embeddings and the rarer attention variants are refused by name.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ UP = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
 #: keys difflab's U-Net expresses at one value only (key -> that value; None: unset)
 SUPPORTED = {"center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
            "only_cross_attention": False, "dual_cross_attention": False, "class_embed_type": None,
-           "num_class_embeds": None, "time_cond_proj_dim": None,
+           "num_class_embeds": None,
            "encoder_hid_dim": None, "encoder_hid_dim_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
            "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
            "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
@@ -95,7 +97,8 @@ def unet2d_condition_config(cfg: dict[str, Any]) -> UNetConfig:
         norm_eps=float(cfg.get("norm_eps", 1e-5)), transformer_norm_eps=1e-6, layer_norm_eps=1e-5,
         attention_bias=False, time_cos_first=bool(cfg.get("flip_sin_to_cos", True)),
         time_freq_shift=float(cfg.get("freq_shift", 0)), time_mode="additive", mid_attention_norm=True,
-        channels_last=True)
+        channels_last=True, guidance_embedding=bool(cfg.get("time_cond_proj_dim")),
+        guidance_projection_dim=cfg.get("time_cond_proj_dim") or None)
 
 
 def _transformer(src: str, dst: str, depth: int) -> dict[str, str]:
@@ -117,6 +120,7 @@ def unet2d_condition_key_map(config: UNetConfig) -> dict[str, str]:
     out = unet_blocks_key_map(config, lambda src, dst: _transformer(src, dst, depth))  # names of absent blocks drop
     out.update({f"add_embedding.linear_{i + 1}.{p}": f"pooled_embed.proj.{2 * i}.{p}" for i in (0, 1)
                 for p in ("weight", "bias")})
+    out["time_embedding.cond_proj.weight"] = "guidance_proj.weight"
     return out
 
 

@@ -58,10 +58,22 @@ class TimestepEmbedder(nn.Module):
         self.fourier = FourierFeatures(frequency_dim) if kind == "fourier" else None
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t: Tensor) -> Tensor:
+    def forward(self, t: Tensor, extra: Tensor | None = None) -> Tensor:
+        """The embedding of ``t``; ``extra`` is added to its features before the MLP."""
         feats = self.fourier(t) if self.fourier is not None else sinusoidal_embedding(
             t, self.frequency_dim, cos_first=self.cos_first, freq_shift=self.freq_shift)
+        if extra is not None:
+            feats = feats + extra
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+def guidance_features(scale: Tensor | float | None, like: Tensor, dim: int) -> Tensor:
+    """A latent consistency model's guidance-scale features (Luo et al. 2023): ``w = scale - 1``
+    (no guidance at scale 1, the default) as ``[sin, cos]`` of ``1000 w`` with frequencies over
+    ``dim/2 - 1``, one row per sample of ``like``."""
+    scale = 1.0 if scale is None else scale
+    w = torch.as_tensor(scale, device=like.device, dtype=torch.float32).reshape(-1).expand(like.shape[0])
+    return sinusoidal_embedding(1000.0 * (w - 1), dim, cos_first=False, freq_shift=1.0)
 
 
 class ScalarEmbedder(nn.Module):

@@ -18,6 +18,7 @@ from difflab.models.layers import (
     PooledEmbedder,
     TimestepEmbedder,
     checkpointed,
+    guidance_features,
     sinusoidal_embedding,
     zero_,
 )
@@ -42,6 +43,9 @@ class UNetConfig:
     concat_channels: int = 0  # inputs concatenated to x (an inpainting model's mask and masked image)
     step_size_embedding: bool = False  # a shortcut model's step size (forward's step_size=)
     guidance_embedding: bool = False  # a latent consistency model's guidance scale (forward's guidance_scale=)
+    # LCM's own form of it (diffusers' time_cond_proj_dim): w = scale - 1 as sin-cos features of this width,
+    # through a bias-free linear map onto the time features before the time MLP
+    guidance_projection_dim: int | None = None
     norm_groups: int = 32
     qk_norm: bool = False
     fp32_norm: bool = False
@@ -89,6 +93,11 @@ class UNet(Network):
         self.pooled_embed = (PooledEmbedder(c.pooled_dim + c.pooled_time_ids * c.pooled_time_dim, emb_dim)
                              if c.pooled_dim else None)
         self.scalar_embedders(emb_dim, mc)
+        self.guidance_proj = None
+        if c.guidance_projection_dim:
+            if not c.guidance_embedding:
+                raise ValueError("guidance_projection_dim is a form of the guidance embedding: set guidance_embedding")
+            self.guidance_embed, self.guidance_proj = None, nn.Linear(c.guidance_projection_dim, mc, bias=False)
         self.conv_in = nn.Conv2d(c.in_channels + c.concat_channels, mc, 3, padding=1)
 
         if c.num_heads is not None and len(c.num_heads) != len(c.channel_mult):
@@ -191,7 +200,12 @@ class UNet(Network):
             x = torch.cat([x, concat.to(x.dtype)], 1)
         elif concat is not None:
             raise ValueError("this UNet takes no extra input channels (concat=); its config has concat_channels=0")
-        emb = self.time_embed(batch_times(t, x))
+        if self.guidance_proj is not None:  # LCM (Luo et al. 2023): the scale joins the time features
+            features = guidance_features(guidance_scale, x, self.config.guidance_projection_dim)
+            emb = self.time_embed(batch_times(t, x), self.guidance_proj(features.to(self.guidance_proj.weight.dtype)))
+            guidance_scale = None
+        else:
+            emb = self.time_embed(batch_times(t, x))
         if self.label_embed is not None:
             emb = emb + self.label_embed(class_labels)
         if self.pooled_embed is not None and pooled is not None:
