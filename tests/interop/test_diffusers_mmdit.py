@@ -9,6 +9,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from tests.conftest import perturb
 
+from difflab.files import FileError
 from difflab.interop import ConversionError, from_diffusers
 from difflab.models import MMDiT, Network
 
@@ -82,3 +83,15 @@ def test_an_mmdit_is_zero_at_initialisation_and_too_large_images_are_refused():
         net(torch.randn(1, 4, 10, 10), torch.tensor([1.0]), context=context, pooled=pooled)
     with pytest.raises(ValueError, match="pass context"):
         net(x, torch.tensor([1.0]))
+
+
+def test_a_sharded_folder_converts_like_one_file(tmp_path):
+    model, folder = _diffusers_sd3(tmp_path)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    one, sharded = from_diffusers(folder), from_diffusers(tmp_path / "sharded")
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), sharded.state_dict().values(), strict=True))
+    shard = sorted((tmp_path / "sharded").glob("*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(FileError, match=f"{shard.name} does not exist"):
+        from_diffusers(tmp_path / "sharded")

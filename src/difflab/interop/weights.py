@@ -67,13 +67,26 @@ def copy_mapped(network: torch.nn.Module, state: dict[str, torch.Tensor], mappin
 
 
 def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A diffusers model folder's safetensors weights; a ``.bin`` (a pickle) is never read."""
-    weights = Path(folder) / WEIGHTS
-    if not weights.is_file():
-        found = sorted(p.name for p in Path(folder).glob("diffusion_pytorch_model*"))
-        raise ConversionError(f"{folder} has no {WEIGHTS} (found {found or 'none'}); difflab reads safetensors "
-                              "only (a .bin is a pickle)")
-    return load_tensors(weights, "diffusers weights")
+    """A diffusers model folder's safetensors weights, one file or shards listed by
+    ``diffusion_pytorch_model.safetensors.index.json``; a ``.bin`` (a pickle) is never read."""
+    folder = Path(folder)
+    weights, index = folder / WEIGHTS, folder / f"{WEIGHTS}.index.json"
+    if weights.is_file():
+        return load_tensors(weights, "diffusers weights")
+    if index.is_file():
+        weight_map = read_json(index, "diffusers shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"{index} has no weight_map (weight name -> shard file)")
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(load_tensors(folder / shard, "diffusers weight shard"))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise ConversionError(f"{index} lists weights no shard holds: {missing[:5]}")
+        return state
+    found = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
+    raise ConversionError(f"{folder} has no {WEIGHTS} nor a shard index (found {found or 'none'}); difflab reads "
+                          "safetensors only (a .bin is a pickle)")
 
 
 def load_mapped(network: torch.nn.Module, folder: str | os.PathLike, mapping: dict[str, str],
