@@ -2,7 +2,7 @@
 conversion and of the diffusers model it came from, interleaved call by call, one thread, and the
 largest output difference. Ratios above 1 mean difflab is faster.
 
-Run by hand, alone:  python bench/interop.py      (about 3 minutes)
+Run by hand, alone:  python bench/interop.py      (about 4 minutes)
 Writes bench/results/interop.{json,md}.
 """
 
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from difflab.interop import from_diffusers
 
@@ -63,6 +63,14 @@ def cases():
     labels = torch.tensor([1, 7])
     yield ("DiTTransformer2DModel 384 wide, 6 blocks, 16x16 latents, batch 2", dit,
            lambda m: m(z, timestep=ts, class_labels=labels).sample, lambda n: n(z, ts, class_labels=labels))
+    mmdit = _randomise(SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=6,
+                                             attention_head_dim=64, num_attention_heads=6, joint_attention_dim=256,
+                                             caption_projection_dim=384, pooled_projection_dim=128,
+                                             pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0, 1)))
+    text, pooled = torch.randn(2, 77 + 64, 256, generator=g), torch.randn(2, 128, generator=g)
+    yield ("SD3Transformer2DModel (MMDiT, SD 3.5-style) 384 wide, 6 blocks, 16x16 latents, 141 text tokens, "
+           "batch 2", mmdit, lambda m: m(z, encoder_hidden_states=text, pooled_projections=pooled, timestep=ts).sample,
+           lambda n: n(z, ts, context=text, pooled=pooled))
 
 
 def main() -> None:

@@ -336,3 +336,39 @@ def test_an_sd3_folder_takes_every_sampler_and_guidance_method(tmp_path):
         options = {"weak": weak} if method == "autoguidance" else {}
         out = pipe(1, sampler="dpmpp_2m", guidance=method, guidance_options={"scale": 2.0, **options}, **kw).images
         assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all(), method
+
+
+def test_a_learned_sigma_dit_pipeline_samples_its_mean_as_diffusers_does(tmp_path):
+    """DiT-XL/2's layout: the DiT predicts eps and a variance (out_channels = 2 x in); difflab's
+    pipeline keeps the mean rows of the output layer, the channels DiTPipeline samples with."""
+    from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = perturb(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval())
+    first = dit.transformer_blocks[0].norm1.emb.state_dict()
+    for block in dit.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(first)
+    vae = perturb(AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                                down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2).eval())
+    scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+    theirs = DiTPipeline(transformer=dit, vae=vae, scheduler=scheduler)
+    theirs.save_pretrained(tmp_path / "dit")
+    pipe = from_diffusers(tmp_path / "dit")
+    assert pipe.num_classes == 10 and pipe.network.config.out_channels == 4
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([5.0, 700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.network(x, t, class_labels=torch.tensor([2, 9])),
+                                   dit(x, timestep=t, class_labels=torch.tensor([2, 9])).sample[:, :4], rtol=0,
+                                   atol=1e-5)
+        expected = theirs([2, 9], guidance_scale=1.0, num_inference_steps=4, output_type="pt",
+                          generator=torch.Generator().manual_seed(5)).images
+    scheduler.set_timesteps(4)
+    grid = torch.tensor([(int(s) + 1) / 1000 for s in scheduler.timesteps] + [0.0], dtype=torch.float64)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        latents = difflab.sample(pipe.denoiser(), noise / float(pipe.process.sigma(grid[0])), "ddim", schedule=grid,
+                                 cond={"class_labels": torch.tensor([2, 9])})
+        mine = (pipe.vae.from_latent(latents.float()) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(mine, expected.float(), rtol=0, atol=1e-4)

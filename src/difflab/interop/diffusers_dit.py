@@ -13,6 +13,7 @@ its extra channels: the network is converted, not its variance.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,22 @@ def dit_from_diffusers(folder: str | os.PathLike) -> DiT:
                                   "class embedding, difflab's DiT shares one, so only equal copies convert")
         del state[key]
     return copy_mapped(DiT(config), state, dit_key_map(config), str(folder))
+
+
+def without_learned_sigma(dit: DiT) -> DiT:
+    """A learned-sigma DiT (``out_channels = 2 x in_channels``: the mean, then a variance
+    interpolation, Nichol & Dhariwal 2021) as the DiT of its mean prediction alone: the output
+    layer's variance rows are dropped, so the output is exactly the first ``in_channels`` channels
+    (what diffusers' ``DiTPipeline`` samples with). Any other DiT comes back as it is."""
+    c = dit.config
+    if (c.out_channels or c.in_channels) != 2 * c.in_channels:
+        return dit
+    mean = DiT(dataclasses.replace(c, out_channels=c.in_channels))
+    rows = torch.arange(dit.proj_out.out_features).remainder(2 * c.in_channels) < c.in_channels
+    state = dit.state_dict()
+    state["proj_out.weight"], state["proj_out.bias"] = state["proj_out.weight"][rows], state["proj_out.bias"][rows]
+    mean.load_state_dict(state)
+    return mean.eval()
 
 
 def dit_diffusers_config(config: DiTConfig) -> dict[str, Any]:

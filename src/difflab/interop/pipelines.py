@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from difflab.files import read_json
-from difflab.interop.diffusers_dit import dit_diffusers_config, dit_from_diffusers, dit_to_diffusers
+from difflab.interop.diffusers_dit import (
+    dit_diffusers_config,
+    dit_from_diffusers,
+    dit_to_diffusers,
+    without_learned_sigma,
+)
 from difflab.interop.diffusers_mmdit import mmdit_from_diffusers
 from difflab.interop.diffusers_unet import unet2d_diffusers_config, unet2d_from_diffusers, unet2d_to_diffusers
 from difflab.interop.diffusers_unet_condition import unet2d_condition_from_diffusers
@@ -113,11 +118,9 @@ def pipeline_from_diffusers(path: str | os.PathLike, *, sampler: str = "dpmpp_2m
     convert = {"UNet2DModel": unet2d_from_diffusers, "UNet2DConditionModel": unet2d_condition_from_diffusers,
                "SD3Transformer2DModel": mmdit_from_diffusers, "DiTTransformer2DModel": dit_from_diffusers}[parts[role]]
     network = convert(path / role)
-    classes = getattr(network.config, "num_classes", None) if parts[role] == "DiTTransformer2DModel" else None
-    if classes and (network.config.out_channels or network.config.in_channels) != network.config.in_channels:
-        raise ConversionError(f"{path}: its DiT also predicts a variance (out_channels = 2 x in_channels, learned "
-                              "sigma); difflab's denoisers take the mean prediction only, so this pipeline is not "
-                              "converted (the network alone is: from_diffusers on its transformer folder)")
+    classes = None
+    if parts[role] == "DiTTransformer2DModel":  # a learned variance is not used: sample the mean, as DiTPipeline
+        network, classes = without_learned_sigma(network), network.config.num_classes
     network_config = read_json(path / role / "config.json", "diffusers model config")
     vae = vae_from_diffusers(path / "vae") if "vae" in parts else None
     conversion = scheduler_from_diffusers(path / "scheduler")
