@@ -107,7 +107,7 @@ def _sample(args: argparse.Namespace) -> int:
     from difflab.files import claim_output, png_bytes, read_settings, write_atomic
     from difflab.interop import open_pipeline
 
-    pipe = open_pipeline(args.pipeline)
+    pipe = open_pipeline(args.pipeline, allow_pickle=args.allow_pickle)
     out = claim_output(args.out, SAMPLE_OUTPUTS, overwrite=args.overwrite, what="samples")
     if args.settings:
         settings = read_settings(args.settings)
@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load LoRAs and ControlNets trained on other weights than this pipeline's")
     p.add_argument("--calibrated", action="store_true",
                    help="use the sampler, grid and coefficients `difflab tune` found for --steps")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a diffusers folder's pickled .bin weights (torch's restricted unpickler; default: "
+                        "safetensors only)")
     p.add_argument("--out", default="outputs/samples")
     p.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out (default: refuse)")
     p.set_defaults(func=_sample)

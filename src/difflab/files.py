@@ -3,7 +3,9 @@ say what is wrong with it (missing, empty, truncated, corrupt, not JSON) and wha
 
 Every file difflab writes goes through :func:`write_atomic` / :func:`save_tensors` (a temporary
 file, then a rename, so a crash never leaves half a file); every file it reads through
-:func:`read_json` / :func:`load_tensors`. Nothing here unpickles.
+:func:`read_json` / :func:`load_tensors`. Nothing unpickles by default: only
+:func:`load_pickled_tensors`, which a caller reaches when its user opted in (``allow_pickle=True``),
+and then with torch's restricted unpickler (tensors and plain containers, no code).
 """
 
 from __future__ import annotations
@@ -74,6 +76,26 @@ def load_tensors(path: str | os.PathLike, what: str = "weights") -> dict[str, to
         kind = "truncated" if "incomplete" in str(err).lower() or "size" in str(err).lower() else "corrupt"
         raise FileError(f"{path} ({size} bytes) is {kind}: not a readable safetensors file ({err}). The {what} "
                         "must be written again (or, for a checkpoint, resume from the one before).") from None
+
+
+def load_pickled_tensors(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
+    """The tensors of a pickled checkpoint (``.bin`` / ``.ckpt`` / ``.pt``), read with
+    ``torch.load(weights_only=True)``: torch's restricted unpickler, which builds tensors and plain
+    containers and refuses every other object, so no code in the file runs. A checkpoint whose
+    weights sit under ``"state_dict"`` (latent diffusion's ``.ckpt``) gives those. Callers reach this
+    only when the user opted in; the default is safetensors."""
+    path = Path(path)
+    _exists(path, what)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure (the restricted unpickler's refusal included): not safely readable
+        raise FileError(f"{path} is not a pickle of plain tensors that can be read safely ({err}); convert it to "
+                        "safetensors with a tool you trust") from None
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise FileError(f"{path} holds no flat name -> tensor mapping (nor one under 'state_dict'); it is not {what}")
+    return loaded
 
 
 def load_state(net: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

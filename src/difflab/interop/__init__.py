@@ -50,15 +50,16 @@ def to_diffusers(obj, path: str | os.PathLike, **options) -> Path:
                           f"{type(obj).__name__}")
 
 
-def from_diffusers(path: str | os.PathLike):
+def from_diffusers(path: str | os.PathLike, *, allow_pickle: bool = False):
     """A difflab network from a diffusers model folder (``config.json`` + safetensors weights), a
     :class:`~difflab.pipeline.Pipeline` from a pipeline folder (``model_index.json``), or a
-    :class:`SchedulerConversion` from a scheduler folder."""
+    :class:`SchedulerConversion` from a scheduler folder. Weights are read from safetensors only,
+    unless ``allow_pickle`` (then a ``.bin`` is read by torch's restricted unpickler)."""
     from difflab.files import read_json
 
     path = Path(path)
     if is_diffusers_pipeline(path):
-        return pipeline_from_diffusers(path)
+        return pipeline_from_diffusers(path, allow_pickle=allow_pickle)
     if (path / "scheduler_config.json").is_file() and not (path / "config.json").is_file():
         return scheduler_from_diffusers(path)
     if not (path / "config.json").is_file():
@@ -67,7 +68,7 @@ def from_diffusers(path: str | os.PathLike):
     name = read_json(path / "config.json", "diffusers model config").get("_class_name")
     if name not in MODELS:
         raise ConversionError(f"{path} holds a {name!r}; difflab converts {', '.join(MODELS)} so far")
-    return MODELS[name](path)
+    return MODELS[name](path, allow_pickle=allow_pickle)
 
 
 __all__ = [

@@ -66,11 +66,11 @@ def dit_key_map(config: DiTConfig) -> dict[str, str]:
     return out
 
 
-def dit_from_diffusers(folder: str | os.PathLike) -> DiT:
+def dit_from_diffusers(folder: str | os.PathLike, *, allow_pickle: bool = False) -> DiT:
     """A difflab DiT from a diffusers ``DiTTransformer2DModel`` folder; a report instead of a
     half-loaded network."""
     config = dit_config(read_model_config(folder, "DiTTransformer2DModel"))
-    state = read_weights(folder)
+    state = read_weights(folder, allow_pickle)
     first = "transformer_blocks.0.norm1.emb."
     for key in [k for k in state if ".norm1.emb." in k and not k.startswith(first)]:
         twin = first + key.split(".norm1.emb.", 1)[1]
@@ -179,8 +179,8 @@ def pixart_key_map(config: DiTConfig) -> dict[str, str]:
     return out
 
 
-def pixart_from_diffusers(folder: str | os.PathLike) -> DiT:
+def pixart_from_diffusers(folder: str | os.PathLike, *, allow_pickle: bool = False) -> DiT:
     """A difflab DiT (adaLN-single, cross-attention to the caption) from a diffusers
     ``PixArtTransformer2DModel`` folder; a report instead of a half-loaded network."""
     config = pixart_config(read_model_config(folder, "PixArtTransformer2DModel"))
-    return load_mapped(DiT(config), folder, pixart_key_map(config))
+    return load_mapped(DiT(config), folder, pixart_key_map(config), allow_pickle=allow_pickle)

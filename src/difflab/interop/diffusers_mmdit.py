@@ -64,12 +64,12 @@ def mmdit_key_map(config: MMDiTConfig) -> dict[str, str]:
     return out
 
 
-def mmdit_from_diffusers(folder: str | os.PathLike) -> MMDiT:
+def mmdit_from_diffusers(folder: str | os.PathLike, *, allow_pickle: bool = False) -> MMDiT:
     """A difflab MMDiT from a diffusers ``SD3Transformer2DModel`` folder; a report instead of a
     half-loaded network."""
     config = mmdit_config(read_model_config(folder, CLASS))
     network = MMDiT(config)
-    state = read_weights(folder)
+    state = read_weights(folder, allow_pickle)
     table = state.pop("pos_embed.pos_embed", None)
     if table is not None and (table.shape[-2:] != network.positions.shape or not torch.allclose(
             table.reshape(network.positions.shape).float(), network.positions, atol=1e-5)):

@@ -130,11 +130,11 @@ def unet2d_key_map(config: UNetConfig) -> dict[str, str]:
     return {**unet_blocks_key_map(config, attention_key_map), "class_embedding.weight": "label_embed.table.weight"}
 
 
-def unet2d_from_diffusers(folder: str | os.PathLike) -> UNet:
+def unet2d_from_diffusers(folder: str | os.PathLike, *, allow_pickle: bool = False) -> UNet:
     """A difflab U-Net from a diffusers ``UNet2DModel`` folder; a report of unmapped, missing and
     mis-shaped weights instead of a half-loaded network."""
     config = unet2d_config(read_model_config(folder, "UNet2DModel"))
-    return load_mapped(UNet(config), folder, unet2d_key_map(config))
+    return load_mapped(UNet(config), folder, unet2d_key_map(config), allow_pickle=allow_pickle)
 
 
 def unet2d_diffusers_config(config: UNetConfig, sample_size: int | None = None) -> dict[str, Any]:

@@ -124,8 +124,9 @@ def unet2d_condition_key_map(config: UNetConfig) -> dict[str, str]:
     return out
 
 
-def unet2d_condition_from_diffusers(folder: str | os.PathLike) -> UNet:
+def unet2d_condition_from_diffusers(folder: str | os.PathLike, *, allow_pickle: bool = False) -> UNet:
     """A difflab U-Net from a diffusers ``UNet2DConditionModel`` folder; a report of unmapped, missing
     and mis-shaped weights instead of a half-loaded network."""
     config = unet2d_condition_config(read_model_config(folder, "UNet2DConditionModel"))
-    return load_mapped(UNet(config), folder, unet2d_condition_key_map(config), adapt=conv_as_linear)
+    return load_mapped(UNet(config), folder, unet2d_condition_key_map(config), adapt=conv_as_linear,
+                       allow_pickle=allow_pickle)

@@ -90,11 +90,11 @@ def vae_key_map(config: VAEConfig) -> dict[str, str]:
     return out
 
 
-def vae_from_diffusers(folder: str | os.PathLike) -> VAE:
+def vae_from_diffusers(folder: str | os.PathLike, *, allow_pickle: bool = False) -> VAE:
     """A difflab VAE from a diffusers ``AutoencoderKL`` folder; a report of unmapped, missing and
     mis-shaped weights instead of a half-loaded network."""
     config = vae_config(read_model_config(folder, "AutoencoderKL"))
-    return load_mapped(VAE(config), folder, vae_key_map(config))
+    return load_mapped(VAE(config), folder, vae_key_map(config), allow_pickle=allow_pickle)
 
 
 def vae_diffusers_config(config: VAEConfig) -> dict[str, Any]:

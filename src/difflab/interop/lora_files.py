@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from difflab.adapters.lora import LoRA, LoRAError
-from difflab.files import load_tensors, read_json
+from difflab.files import load_pickled_tensors, load_tensors, read_json
 from difflab.interop.diffusers_unet import unet2d_key_map
 from difflab.interop.diffusers_unet_condition import unet2d_condition_key_map
 
@@ -53,10 +53,12 @@ def naming(tensors: dict[str, Tensor]) -> str:
                     "(<module>.lora_A.weight) nor kohya (lora_unet_<module>.lora_down.weight)")
 
 
-def lora_from_file(path: str | os.PathLike, network: Any, *, alpha: float | None = None) -> LoRA:
+def lora_from_file(path: str | os.PathLike, network: Any, *, alpha: float | None = None,
+                   allow_pickle: bool = False) -> LoRA:
     """A LoRA from a diffusers/PEFT or kohya ``.safetensors`` file (or a folder holding one and a
     PEFT ``adapter_config.json``) on ``network``, a difflab U-Net converted from a diffusers
-    ``UNet2DModel`` or ``UNet2DConditionModel``."""
+    ``UNet2DModel`` or ``UNet2DConditionModel``. A pickled ``.bin`` is read only with
+    ``allow_pickle``, by torch's restricted unpickler."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
@@ -65,8 +67,12 @@ def lora_from_file(path: str | os.PathLike, network: Any, *, alpha: float | None
             raise LoRAError(f"{path} holds {len(found)} .safetensors files; name the LoRA file")
         path = found[0]
     if path.suffix != ".safetensors":
-        raise LoRAError(f"{path}: difflab reads LoRA files in safetensors only (a .bin / .ckpt is a pickle)")
-    tensors = load_tensors(path, "LoRA weights")
+        if not allow_pickle:
+            raise LoRAError(f"{path}: difflab reads LoRA files in safetensors (a .bin / .ckpt is a pickle: pass "
+                            "allow_pickle=True to read its tensors with torch's restricted unpickler)")
+        tensors = load_pickled_tensors(path, "LoRA weights")
+    else:
+        tensors = load_tensors(path, "LoRA weights")
     kind = naming(tensors)
     names = module_names(network)
     if kind == "kohya":

@@ -105,7 +105,8 @@ def _text_encoder(path: Path, parts: dict[str, str], image_size: tuple[int, int]
             "max_tokens": min(max_tokens, 77)}
 
 
-def pipeline_from_diffusers(path: str | os.PathLike, *, sampler: str = "dpmpp_2m", steps: int = 20) -> Pipeline:
+def pipeline_from_diffusers(path: str | os.PathLike, *, sampler: str = "dpmpp_2m", steps: int = 20,
+                            allow_pickle: bool = False) -> Pipeline:
     """A difflab pipeline from a diffusers pipeline folder, sampling by default with ``sampler`` at
     ``steps`` on the grid the scheduler's spacing names (``leading``/``trailing``/``uniform``; a
     ``steps_offset`` of a leading grid is a sampling choice and is not kept). A text pipeline's
@@ -117,12 +118,12 @@ def pipeline_from_diffusers(path: str | os.PathLike, *, sampler: str = "dpmpp_2m
     role = "transformer" if "transformer" in parts else "unet"
     convert = {"UNet2DModel": unet2d_from_diffusers, "UNet2DConditionModel": unet2d_condition_from_diffusers,
                "SD3Transformer2DModel": mmdit_from_diffusers, "DiTTransformer2DModel": dit_from_diffusers}[parts[role]]
-    network = convert(path / role)
+    network = convert(path / role, allow_pickle=allow_pickle)
     classes = None
     if parts[role] == "DiTTransformer2DModel":  # a learned variance is not used: sample the mean, as DiTPipeline
         network, classes = without_learned_sigma(network), network.config.num_classes
     network_config = read_json(path / role / "config.json", "diffusers model config")
-    vae = vae_from_diffusers(path / "vae") if "vae" in parts else None
+    vae = vae_from_diffusers(path / "vae", allow_pickle=allow_pickle) if "vae" in parts else None
     conversion = scheduler_from_diffusers(path / "scheduler")
     size = network_config.get("sample_size") or 32
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -189,10 +190,10 @@ def pipeline_to_diffusers(pipe: Pipeline, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def open_pipeline(path: str | os.PathLike, device: str = "cpu") -> Pipeline:
+def open_pipeline(path: str | os.PathLike, device: str = "cpu", allow_pickle: bool = False) -> Pipeline:
     """A difflab pipeline folder, or a diffusers one converted (:func:`pipeline_from_diffusers`):
     what the command line, the web page and the recipes open."""
     path = Path(path)
     if is_diffusers_pipeline(path) and not (path / "pipeline.json").is_file():
-        return pipeline_from_diffusers(path).to(device)
+        return pipeline_from_diffusers(path, allow_pickle=allow_pickle).to(device)
     return Pipeline.from_pretrained(path, device)

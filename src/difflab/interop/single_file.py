@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from difflab.files import load_tensors
+from difflab.files import load_pickled_tensors, load_tensors
 from difflab.interop.schedulers import ConversionError
 from difflab.interop.weights import conv_as_linear, copy_mapped
 from difflab.models import VAE, UNet, UNetConfig, VAEConfig
@@ -199,18 +199,23 @@ def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def from_single_file(path: str | os.PathLike | dict[str, torch.Tensor]) -> SingleFile:
+def from_single_file(path: str | os.PathLike | dict[str, torch.Tensor], *, allow_pickle: bool = False) -> SingleFile:
     """The U-Net and VAE of an original Stable Diffusion 1.x / 2.x ``.safetensors`` file (or its
     state dict); the text encoder's keys are listed in ``left`` (load CLIP from a transformers
-    folder). Unknown families are refused with the keys found."""
+    folder). Unknown families are refused with the keys found. A ``.ckpt`` (a pickle) is read only
+    with ``allow_pickle``, by torch's restricted unpickler (no code in the file runs)."""
     if isinstance(path, dict):
         state = path
     else:
         path = Path(path)
         if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
-            raise ConversionError(f"{path} is a pickle ({path.suffix}); difflab reads single-file checkpoints as "
-                                  ".safetensors only (convert it with a tool you trust)")
-        state = load_tensors(path, "single-file checkpoint")
+            if not allow_pickle:
+                raise ConversionError(f"{path} is a pickle ({path.suffix}); difflab reads single-file checkpoints as "
+                                      ".safetensors (pass allow_pickle=True to read its tensors with torch's "
+                                      "restricted unpickler, if you trust where it came from)")
+            state = load_pickled_tensors(path, "a single-file checkpoint")
+        else:
+            state = load_tensors(path, "single-file checkpoint")
     unet_state, vae_state = _part(state, UNET_PREFIX), _part(state, VAE_PREFIX)
     if not unet_state:
         prefixes = sorted({k.split(".")[0] for k in state})[:8]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from difflab.files import load_tensors, read_json
+from difflab.files import load_pickled_tensors, load_tensors, read_json
 from difflab.interop.schedulers import ConversionError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -66,10 +66,12 @@ def copy_mapped(network: torch.nn.Module, state: dict[str, torch.Tensor], mappin
     return network.eval()
 
 
-def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_weights(folder: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A diffusers model folder's safetensors weights, one file or shards listed by
-    ``diffusion_pytorch_model.safetensors.index.json``; a ``.bin`` (a pickle) is never read."""
+    ``diffusion_pytorch_model.safetensors.index.json``; a ``.bin`` (a pickle) is read only with
+    ``allow_pickle`` (and then by torch's restricted unpickler, :func:`difflab.files.load_pickled_tensors`)."""
     folder = Path(folder)
+    pickled = folder / "diffusion_pytorch_model.bin"
     weights, index = folder / WEIGHTS, folder / f"{WEIGHTS}.index.json"
     if weights.is_file():
         return load_tensors(weights, "diffusers weights")
@@ -84,15 +86,19 @@ def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         if missing:
             raise ConversionError(f"{index} lists weights no shard holds: {missing[:5]}")
         return state
+    if allow_pickle and pickled.is_file():
+        return load_pickled_tensors(pickled, "diffusers weights")
     found = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
     raise ConversionError(f"{folder} has no {WEIGHTS} nor a shard index (found {found or 'none'}); difflab reads "
-                          "safetensors only (a .bin is a pickle)")
+                          "safetensors (a .bin is a pickle: pass allow_pickle=True to read its tensors with torch's "
+                          "restricted unpickler, if you trust where it came from)")
 
 
 def load_mapped(network: torch.nn.Module, folder: str | os.PathLike, mapping: dict[str, str],
-                adapt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
+                adapt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                allow_pickle: bool = False) -> torch.nn.Module:
     """Copy a diffusers model folder's weights into ``network`` (:func:`copy_mapped`)."""
-    return copy_mapped(network, read_weights(folder), mapping, str(Path(folder) / WEIGHTS), adapt)
+    return copy_mapped(network, read_weights(folder, allow_pickle), mapping, str(Path(folder) / WEIGHTS), adapt)
 
 
 def write_mapped(network: torch.nn.Module, folder: str | os.PathLike, config: dict[str, Any],

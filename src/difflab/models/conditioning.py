@@ -21,6 +21,8 @@ import torch
 from difflab.registry import Registry
 
 Tensor = torch.Tensor
+#: how transformers models load here: from the local folder only (never a hub), safetensors only (no pickle)
+LOCAL_WEIGHTS = {"local_files_only": True, "use_safetensors": True}
 
 
 class TextEncoder:
@@ -130,7 +132,7 @@ class CLIPText(TextEncoder):
             raise ImportError("CLIP text encoders need transformers: pip install 'difflab[interop]'") from err
         self.path, self.tokenizer_path = str(path), str(tokenizer or path)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
-        self.model = CLIPTextModel.from_pretrained(self.path, local_files_only=True).to(device).eval()
+        self.model = CLIPTextModel.from_pretrained(self.path, **LOCAL_WEIGHTS).to(device).eval()
         self.dim = int(self.model.config.hidden_size)
 
     def config(self) -> dict[str, Any]:
@@ -167,8 +169,9 @@ class SDXLText(TextEncoder):
             raise ImportError("SDXL's text encoders need transformers: pip install 'difflab[interop]'") from err
         self.paths = [str(path), str(path_2), str(tokenizer), str(tokenizer_2)]
         self.tokenizers = [CLIPTokenizer.from_pretrained(t, local_files_only=True) for t in (tokenizer, tokenizer_2)]
-        self.models = [CLIPTextModel.from_pretrained(path, local_files_only=True).to(device).eval(),
-                       CLIPTextModelWithProjection.from_pretrained(path_2, local_files_only=True).to(device).eval()]
+        self.models = [CLIPTextModel.from_pretrained(path, **LOCAL_WEIGHTS).to(device).eval(),
+                       CLIPTextModelWithProjection.from_pretrained(path_2, local_files_only=True,
+                                                                   use_safetensors=True).to(device).eval()]
         self.dim = sum(int(m.config.hidden_size) for m in self.models)
         self.pooled_dim = int(self.models[1].config.projection_dim)
         self.size, self.zero_null = [int(s) for s in size], bool(zero_null)
@@ -234,12 +237,13 @@ class SD3Text(TextEncoder):
                         "t5_tokens": t5_tokens, "joint_dim": joint_dim}
         self.clip_tokens, self.t5_tokens = clip_tokens, t5_tokens
         self.tokenizers = [CLIPTokenizer.from_pretrained(t, local_files_only=True) for t in (tokenizer, tokenizer_2)]
-        self.models = [CLIPTextModelWithProjection.from_pretrained(p, local_files_only=True).to(device).eval()
+        self.models = [CLIPTextModelWithProjection.from_pretrained(p, **LOCAL_WEIGHTS)
+                       .to(device).eval()
                        for p in (path, path_2)]
         self.t5 = self.t5_tokenizer = None
         if path_3 is not None:
             self.t5_tokenizer = AutoTokenizer.from_pretrained(tokenizer_3, local_files_only=True)
-            self.t5 = T5EncoderModel.from_pretrained(path_3, local_files_only=True).to(device).eval()
+            self.t5 = T5EncoderModel.from_pretrained(path_3, **LOCAL_WEIGHTS).to(device).eval()
             joint_dim = joint_dim or int(self.t5.config.d_model)
         if joint_dim is None:
             raise ValueError("without a T5 encoder, SD 3's text tokens need joint_dim (the transformer's "
