@@ -80,7 +80,9 @@ def test_every_network_config_round_trips_through_json(kind):
     cls = models.REGISTRY.get(kind)
     small = {"unet": dict(model_channels=16, channel_mult=(1, 2), head_dim=8, norm_groups=8),
              "dit": dict(hidden_size=32, depth=2, num_heads=2), "mlp": dict(dim=2, hidden=16),
-             "vae": dict(base_channels=16, channel_mult=(1, 2), norm_groups=8)}[kind]
+             "vae": dict(base_channels=16, channel_mult=(1, 2), norm_groups=8),
+             "mmdit": dict(hidden_size=32, depth=2, num_heads=2, context_dim=8, pooled_dim=4, position_grid=8,
+                           dual_attention=(0,))}[kind]
     net = cls.from_config(small)
     config = _json(net.to_config())
     rebuilt = models.from_config(config)
