@@ -128,9 +128,15 @@ class Guidance(nn.Module):
         if on is not None and not bool(on.any()):
             return self.denoiser(x, t, **cond)
         guided, conditional = self.guide(x, t, cond)
+        return self.select(on, guided, conditional)
+
+    @staticmethod
+    def select(on: Tensor | None, guided: Tensor, conditional: Tensor) -> Tensor:
+        """The guided estimate where guidance is on (``on``: per sample, None: everywhere), the
+        conditional one elsewhere."""
         if on is None or bool(on.all()):
             return guided
-        return torch.where(per_sample(on, x), guided, conditional)
+        return torch.where(per_sample(on, guided), guided, conditional)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, interval={self.interval}"

@@ -52,6 +52,14 @@ def _eval_mode(*networks: torch.nn.Module | None):
             net.train(mode)
 
 
+def _wraps_guidance(accelerator: dict[str, Any] | None) -> bool:
+    if not accelerator:
+        return False
+    from difflab import accel
+
+    return accel.wraps_guidance(accelerator)
+
+
 def _accelerated(denoiser: Denoiser, accelerator: dict[str, Any] | None):
     if not accelerator:
         return contextlib.nullcontext(denoiser)
@@ -469,13 +477,16 @@ class Pipeline:
 
                     model = Controlled(den, [Control(c.controlnet, c.image[start: start + batch_size].to(self.device),
                                                      c.scale, c.start, c.end) for c in control_list])
-                with _accelerated(model, accelerator) as fast:
+                outer = _wraps_guidance(accelerator)  # a guidance cache wraps the guided denoiser
+                with contextlib.ExitStack() as stack:
+                    fast = stack.enter_context(_accelerated(model, None if outer else accelerator))
                     if self.inpainting:  # a trained inpainting model generating: everything is repainted
                         from difflab.editing.inpaint import WithInputs, inpainting_inputs
 
                         full = torch.ones_like(noise[:, :1])
                         fast = WithInputs(fast, inpainting_inputs(torch.zeros_like(noise), full))
                     model = self._guided(fast, applied_guidance, guidance_options)
+                    model = stack.enter_context(_accelerated(model, accelerator if outer else None))
                     if image_prompt:
                         from difflab.adapters import ImagePrompted
 

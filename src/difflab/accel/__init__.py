@@ -3,7 +3,8 @@ built only on the network hook interface (:mod:`difflab.hooks`).
 
 Each is registered by name with its options, so a pipeline takes one as data
 (``pipe(..., accelerator={"name": "deep_cache", "interval": 3})``) and each image's settings record
-it: :func:`accelerate` opens the named one around a denoiser."""
+it: :func:`accelerate` opens the named one around a denoiser. Most wrap the network's denoiser
+(inside guidance); those in :data:`WRAPS_GUIDANCE` wrap the guided one."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from difflab.accel.block_cache import BlockCache, block_cache, deep_cache
 from difflab.accel.flops import count_flops
+from difflab.accel.guidance_cache import guidance_cache, t_gate
 from difflab.accel.token_merging import token_merging
 from difflab.registry import Registry
 
@@ -19,6 +21,16 @@ REGISTRY: Registry = Registry("accelerator")
 REGISTRY.add("deep_cache", deep_cache, "Ma et al. 2024, DeepCache: Accelerating Diffusion Models for Free")
 REGISTRY.add("block_cache", block_cache, "Selvaraju et al. 2024, FORA; Chen et al. 2024, Delta-DiT (block reuse)")
 REGISTRY.add("token_merging", token_merging, "Bolya & Hoffman 2023, Token Merging for Fast Stable Diffusion")
+REGISTRY.add("guidance_cache", guidance_cache, "Lv et al. 2024, FasterCache (its CFG cache)")
+REGISTRY.add("t_gate", t_gate, "Zhang et al. 2024, Cross-Attention Makes Inference Cumbersome in Text-to-Image "
+             "Diffusion Models (T-GATE)")
+#: accelerators that wrap the guided denoiser (they reuse guidance branches), not the network's denoiser
+WRAPS_GUIDANCE = ("guidance_cache", "t_gate")
+
+
+def wraps_guidance(config: dict[str, Any] | None) -> bool:
+    """Whether the accelerator ``config`` wraps the guided denoiser (opened outside guidance)."""
+    return bool(config) and config.get("name") in WRAPS_GUIDANCE
 
 
 def accelerate(denoiser: Any, config: dict[str, Any]) -> AbstractContextManager:
@@ -28,4 +40,5 @@ def accelerate(denoiser: Any, config: dict[str, Any]) -> AbstractContextManager:
     return REGISTRY.get(options.pop("name", None))(denoiser, **options)
 
 
-__all__ = ["REGISTRY", "BlockCache", "accelerate", "block_cache", "count_flops", "deep_cache", "token_merging"]
+__all__ = ["REGISTRY", "WRAPS_GUIDANCE", "BlockCache", "accelerate", "block_cache", "count_flops", "deep_cache",
+           "guidance_cache", "t_gate", "token_merging", "wraps_guidance"]

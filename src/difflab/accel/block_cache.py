@@ -10,10 +10,10 @@
 
 A cache is a context manager that yields a wrapped denoiser: use it for sampling calls inside the
 ``with``; it installs its hooks only while the network runs and drops every saved tensor on exit.
-A new sampling run (the time goes back up, or the batch changes) starts afresh, so consecutive
-runs give the images fresh runs give. ``refresh`` chooses the network evaluations (counted from the
-start of each run) that recompute everything: every ``interval``-th (uniform) or an explicit list
-(non-uniform). ``cache.report`` counts evaluations and block reuses.
+A new sampling run starts afresh (:mod:`difflab.accel.refresh`), so consecutive runs give the
+images fresh runs give. ``refresh`` chooses the network evaluations (counted from the start of each
+run) that recompute everything: every ``interval``-th (uniform) or an explicit list (non-uniform).
+``cache.report`` counts evaluations and block reuses.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from difflab.accel.refresh import RefreshClock
 from difflab.batch import batch_times
 from difflab.hooks import Hookable, network_of
 
@@ -41,29 +42,11 @@ class BlockCache:
         if unknown:
             raise ValueError(f"the network has no block(s) {', '.join(unknown)}; its blocks: "
                              f"{', '.join(network.block_names())}")
-        if isinstance(refresh, int):
-            if refresh < 1:
-                raise ValueError(f"a refresh interval must be >= 1, got {refresh}")
-        elif not refresh or 0 not in refresh:
-            raise ValueError("explicit refresh steps must include evaluation 0 (nothing is cached before it)")
+        self.clock = RefreshClock(refresh)
         self.denoiser, self.network, self.process = denoiser, network, denoiser.process
-        self.blocks, self.refresh, self.reuse = list(blocks), refresh, reuse
+        self.blocks, self.reuse = list(blocks), reuse
         self.report = {"evaluations": 0, "refreshes": 0, "block_reuses": 0, "runs": 0}
         self._saved: dict[str, Any] = {}
-        self._calls, self._start_t, self._shape = 0, None, None
-
-    def _is_refresh(self, call: int) -> bool:
-        return call % self.refresh == 0 if isinstance(self.refresh, int) else call in self.refresh
-
-    def _new_run(self, x: Tensor, t: Tensor) -> bool:
-        """A call back at (or above) the time the current run started, or with another batch shape,
-        begins a new run. (Churn and two-stage samplers step up a little within a run, but never
-        back to its start; starting afresh when unsure only costs a refresh.)"""
-        top = float(t.max())  # one host sync per network evaluation
-        fresh = self._start_t is None or top >= self._start_t - 1e-9 or self._shape != tuple(x.shape)
-        if fresh:
-            self._start_t, self._shape = top, tuple(x.shape)
-        return fresh
 
     def _hook(self, refreshing: bool) -> Callable:
         def hook(name: str, compute: Callable[[], Any], inputs: tuple) -> Any:
@@ -78,18 +61,18 @@ class BlockCache:
 
     def __call__(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         t = batch_times(t, x)
-        if self._new_run(x, t):
-            self._saved, self._calls = {}, 0
+        if self.clock.new_run(x, t):
+            self._saved = {}
             self.report["runs"] += 1
-        refreshing = self._is_refresh(self._calls)
-        self._calls += 1
+        _, refreshing = self.clock.tick()
         self.report["evaluations"] += 1
         self.report["refreshes"] += int(refreshing)
         with self.network.hook_blocks(dict.fromkeys(self.blocks, self._hook(refreshing))):
             return self.denoiser(x, t, **cond)
 
     def clear(self) -> None:
-        self._saved, self._calls, self._start_t, self._shape = {}, 0, None, None
+        self._saved = {}
+        self.clock.clear()
 
 
 @contextmanager
