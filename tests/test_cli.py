@@ -98,3 +98,23 @@ def test_train_distils_progressively_from_a_teacher_run(tmp_path, capsys):
     assert main(["train", "--no-progress", *student]) == 1  # a second run would mix with the first
     assert "holds an earlier run" in capsys.readouterr().err
     assert main(["train", "--no-progress", *student, "--resume"]) == 0  # finished rounds are skipped
+
+
+def test_sample_reports_wall_time_and_flops_per_image_and_call(tmp_path, capsys):
+    net = UNet(UNetConfig(in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                          attention_levels=(1,), head_dim=8, norm_groups=4, num_classes=3))
+    Pipeline(net, Flow(), "flow", sample_shape=(1, 8, 8), steps=6, num_classes=3,
+             cond_dropout=0.1).save_pretrained(tmp_path / "pipe")
+    reports = {}
+    for name, extra in (("plain", []), ("cfg", ["--guidance", "cfg", "--guidance-scale", "2"]),
+                        ("cached", ["--accelerator", "deep_cache", "--accelerator-option", "interval=3"])):
+        out = tmp_path / name
+        assert main(["sample", str(tmp_path / "pipe"), "--n", "2", "--class-label", "1", "--out", str(out),
+                     "--no-progress", "--report", *extra]) == 0
+        assert "GFLOP over 6 denoiser calls" in capsys.readouterr().out
+        reports[name] = json.loads((out / "report.json").read_text())
+    plain = reports["plain"]
+    assert plain["images"] == 2 and plain["seconds"] > 0 and plain["denoiser_calls"] == 6
+    assert plain["gflops_per_call"] * 6 == pytest.approx(plain["gflops_per_image"], rel=1e-3)
+    assert reports["cfg"]["gflops_per_image"] == pytest.approx(2 * plain["gflops_per_image"], rel=1e-3)
+    assert reports["cached"]["gflops_per_image"] < 0.9 * plain["gflops_per_image"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 
@@ -100,7 +102,13 @@ def _guidance_options(args: argparse.Namespace) -> dict:
     return {**scale, **_options(args.guidance_option)}
 
 
-SAMPLE_OUTPUTS = ("grid.png", "[0-9][0-9][0-9][0-9][0-9].png", "[0-9][0-9][0-9][0-9][0-9].json", "reproduced.*")
+SAMPLE_OUTPUTS = ("grid.png", "[0-9][0-9][0-9][0-9][0-9].png", "[0-9][0-9][0-9][0-9][0-9].json", "reproduced.*",
+                  "report.json")
+
+
+def _first_control(controls: list) -> list:
+    """The controls of a run cut to its first image (the FLOP count samples one)."""
+    return [dataclasses.replace(c, image=c.image[:1]) for c in controls or []]
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -123,13 +131,28 @@ def _sample(args: argparse.Namespace) -> int:
     prompts = args.prompt or None
     n = args.n if args.n is not None else (len(prompts) if prompts and len(prompts) > 1 else 16)
     loras, controls = _adapters(args, pipe, n)
-    result = pipe(n, seed=args.seed, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
-                  class_labels=labels if labels is None or len(labels) > 1 else labels[0], prompts=prompts,
-                  guidance=args.guidance, guidance_options=_guidance_options(args), batch_size=args.batch_size,
-                  progress=not args.no_progress, accelerator=_accelerator(args), loras=loras, controls=controls,
-                  calibrated=args.calibrated)
+    run = {"seed": args.seed, "steps": args.steps, "sampler": args.sampler, "schedule": args.schedule,
+           "guidance": args.guidance, "guidance_options": _guidance_options(args), "accelerator": _accelerator(args),
+           "calibrated": args.calibrated}
+    started = time.perf_counter()
+    result = pipe(n, class_labels=labels if labels is None or len(labels) > 1 else labels[0], prompts=prompts,
+                  batch_size=args.batch_size, progress=not args.no_progress, loras=loras, controls=controls, **run)
+    seconds = time.perf_counter() - started
     grid = result.save(out)
     print(f"wrote {grid}, {len(result.settings)} images with their settings (NNNNN.png, NNNNN.json) to {out}")
+    if args.report:
+        from difflab.accel import sampling_flops
+
+        first = {"class_labels": labels[0] if labels else None, "prompts": prompts[0] if prompts else None}
+        cost = sampling_flops(pipe, loras=loras, controls=_first_control(controls), **first, **run)
+        report = {"images": n, "seconds": round(seconds, 3), "images_per_second": round(n / seconds, 2),
+                  **{k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in cost.items()}}
+        write_atomic(out / "report.json", json.dumps(report, indent=1).encode())
+        print(f"report: {n} images in {seconds:.2f} s ({n / seconds:.2f} images/s); per image "
+              f"{cost['gflops_per_image']:.3f} GFLOP over {cost['denoiser_calls']} denoiser calls "
+              f"({cost['gflops_per_call']:.3f} GFLOP each"
+              + (f", VAE decode {cost['decode_gflops']:.3f} GFLOP" if cost["decode_gflops"] else "")
+              + f"); {out}/report.json")
     return 0
 
 
@@ -337,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load LoRAs and ControlNets trained on other weights than this pipeline's")
     p.add_argument("--calibrated", action="store_true",
                    help="use the sampler, grid and coefficients `difflab tune` found for --steps")
+    p.add_argument("--report", action="store_true",
+                   help="also print (and write report.json) the wall time and the network FLOPs per image and per "
+                        "denoiser call (PyTorch's FLOP counter, on one more image)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a diffusers folder's pickled .bin weights (torch's restricted unpickler; default: "
                         "safetensors only)")

@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from difflab.accel.block_cache import BlockCache, block_cache, deep_cache
-from difflab.accel.flops import count_flops
+from difflab.accel.flops import count_flops, sampling_flops
 from difflab.accel.guidance_cache import guidance_cache, t_gate
 from difflab.accel.token_merging import token_merging
 from difflab.registry import Registry
@@ -41,4 +41,4 @@ def accelerate(denoiser: Any, config: dict[str, Any]) -> AbstractContextManager:
 
 
 __all__ = ["REGISTRY", "WRAPS_GUIDANCE", "BlockCache", "accelerate", "block_cache", "count_flops", "deep_cache",
-           "guidance_cache", "t_gate", "token_merging", "wraps_guidance"]
+           "guidance_cache", "sampling_flops", "t_gate", "token_merging", "wraps_guidance"]
