@@ -4,6 +4,7 @@ composable with every sampler and guidance method, refused with a reason where t
 
 import pytest
 import torch
+from tests.conftest import perturb
 
 import difflab
 from difflab import accel, guidance, processes
@@ -16,11 +17,8 @@ NOISE = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
 def _perturbed(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return net.eval()
+    torch.manual_seed(seed)
+    return perturb(net, 0.05).eval()
 
 
 @pytest.fixture(scope="module")
