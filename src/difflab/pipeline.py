@@ -271,6 +271,18 @@ class Pipeline:
             self.vae.to(device)
         return self
 
+    def compile(self, **options: Any) -> Pipeline:
+        """Compile the network (and the VAE) with ``torch.compile`` in place (``nn.Module.compile``:
+        the modules, their weights and their hooks stay as they are); ``options`` go to
+        ``torch.compile`` (``backend``, ``mode``; ``dynamic=False`` unless given). The first call at
+        each shape compiles (a CFG batch is a second shape); then the steps of a run, and the block
+        caches, guidance caches, T-GATE and token merging, do not recompile (tests)."""
+        options = {"dynamic": False, **options}
+        self.network.compile(**options)
+        if self.vae is not None:
+            self.vae.compile(**options)
+        return self
+
     @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) of the images the pipeline makes (decoded, for a latent pipeline)."""

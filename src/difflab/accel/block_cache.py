@@ -54,7 +54,7 @@ class BlockCache:
                 out = compute()
                 self._saved[name] = out - inputs[0] if self.reuse == "residual" else out
                 return out
-            self.report["block_reuses"] += 1
+            # (counted in __call__, outside the network: a counter here would make torch.compile recompile)
             return inputs[0] + self._saved[name] if self.reuse == "residual" else self._saved[name]
 
         return hook
@@ -67,8 +67,11 @@ class BlockCache:
         _, refreshing = self.clock.tick()
         self.report["evaluations"] += 1
         self.report["refreshes"] += int(refreshing)
+        reusing = not refreshing and all(name in self._saved for name in self.blocks)
         with self.network.hook_blocks(dict.fromkeys(self.blocks, self._hook(refreshing))):
-            return self.denoiser(x, t, **cond)
+            out = self.denoiser(x, t, **cond)
+        self.report["block_reuses"] += len(self.blocks) if reusing else 0
+        return out
 
     def clear(self) -> None:
         self._saved = {}

@@ -18,7 +18,7 @@ without guidance they are refused. Each run starts afresh (:mod:`difflab.accel.r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -100,16 +100,13 @@ class TGate:
         self.clock = RefreshClock(1)
         self.report = {"evaluations": 0, "gated": 0, "runs": 0}
         self._frozen: dict[int, Tensor] = {}
+        self._batch = 0  # the batch of the gate evaluation (its branches are stacked along it)
 
-    def _record(self, batch: int) -> Callable:
-        from difflab.models.layers import default_processor
-
-        def processor(attn, h, context, mask, rope):
-            out = default_processor(attn, h, context, mask, rope)
-            self._frozen[id(attn)] = out.unflatten(0, (-1, batch)).mean(0)  # the mean over the branches
-            return out
-
-        return processor
+    def _record(self, attn, h, context, mask, rope) -> Tensor:
+        q, k, v = attn.qkv(h, context, rope)  # the plain computation, through the layer's own parts
+        out = attn.out(attn.attend(q, k, v, mask))
+        self._frozen[id(attn)] = out.unflatten(0, (-1, self._batch)).mean(0)  # the mean over the branches
+        return out
 
     def _replay(self, attn, h, context, mask, rope) -> Tensor:
         return self._frozen[id(attn)]
@@ -124,7 +121,8 @@ class TGate:
         if call < self.gate - 1:
             return self.guidance(x, t, **cond)
         if call == self.gate - 1:  # the gate: full guidance, and each cross-attention's output kept
-            with self.network.hook_attention(self._record(x.shape[0]), "cross"):
+            self._batch = x.shape[0]
+            with self.network.hook_attention(self._record, "cross"):
                 return self.guidance(x, t, **cond)
         self.report["gated"] += 1
         with self.network.hook_attention(self._replay, "cross"):

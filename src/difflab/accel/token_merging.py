@@ -65,16 +65,21 @@ class TokenMerging:
         self.ratio = ratio
         self.report = {"attention_calls": 0, "tokens_in": 0, "tokens_attended": 0}
 
+    @torch.compiler.disable
+    def _count(self, tokens_in: int, attended: int) -> None:
+        """Not traced by torch.compile (a counter in the graph would make it recompile every call)."""
+        self.report["attention_calls"] += 1
+        self.report["tokens_in"] += tokens_in
+        self.report["tokens_attended"] += attended
+
     def __call__(self, attn: Any, x: Tensor, context: Tensor | None, mask: Tensor | None, rope: Any) -> Tensor:
         r = int(x.shape[1] * self.ratio)
-        self.report["attention_calls"] += 1
-        self.report["tokens_in"] += x.shape[1]
         if r == 0 or context is not None or rope is not None or mask is not None:
-            self.report["tokens_attended"] += x.shape[1]
+            self._count(x.shape[1], x.shape[1])
             q, k, v = attn.qkv(x, context, rope)
             return attn.out(attn.attend(q, k, v, mask))
         merged, slot = bipartite_merge(x, r)
-        self.report["tokens_attended"] += merged.shape[1]
+        self._count(x.shape[1], merged.shape[1])
         q, k, v = attn.qkv(merged)
         out = attn.out(attn.attend(q, k, v))
         return out.gather(1, slot[..., None].expand(-1, -1, out.shape[-1]))
