@@ -53,9 +53,7 @@ def _eval_mode(*networks: torch.nn.Module | None):
 
 
 def _wraps_guidance(accelerator: dict[str, Any] | None) -> bool:
-    if not accelerator:
-        return False
-    from difflab import accel
+    from difflab import accel  # imported here, as in _accelerated: sampling without one needs no accel
 
     return accel.wraps_guidance(accelerator)
 

@@ -86,23 +86,31 @@ def test_pipelines_difflab_cannot_convert_yet_are_refused_by_part(tmp_path):
         from_diffusers(folder)
 
 
+def _clip_tokenizer(tmp_path):
+    """A character-level CLIP tokenizer (vocabulary and merges written here; nothing from a hub) and
+    its vocabulary."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    words = tmp_path / "words"
+    words.mkdir(exist_ok=True)
+    (words / "vocab.json").write_text(json.dumps(vocab))
+    (words / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=16), vocab
+
+
 def _tiny_sd_folder(tmp_path):
     """A Stable Diffusion pipeline folder made here: a tiny U-Net, VAE, CLIP text encoder and a
     character-level CLIP tokenizer (vocabulary and merges written by the test; nothing from a hub)."""
-    import json
 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in letters:
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    words = tmp_path / "words"
-    words.mkdir()
-    (words / "vocab.json").write_text(json.dumps(vocab))
-    (words / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=16)
+    tokenizer, vocab = _clip_tokenizer(tmp_path)
     torch.manual_seed(0)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=24, intermediate_size=32,
                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
@@ -188,19 +196,13 @@ def test_a_text_to_image_folder_takes_every_sampler_and_guidance_method(tmp_path
 def test_an_sdxl_folder_samples_as_diffusers_does(tmp_path):
     """SDXL: two CLIP text encoders side by side, the pooled projection and the six size numbers
     embedded beside it, zeros as the null condition; the same images as StableDiffusionXLPipeline."""
-    import json
 
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from difflab import guidance
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+    tokenizer, vocab = _clip_tokenizer(tmp_path)
     torch.manual_seed(0)
     common = {"vocab_size": len(vocab), "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
               "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
@@ -243,7 +245,6 @@ def _tiny_sd3_folder(tmp_path, t5=True):
     """A Stable Diffusion 3 folder made here: a tiny MMDiT, a 16-channel-style VAE without quant
     convolutions, two projected CLIP encoders, a T5 encoder and a unigram T5 tokenizer (written by
     the test; nothing from a hub)."""
-    import json
 
     from diffusers import (
         AutoencoderKL,
@@ -255,18 +256,12 @@ def _tiny_sd3_folder(tmp_path, t5=True):
     from transformers import (
         CLIPTextConfig,
         CLIPTextModelWithProjection,
-        CLIPTokenizer,
         T5Config,
         T5EncoderModel,
         T5TokenizerFast,
     )
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+    tokenizer, vocab = _clip_tokenizer(tmp_path)
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz "]
     tokenizer_3 = T5TokenizerFast(tokenizer_object=Tokenizer(models.Unigram(pieces, unk_id=2)), extra_ids=0,
                                   model_max_length=256)
