@@ -15,7 +15,8 @@ implements (:class:`difflab.models.base.Network`):
   processor ``processor(attn, x, context, mask, rope) -> out`` for the ``with``.
 * **weight layers**: ``weight_layers()`` names every linear and convolution layer by its module
   path; ``hook_layers({name: hook})`` makes a layer's output ``hook(input, output)`` for the
-  ``with`` (LoRA's low-rank updates).
+  ``with`` (LoRA's low-rank updates); ``replace_layers({name: computation})`` makes a layer compute
+  ``computation(input)`` instead (int8 inference).
 * **residuals**: ``residual_points()`` names where additive residuals may enter (a U-Net's skip
   connections and middle, a DiT's block outputs); ``forward(..., residuals={name: tensor})`` adds
   them (ControlNet).
@@ -59,6 +60,8 @@ class Hookable(Protocol):
     def weight_layers(self) -> dict[str, Any]: ...
 
     def hook_layers(self, hooks: dict[str, Callable[[Tensor, Tensor], Tensor]]) -> AbstractContextManager[None]: ...
+
+    def replace_layers(self, computations: dict[str, Callable[[Tensor], Tensor]]) -> AbstractContextManager[None]: ...
 
     def residual_points(self) -> list[str]: ...
 

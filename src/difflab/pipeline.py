@@ -35,6 +35,7 @@ Tensor = torch.Tensor
 FORMAT = "difflab-pipeline"
 VERSION = 1
 CALIBRATION = "calibration.json"
+INT8_CALIBRATION = "int8.json"
 
 
 @contextlib.contextmanager
@@ -64,6 +65,18 @@ def _accelerated(denoiser: Denoiser, accelerator: dict[str, Any] | None):
     from difflab import accel
 
     return accel.accelerate(denoiser, accelerator)
+
+
+def _accelerator_record(accelerator: dict[str, Any]) -> dict[str, Any]:
+    """What an image's settings keep of its accelerator: a T-Stitch small network given as an object is
+    named by its folder path or its weights' identity."""
+    record = dict(accelerator)
+    small = record.get("small")
+    if isinstance(small, os.PathLike):
+        record["small"] = str(small)
+    elif small is not None and not isinstance(small, str):
+        record["small"] = f"pipeline {small.identity()}" if isinstance(small, Pipeline) else type(small).__name__
+    return record
 
 
 def _digest(t: Tensor) -> str:
@@ -186,6 +199,8 @@ class Pipeline:
         #: per step count, a calibrated way to sample (``tune``; ``calibration.json`` in the folder)
         self.calibration: dict[int, Any] = {}
         self._calibrated_for: str | None = None
+        #: the convolutions' timestep-aware int8 ranges (``calibrate_int8``; ``int8.json`` in the folder)
+        self.int8_calibration: dict[str, Any] | None = None
 
     # --- folder ---------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -205,6 +220,8 @@ class Pipeline:
             self.vae.save_pretrained(directory / "vae")
         if self.calibration:
             self.save_calibration(directory)
+        if self.int8_calibration:
+            write_atomic(directory / INT8_CALIBRATION, json.dumps(self.int8_calibration, indent=1).encode())
         write_atomic(directory / "pipeline.json", json.dumps(self.config(), indent=1).encode())
         return directory
 
@@ -242,6 +259,10 @@ class Pipeline:
                 raise PipelineError(f"{directory / CALIBRATION} is not a difflab calibration file")
             pipe.calibration = {int(k): Tuned.from_config(v) for k, v in payload["entries"].items()}
             pipe._calibrated_for = payload["model"]
+        if (directory / INT8_CALIBRATION).is_file():
+            from difflab.files import read_json
+
+            pipe.int8_calibration = read_json(directory / INT8_CALIBRATION, "int8 calibration")
         return pipe
 
     @classmethod
@@ -460,6 +481,7 @@ class Pipeline:
         cond_settings, cond = self._conditions(n, class_labels, prompts)
         cond, applied_guidance = self._scalar_conditions(cond, n, steps, schedule, guidance, guidance_options)
         den = self.denoiser()
+        accel_config = self._accelerator_config(accelerator, loras, controls, image_prompt)
         adapters, control_list = self._adapters(n, loras, controls)
         if loras:
             from difflab.adapters import WithLoRA
@@ -475,8 +497,9 @@ class Pipeline:
             if callback is not None:
                 callback(i, t, x, denoised)
 
-        with _eval_mode(self.network, self.vae):  # sampling runs in eval mode; the caller's mode is kept
-            for start in starts:
+        small = (accel_config or {}).get("small")
+        with _eval_mode(self.network, self.vae, small.network if isinstance(small, Pipeline) else None):
+            for start in starts:  # sampling runs in eval mode; the caller's mode is kept
                 batch_seeds = seeds[start: start + batch_size]
                 gens = [torch.Generator(device=self.device).manual_seed(s) for s in batch_seeds]
                 noise = torch.stack([torch.randn(self.sample_shape, generator=g, device=self.device) for g in gens])
@@ -489,14 +512,15 @@ class Pipeline:
                                                      c.scale, c.start, c.end) for c in control_list])
                 outer = _wraps_guidance(accelerator)  # a guidance cache wraps the guided denoiser
                 with contextlib.ExitStack() as stack:
-                    fast = stack.enter_context(_accelerated(model, None if outer else accelerator))
+                    fast = stack.enter_context(_accelerated(model, None if outer else accel_config))
                     if self.inpainting:  # a trained inpainting model generating: everything is repainted
                         from difflab.editing.inpaint import WithInputs, inpainting_inputs
 
                         full = torch.ones_like(noise[:, :1])
                         fast = WithInputs(fast, inpainting_inputs(torch.zeros_like(noise), full))
                     model = self._guided(fast, applied_guidance, guidance_options)
-                    model = stack.enter_context(_accelerated(model, accelerator if outer else None))
+                    outer_config = self._stitch_guided(accel_config, applied_guidance, guidance_options)
+                    model = stack.enter_context(_accelerated(model, outer_config if outer else None))
                     if image_prompt:
                         from difflab.adapters import ImagePrompted
 
@@ -513,7 +537,7 @@ class Pipeline:
                         **self._image_settings(cond_settings, start, batch_seeds, i, steps, sampler, schedule,
                                                sampler_options, guidance, guidance_options),
                         "denoiser_calls": nfe,
-                        **({"accelerator": dict(accelerator)} if accelerator else {}),
+                        **({"accelerator": _accelerator_record(accelerator)} if accelerator else {}),
                         **self._adapter_settings(adapters, control_list, start + i),
                         **({"image_prompt": {"scale": float(image_prompt.get("scale", 1.0)),
                                              "image_sha256": _digest(image_prompt["images"][start + i])}}
@@ -521,6 +545,79 @@ class Pipeline:
                     })
         bar.close()
         return Output(torch.cat(images), settings)
+
+    def _accelerator_config(self, accelerator: dict[str, Any] | None, loras: Any, controls: Any,
+                            image_prompt: Any) -> dict[str, Any] | None:
+        """The accelerator's options with what the pipeline holds for it: int8's calibration, T-Stitch's
+        ``small`` pipeline (a folder opened on this pipeline's device); the images' settings keep what
+        was given."""
+        if accelerator and accelerator.get("name") == "int8":
+            return self._int8_options(accelerator)
+        if not accelerator or accelerator.get("name") != "t_stitch" or "small" not in accelerator:
+            return accelerator
+        if loras or controls or image_prompt:
+            raise PipelineError("LoRAs, controls and image prompts fit one network, and T-Stitch samples with two: "
+                                "use them without the t_stitch accelerator")
+        small = accelerator["small"]
+        if isinstance(small, str | os.PathLike):
+            small = Pipeline.from_pretrained(small, device=self.device)
+        if isinstance(small, Pipeline) and (
+                (small.num_classes, small.text_encoder_config, small.vae is None, small.sample_shape)
+                != (self.num_classes, self.text_encoder_config, self.vae is None, self.sample_shape)):
+            raise PipelineError("the small pipeline of T-Stitch must take the same conditions (classes, text "
+                                "encoder), latent space and sample shape as this one")
+        return {**accelerator, "small": small}
+
+    def _int8_options(self, accelerator: dict[str, Any]) -> dict[str, Any]:
+        """``{"name": "int8", "convs": True}``: the convolutions too, with this pipeline's calibration."""
+        options = {k: v for k, v in accelerator.items() if k != "convs"}
+        if not accelerator.get("convs"):
+            return options
+        if self.int8_calibration is None:
+            raise PipelineError("int8 convolutions need this pipeline's timestep-aware calibration: run "
+                                "pipe.calibrate_int8() (then save_pretrained keeps it in int8.json), or leave "
+                                "convs out for int8 linear layers only")
+        if self.int8_calibration.get("model") != self.identity():
+            raise PipelineError("the int8 calibration was made for other weights (the network changed since): run "
+                                "pipe.calibrate_int8() again")
+        return {**options, "calibration": self.int8_calibration}
+
+    def calibrate_int8(self, n: int = 32, *, seed: int = 1_000_000, steps: int | None = None, intervals: int = 8,
+                       class_labels: Any = None, prompts: str | Sequence[str] | None = None) -> dict[str, Any]:
+        """Timestep-aware int8 ranges of the network's convolutions (Q-Diffusion; see
+        :func:`difflab.accel.calibrate_int8`) from ``n`` images sampled the pipeline's default way
+        (its sampler, grid and guidance; seeds from ``seed``, apart from the usual ones). Kept in
+        :attr:`int8_calibration` and, by :meth:`save_pretrained`, in ``int8.json``; sampling uses it
+        with ``accelerator={"name": "int8", "convs": True}``."""
+        from difflab import accel
+        from difflab.samplers import sample
+
+        steps, sampler, schedule, method, options = self._sampling(steps, None, None, None, None)
+        _, cond = self._conditions(n, class_labels, prompts)
+        cond, method = self._scalar_conditions(cond, n, steps, schedule, method, options)
+        gens = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(n)]
+        noise = torch.stack([torch.randn(self.sample_shape, generator=g, device=self.device) for g in gens])
+        cond = {k: v.to(self.device) for k, v in (cond or {}).items()}
+
+        def run(den: Any) -> Tensor:
+            return sample(self._guided(den, method, options), noise, sampler, steps=steps, schedule=schedule,
+                          generator=gens, cond=cond)
+
+        with _eval_mode(self.network, self.vae):
+            ranges = accel.calibrate_int8(self.denoiser(), run, intervals)
+        self.int8_calibration = {**ranges, "model": self.identity(), "steps": steps, "n": n}
+        return self.int8_calibration
+
+    def _stitch_guided(self, config: dict[str, Any] | None, method: str | None,
+                       options: dict[str, Any]) -> dict[str, Any] | None:
+        """T-Stitch's small network guided as the large one is (each network its own guidance, so
+        methods that reach into the network, PAG and ICG, perturb the one that runs)."""
+        if not config or config.get("name") != "t_stitch" or "small" not in config:
+            return config
+        small = config["small"]
+        owner = small if isinstance(small, Pipeline) else self
+        return {**config, "small": owner._guided(small.denoiser() if isinstance(small, Pipeline) else small,
+                                                 method, options)}
 
     def _adapters(self, n: int, loras: Any, controls: Any) -> tuple[dict[str, Any], list[Any]]:
         """A call's LoRAs and controls, checked, and what the images' settings record of them."""

@@ -165,6 +165,26 @@ class Network(nn.Module):
             for handle in handles:
                 handle.remove()
 
+    @contextmanager
+    def replace_layers(self, computations: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+        """For the ``with``, layer ``name`` computes ``computation(input)`` instead of its own forward
+        (``{name: computation}`` over :meth:`weight_layers`): what int8 inference runs in its place."""
+        layers = self.weight_layers()
+        unknown = sorted(set(computations) - set(layers))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no linear or convolution layer(s) "
+                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        replaced = [name for name in computations if "forward" in vars(layers[name])]
+        if replaced:
+            raise ValueError(f"layer(s) {', '.join(replaced[:5])} are replaced already (nested replace_layers)")
+        for name, fn in computations.items():
+            layers[name].forward = fn  # the instance attribute shadows the class's forward; hooks still run
+        try:
+            yield
+        finally:
+            for name in computations:
+                del layers[name].forward
+
     def residual_points(self) -> list[str]:
         """Where ``forward(..., residuals={name: tensor})`` may add residuals; subclasses define them."""
         return []
