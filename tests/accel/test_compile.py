@@ -1,6 +1,8 @@
 """torch.compile on a pipeline: once per shape, then no recompilation inside or across sampling
-calls — with the block caches, token merging, the guidance cache and T-GATE too — and the same images
-(the eager backend here: it traces and guards like inductor without compiling C++)."""
+calls — with the block caches, token merging, the guidance cache, T-GATE and attention reuse too —
+and the same images (the eager backend here: it traces and guards like inductor without compiling
+C++). int8 is not among them: its quantized layers are new objects in each call, so a compiled
+network recompiles once per call with it."""
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from difflab.models import UNet, UNetConfig
 from difflab.pipeline import Pipeline
 
 ACCELERATORS = [None, {"name": "deep_cache", "interval": 3}, {"name": "token_merging", "ratio": 0.5},
-                {"name": "guidance_cache", "refresh": 2}, {"name": "t_gate", "gate": 2}]
+                {"name": "guidance_cache", "refresh": 2}, {"name": "t_gate", "gate": 2},
+                {"name": "attention_reuse", "refresh": 2, "share_branches": True}]
 
 
 def _pipe():

@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any
 
+from difflab.accel.attention_reuse import attention_reuse
 from difflab.accel.block_cache import BlockCache, block_cache, deep_cache
 from difflab.accel.flops import count_flops, sampling_flops
 from difflab.accel.guidance_cache import guidance_cache, t_gate
@@ -26,13 +27,15 @@ REGISTRY.add("token_merging", token_merging, "Bolya & Hoffman 2023, Token Mergin
 REGISTRY.add("guidance_cache", guidance_cache, "Lv et al. 2024, FasterCache (its CFG cache)")
 REGISTRY.add("t_gate", t_gate, "Zhang et al. 2024, Cross-Attention Makes Inference Cumbersome in Text-to-Image "
              "Diffusion Models (T-GATE)")
+REGISTRY.add("attention_reuse", attention_reuse, "Yuan et al. 2024, DiTFastAttn: Attention Compression for "
+             "Diffusion Transformer Models (sharing across steps and guidance branches)")
 REGISTRY.add("int8", int8, "dynamic int8 linear layers; Li et al. 2023, Q-Diffusion: Quantizing Diffusion Models "
              "(timestep-aware static int8 for convolutions)")
 REGISTRY.add("t_stitch", t_stitch, "Pan et al. 2024, T-Stitch: Accelerating Sampling in Pre-Trained Diffusion "
              "Models with Trajectory Stitching")
-#: accelerators that wrap the guided denoiser (they reuse guidance branches, or T-Stitch: each network is guided
-#: on its own), not the network's denoiser
-WRAPS_GUIDANCE = ("guidance_cache", "t_gate", "t_stitch")
+#: accelerators that wrap the guided denoiser (they reuse or share guidance branches, or T-Stitch: each network is
+#: guided on its own), not the network's denoiser
+WRAPS_GUIDANCE = ("attention_reuse", "guidance_cache", "t_gate", "t_stitch")
 
 
 def wraps_guidance(config: dict[str, Any] | None) -> bool:
@@ -47,6 +50,6 @@ def accelerate(denoiser: Any, config: dict[str, Any]) -> AbstractContextManager:
     return REGISTRY.get(options.pop("name", None))(denoiser, **options)
 
 
-__all__ = ["REGISTRY", "WRAPS_GUIDANCE", "BlockCache", "accelerate", "block_cache", "calibrate_int8", "count_flops",
-           "deep_cache", "guidance_cache", "int8", "sampling_flops", "t_gate", "t_stitch", "token_merging",
-           "wraps_guidance"]
+__all__ = ["REGISTRY", "WRAPS_GUIDANCE", "BlockCache", "accelerate", "attention_reuse", "block_cache",
+           "calibrate_int8", "count_flops", "deep_cache", "guidance_cache", "int8", "sampling_flops", "t_gate",
+           "t_stitch", "token_merging", "wraps_guidance"]
