@@ -193,7 +193,8 @@ def main() -> None:
             + "\n".join(lines) + "\n")
     if sizes:
         calibrated = f"; calibration {calibration_seconds:.1f} s for 64 images" if unet else ""
-        text += (f"\nint8 weights (the network holds {network_bytes / 1e6:.3f} MB in float32{calibrated}):\n\n| configuration | quantized layers in float32 | "
+        text += (f"\nint8 weights (the network holds {network_bytes / 1e6:.3f} MB in float32{calibrated}):\n\n"
+                 "| configuration | quantized layers in float32 | "
                  "in int8 |\n|---|---|---|\n" + "\n".join(sizes) + "\n")
     (RESULTS / f"{args.name}.md").write_text(text)
     plot(rows, RESULTS / f"{args.name}.png")
