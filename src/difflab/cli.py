@@ -336,9 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in out_dir (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
-    p = sub.add_parser("adapt", help="train a LoRA (DreamBooth-style, with prior preservation) or a ControlNet "
-                                      "on a frozen pipeline from a TOML adapter recipe")
-    p.add_argument("config", help="TOML adapter recipe (a file or a built-in name: dreambooth_lora, scenes_controlnet)")
+    p = sub.add_parser("adapt", help="train a LoRA (DreamBooth-style, with prior preservation), an LCM-LoRA or a "
+                                      "ControlNet on a frozen pipeline from a TOML adapter recipe")
+    p.add_argument("config", help="TOML adapter recipe (a file or a built-in name: dreambooth_lora, digits_lcm_lora, "
+                                  "scenes_controlnet)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier adapter in out_dir")
     p.add_argument("--no-progress", action="store_true")

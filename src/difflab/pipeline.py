@@ -379,15 +379,19 @@ class Pipeline:
         return (self.steps if steps is None else steps, sampler or self.sampler, schedule or self.schedule, guidance,
                 dict(guidance_options or {}))
 
-    def _check_student(self, sampler: str, steps: int) -> None:
-        """Warn when a distilled student is sampled with a sampler or step count it was not trained for."""
-        if not self.student:
-            return
-        trained_steps = self.student.get("steps") or []
-        if sampler != self.student["sampler"] or (trained_steps and steps not in trained_steps):
+    def _check_student(self, sampler: str, steps: int, loras: Sequence[tuple[Any, float]] | None = None) -> None:
+        """Warn when a distilled student — the pipeline, or a LoRA it runs with (LCM-LoRA) — is sampled
+        with a sampler or step count it was not trained for."""
+        students = [("this pipeline", self.student)] if self.student else []
+        students += [("a LoRA of this call", item[0].student) for item in (loras or [])  # malformed: refused later
+                     if isinstance(item, tuple) and len(item) == 2 and getattr(item[0], "student", None) and item[1]]
+        for who, student in students:
+            trained_steps = student.get("steps") or []
+            if sampler == student["sampler"] and (not trained_steps or steps in trained_steps):
+                continue
             counts = ", ".join(str(k) for k in trained_steps) or "any"
-            warnings.warn(f"this pipeline is a {self.student['method']} student trained for the "
-                          f"{self.student['sampler']!r} sampler at {counts} step(s); sampling it with {sampler!r} at "
+            warnings.warn(f"{who} is a {student['method']} student trained for the "
+                          f"{student['sampler']!r} sampler at {counts} step(s); sampling it with {sampler!r} at "
                           f"{steps} step(s) is outside what it learned and may look worse than its teacher",
                           stacklevel=3)
 
@@ -477,7 +481,7 @@ class Pipeline:
             sampler, schedule, sampler_options = spec.name, list(spec.schedule), {**spec.options, **sampler_options}
         steps, sampler, schedule, guidance, guidance_options = self._sampling(steps, sampler, schedule, guidance,
                                                                               guidance_options)
-        self._check_student(sampler, steps)
+        self._check_student(sampler, steps, loras)
         cond_settings, cond = self._conditions(n, class_labels, prompts)
         cond, applied_guidance = self._scalar_conditions(cond, n, steps, schedule, guidance, guidance_options)
         den = self.denoiser()

@@ -385,3 +385,49 @@ def test_a_text_teacher_guides_with_the_empty_prompt_encoded_once():
         out = teacher(x, torch.full((5,), 0.5), **cond)
     assert torch.allclose(out, 1.5 * x + 2.0 * (1.5 * x - x))  # d_cond + (w - 1)(d_cond - d_null)
     assert calls == [1]  # encoded once, not on every teacher call
+
+
+def test_lcm_lora_one_step_map_approaches_the_exact_ode_end_point_on_a_frozen_base(tmp_path):
+    """LCM-LoRA: the trained base is its own teacher; the LoRA alone learns, the base keeps every
+    weight bit for bit, and with the LoRA one evaluation lands near the exact ODE end point."""
+    from difflab.adapters import LoRA
+    from difflab.adapters.lora import applied
+    from difflab.training.adapters import train_consistency_lora
+    from difflab.training.trainer import Trainer
+
+    base_recipe = train_config.load(None, [
+        f"out_dir='{tmp_path / 'base'}'", "data.name='toy2d'", "data.options={kind='mixture', n=4096}",
+        "data.batch_size=128", "model={kind='mlp', hidden=64, depth=3}", "prediction='flow'", "process={kind='flow'}",
+        "train.steps=1000", "train.checkpoint_every=100000", "train.tensorboard=false", "optim.lr=2e-3",
+        "optim.warmup_steps=20", "ema.decay=0.99"])
+    base = Trainer(base_recipe)
+    base.run(progress=False)
+    pipe = base.pipeline()
+    z, labels, ref = probe()
+    den = pipe.denoiser()
+    with torch.no_grad():
+        base_one_step = one_step_error(den, z, labels, ref)
+    weights = {k: v.clone() for k, v in pipe.network.state_dict().items()}
+    classes = torch.arange(4096) % 4
+    data = MIX.sample(4096, generator=torch.Generator().manual_seed(1), labels=classes)
+    lora = train_consistency_lora(pipe, data, labels=classes, steps=600, batch_size=128, lr=2e-3, steps_start=8,
+                                  steps_end=32, progress=False)
+    assert all(torch.equal(weights[k], v) for k, v in pipe.network.state_dict().items())
+    with torch.no_grad(), applied(pipe.network, lora):
+        lora_one_step = one_step_error(den, z, labels, ref)
+    assert lora_one_step < 0.35 * base_one_step, (lora_one_step, base_one_step)
+    again = LoRA.from_pretrained(lora.save_pretrained(tmp_path / "lcm", pipe.identity()), pipe.network,
+                                 base_identity=pipe.identity())
+    assert again.student == lora.student == {"method": "lcm-lora", "sampler": "consistency", "steps": []}
+    kw = {"seeds": list(range(64)), "class_labels": [0, 1, 2, 3] * 16, "guidance": "none", "schedule": "trailing"}
+
+    def off_the_ring(images):  # mean distance to the nearest component's centre
+        return float(torch.cdist(images.double(), MIX.means.double()).min(1).values.mean())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distilled = pipe(loras=[(again, 1.0)], sampler="consistency", steps=1, **kw).images
+    plain = pipe(sampler="euler", steps=1, **kw).images
+    assert off_the_ring(distilled) < 0.5 * off_the_ring(plain), (off_the_ring(distilled), off_the_ring(plain))
+    with pytest.warns(UserWarning, match="lcm-lora student"):
+        pipe(loras=[(again, 1.0)], sampler="euler", steps=2, **kw)

@@ -47,12 +47,16 @@ def _slot(name: str) -> str:
 class LoRA(nn.Module):
     """Low-rank updates for the layers of ``network`` whose names match ``targets``: ``rank``,
     ``alpha`` (default: the rank, so the scaling alpha / rank is 1), ``dropout`` on the update's
-    input while training. ``layers`` (exact names) replaces the patterns."""
+    input while training. ``layers`` (exact names) replaces the patterns. ``student``: what a
+    distilled LoRA (LCM-LoRA) was trained to sample with, ``{"method", "sampler", "steps"}``, so a
+    pipeline sampling it otherwise warns; saved with it."""
 
     def __init__(self, network: Any, *, rank: int = 4, alpha: float | None = None,
                  targets: Sequence[str] = DEFAULT_TARGETS, dropout: float = 0.0,
-                 layers: Sequence[str] | None = None, alphas: dict[str, float] | None = None):
+                 layers: Sequence[str] | None = None, alphas: dict[str, float] | None = None,
+                 student: dict[str, Any] | None = None):
         super().__init__()
+        self.student = dict(student) if student else None
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise LoRAError(f"rank must be a whole number >= 1, got {rank!r}")
         if not 0.0 <= dropout < 1.0:
@@ -95,7 +99,7 @@ class LoRA(nn.Module):
 
     def settings(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets), "dropout": self.dropout_rate,
-                "layers": self.layers, "alphas": self.alphas}
+                "layers": self.layers, "alphas": self.alphas, **({"student": self.student} if self.student else {})}
 
     # --- at run time ----------------------------------------------------------------------------------
     def update(self, name: str, x: Tensor) -> Tensor:
@@ -147,8 +151,10 @@ class LoRA(nn.Module):
                                      hint="; PEFT, diffusers and kohya files load with difflab.interop.lora_from_file")
         order = {name: i for i, name in enumerate(meta.get("layers", []))}  # the file's keys are sorted
         tensors = dict(sorted(tensors.items(), key=lambda kv: order.get(kv[0].rsplit(".", 2)[0], len(order))))
-        return cls.from_tensors(network, tensors, rank=int(meta["rank"]), alpha=float(meta["alpha"]),
+        lora = cls.from_tensors(network, tensors, rank=int(meta["rank"]), alpha=float(meta["alpha"]),
                                 targets=meta.get("targets", DEFAULT_TARGETS), alphas=meta.get("alphas") or {})
+        lora.student = meta.get("student") or None
+        return lora
 
     @classmethod
     def from_tensors(cls, network: Any, tensors: dict[str, Tensor], *, rank: int | None = None,

@@ -134,6 +134,59 @@ def train_lora(pipe: Any, images: Tensor, prompts: Sequence[str] | None = None, 
     return lora.eval()
 
 
+#: the layers an LCM-LoRA updates by default: every linear and convolution layer (Luo et al. 2023b
+#: adapt attention, feed-forward, residual-block and time-embedding layers of SD's U-Net alike)
+CONSISTENCY_LORA_TARGETS = ("*",)
+
+
+def train_consistency_lora(pipe: Any, images: Tensor, prompts: Sequence[str] | None = None, *, rank: int = 8,
+                           alpha: float | None = None, targets: Sequence[str] = CONSISTENCY_LORA_TARGETS,
+                           steps: int = 1000, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                           solver: str = "heun", schedule: str = "karras", steps_start: int = 10,
+                           steps_end: int = 40, skip: int = 1, huber_c: float | None = None,
+                           teacher_scale: float = 1.0, text_dropout: float = 0.1, progress: bool = True,
+                           log: list | None = None, max_seconds: float | None = None,
+                           labels: Tensor | None = None) -> LoRA:
+    """LCM-LoRA (Luo et al. 2023, "LCM-LoRA: A Universal Stable-Diffusion Acceleration Module"):
+    consistency distillation (:class:`~difflab.training.distill.consistency.ConsistencyObjective`)
+    of ``pipe`` into a LoRA on ``pipe`` itself — the frozen base is the teacher, the base with the
+    LoRA the student — so a few-step sampler is an adapter of a few megabytes that loads onto the
+    base (and stacks with other LoRAs) instead of a second model. The teacher takes ``solver`` steps
+    of ``skip`` grid points of the ``schedule``'s N-step grid (N from ``steps_start`` doubling to
+    ``steps_end`` over training), guided at ``teacher_scale``; the student carries no guidance
+    input (a LoRA cannot add one), so it learns the map at that one scale, as LCM-LoRA does. The
+    LoRA records that it samples with the ``consistency`` sampler; ``images`` (and their
+    ``prompts`` / ``labels``) give the data points the training paths start from."""
+    from difflab.training.distill.consistency import ConsistencyObjective
+    from difflab.training.distill.teacher import Teacher
+
+    torch.manual_seed(seed)
+    net = pipe.network
+    lora = LoRA(net, rank=rank, alpha=alpha, targets=targets,
+                student={"method": "lcm-lora", "sampler": "consistency", "steps": []}).to(pipe.device)
+    lora.train()
+    teacher = Teacher.from_pipeline(pipe, teacher_scale)  # the network without the LoRA
+    objective = ConsistencyObjective(pipe.process, pipe.prediction, teacher, steps, schedule, steps_start, steps_end,
+                                     solver, huber_c, skip)
+    taken = [0]
+
+    def student(x: Tensor, time: Tensor, **cond: Any) -> Tensor:
+        with applied(net, lora):
+            return net(x, time, **cond)
+
+    def step_loss(batch: dict[str, Any]) -> Tensor:
+        b = len(batch["x0"])
+        consistency_batch = {"x0": batch["x0"], "noise": batch["noise"], "step": torch.full((b,), taken[0]),
+                             "seeds": torch.randint(2**31 - 1, (b,), generator=batch["generator"])}
+        taken[0] += 1
+        return objective(student, consistency_batch, **batch["cond"])
+
+    fit(pipe, images, prompts, list(lora.parameters()), step_loss, steps=steps, batch_size=batch_size, lr=lr,
+        seed=seed, text_dropout=text_dropout, progress=progress, desc=f"LCM-LoRA rank {rank}", log=log,
+        max_seconds=max_seconds, labels=labels)
+    return lora.eval()
+
+
 def finetune(pipe: Any, images: Tensor, prompts: Sequence[str] | None = None, *, steps: int = 1000,
              batch_size: int = 32, lr: float = 1e-4, seed: int = 0, text_dropout: float = 0.1,
              progress: bool = True, log: list | None = None, max_seconds: float | None = None) -> Any:
@@ -266,9 +319,10 @@ ADAPTER_OUTPUTS = ("lora.json", "lora.safetensors", "controlnet.json", "controln
 def run_recipe(config: dict[str, Any], *, overwrite: bool = False, progress: bool = True) -> Path:
     """Train what an adapter recipe describes (``difflab adapt``; :data:`~difflab.training.config.
     ADAPTER_DEFAULTS`): a LoRA — with DreamBooth's prior preservation when ``prior.n`` > 0, its
-    class images made by the base from ``prior.prompts`` — or a ControlNet on the dataset's
-    ``data.control`` maps. Writes the adapter (with the base's identity), the recipe and the losses
-    to ``out_dir``; returns it."""
+    class images made by the base from ``prior.prompts`` —, an LCM-LoRA (``kind = "lcm_lora"``:
+    :func:`train_consistency_lora` with the ``[consistency]`` options) or a ControlNet on the
+    dataset's ``data.control`` maps. Writes the adapter (with the base's identity), the recipe and
+    the losses to ``out_dir``; returns it."""
     import json
 
     from difflab import data as datasets
@@ -317,6 +371,20 @@ def run_recipe(config: dict[str, Any], *, overwrite: bool = False, progress: boo
         adapter = train_lora(pipe, images, prompts, rank=lo["rank"], alpha=lo["alpha"] or None,
                              targets=tuple(lo["targets"]), dropout=lo["dropout"], prior=prior,
                              prior_weight=config["prior"]["weight"], log=log, **common)
+    elif config["kind"] == "lcm_lora":
+        lo, c = config["lora"], config["consistency"]
+        if c["steps_start"] > c["steps_end"]:
+            raise ConfigError(f"consistency.steps_start ({c['steps_start']}) must not exceed consistency.steps_end "
+                              f"({c['steps_end']}): the curriculum doubles the grid from one to the other")
+        try:
+            adapter = train_consistency_lora(pipe, images, prompts, rank=lo["rank"], alpha=lo["alpha"] or None,
+                                             targets=tuple(lo["targets"]), solver=c["solver"],
+                                             schedule=c["schedule"], steps_start=c["steps_start"],
+                                             steps_end=c["steps_end"], skip=c["skip"],
+                                             huber_c=None if c["huber_c"] < 0 else c["huber_c"],
+                                             teacher_scale=c["teacher_scale"], log=log, **common)
+        except ValueError as err:  # a base it cannot distil: x0 prediction, guidance with no condition
+            raise ConfigError(f"LCM-LoRA on {config['base']}: {err}") from err
     else:
         key = config["data"]["control"]
         if key not in items[0] or not isinstance(items[0][key], torch.Tensor) or items[0][key].ndim != 3:

@@ -93,7 +93,8 @@ RULES: dict[str, Rule] = {
     "latent.lr": POSITIVE, "latent.kl_weight": NON_NEGATIVE, "sample.steps": AT_LEAST_ONE, "sample.n": AT_LEAST_ONE,
     "distill.guidance_scale": Rule(1),
 }
-#: an adapter recipe (``difflab adapt``): a LoRA or a ControlNet trained on a frozen base pipeline
+#: an adapter recipe (``difflab adapt``): a LoRA, an LCM-LoRA (``[consistency]``) or a ControlNet
+#: trained on a frozen base pipeline
 ADAPTER_DEFAULTS: dict[str, Any] = {
     "kind": "lora",
     "base": "",
@@ -102,15 +103,19 @@ ADAPTER_DEFAULTS: dict[str, Any] = {
     "data": {"name": "folder", "options": {}, "control": ""},
     "lora": {"rank": 4, "alpha": 0.0, "targets": ["*.to_q", "*.to_k", "*.to_v", "*.to_out"], "dropout": 0.0},
     "controlnet": {"hint_width": 16, "blocks": 0},
+    "consistency": {"solver": "heun", "schedule": "karras", "steps_start": 10, "steps_end": 40, "skip": 1,
+                    "huber_c": -1.0, "teacher_scale": 1.0},
     "prior": {"prompts": [], "n": 0, "weight": 1.0, "steps": 20},
     "train": {"steps": 1000, "batch_size": 32, "lr": 1e-4, "text_dropout": 0.1, "num_threads": 0},
 }
 ADAPTER_RULES: dict[str, Rule] = {
-    "kind": Rule(choices=("lora", "controlnet")), "seed": NON_NEGATIVE, "lora.rank": AT_LEAST_ONE,
+    "kind": Rule(choices=("lora", "lcm_lora", "controlnet")), "seed": NON_NEGATIVE, "lora.rank": AT_LEAST_ONE,
     "lora.alpha": NON_NEGATIVE, "lora.dropout": Rule(0, 1, high_open=True), "controlnet.hint_width": AT_LEAST_ONE,
     "controlnet.blocks": NON_NEGATIVE, "prior.n": NON_NEGATIVE, "prior.weight": NON_NEGATIVE,
     "prior.steps": AT_LEAST_ONE, "train.steps": AT_LEAST_ONE, "train.batch_size": AT_LEAST_ONE,
     "train.lr": POSITIVE, "train.text_dropout": UNIT_OPEN, "train.num_threads": NON_NEGATIVE,
+    "consistency.solver": Rule(choices=("euler", "heun")), "consistency.steps_start": AT_LEAST_ONE,
+    "consistency.steps_end": AT_LEAST_ONE, "consistency.skip": AT_LEAST_ONE, "consistency.teacher_scale": Rule(1),
 }
 TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", list: "a list"}
 
