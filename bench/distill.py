@@ -4,8 +4,10 @@ and 4 network evaluations, beside the teacher at 20 and 50 and the teacher's bes
 
 Train first (alone on the machine): ``difflab train digits``, then ``digits_consistency``,
 ``digits_progressive``, ``digits_reflow``, ``digits_instaflow`` (which distils the reflowed model) ,
-``digits_shortcut``, ``digits_dmd2`` and ``digits_perflow``.
-Run by hand, alone:  python bench/distill.py [--runs outputs] [--n 2000]
+``digits_shortcut``, ``digits_dmd2`` and ``digits_perflow``; ``difflab adapt digits_lcm_lora`` (a LoRA on
+the teacher itself, measured loaded onto it).
+Run by hand, alone:  python bench/distill.py [--runs outputs] [--n 2000] [--only lcm-lora,...]
+(``--only``: measure those students again and keep the other rows of distill.json).
 Writes bench/results/distill.{json,md,png}. ``--straightness`` only measures how straight the teacher's
 and the flow students' paths are (Liu et al. 2023) and writes bench/results/distill_straightness.{json,md}.
 """
@@ -35,6 +37,8 @@ TEACHER_AT = {1: [("euler", 1, "trailing"), ("heun", 1, "trailing")],
 STUDENTS = {"consistency": "digits_consistency", "progressive": "digits_progressive", "reflow": "digits_reflow",
             "instaflow": "digits_instaflow", "shortcut": "digits_shortcut",
             "dmd2": "digits_dmd2", "perflow": "digits_perflow"}
+#: students that are LoRAs on the teacher (an adapter folder each)
+LORA_STUDENTS = {"lcm-lora": "digits_lcm_lora"}
 
 
 def training_seconds(run: Path) -> float | None:
@@ -49,13 +53,27 @@ def training_seconds(run: Path) -> float | None:
     return round(total, 1)
 
 
+def adapter_seconds(folder: Path) -> float | None:
+    """The seconds an adapter recipe's training took, from its training.jsonl."""
+    log = folder / "training.jsonl"
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    return round(lines[-1]["seconds"], 1) if lines else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", default="outputs", help="folder holding digits/ and the digits_* runs")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--straightness", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated students to measure again; the other rows of "
+                                                   "distill.json are kept")
     args = parser.parse_args()
+    only = [name for name in args.only.split(",") if name]
+    unknown = sorted(set(only) - set(STUDENTS) - set(LORA_STUDENTS))
+    if unknown:
+        parser.error(f"--only: unknown student(s) {', '.join(unknown)}; known: "
+                     f"{', '.join([*STUDENTS, *LORA_STUDENTS])}")
     torch.set_num_threads(args.threads)
     runs = Path(args.runs)
     if args.straightness:
@@ -70,7 +88,7 @@ def main() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = pipe(seeds=range(args.n), class_labels=labels, steps=steps, sampler=sampler, schedule=schedule,
-                       batch_size=500)
+                       batch_size=500, loras=extra.pop("loras", None))
         result = metrics.compare(test, out.images, features="digits")
         row = {"model": model, "sampler": sampler, "steps": steps, "schedule": schedule,
                "nfe": out.settings[0]["denoiser_calls"], **result, "accuracy": accuracy(classifier, out.images, labels),
@@ -83,14 +101,26 @@ def main() -> None:
         return row
 
     teacher = Pipeline.from_pretrained(runs / "digits" / "final")
-    for steps in (20, 50):
-        measure("teacher", teacher, "dpmpp_2m", steps, "karras")
-    for budget, candidates in TEACHER_AT.items():
-        tried = [measure("teacher", teacher, *c, budget=budget) for c in candidates]
-        best = min(tried, key=lambda r: r["fd"]["value"])
-        best["best_at_budget"] = True
+    kept: list[dict] = []
+    if only:  # the teacher at 20 steps again, to show it is the one the kept rows were measured on
+        kept = [r for r in json.loads((RESULTS / "distill.json").read_text())["rows"] if r["model"] not in only]
+        before = next(r for r in kept if r["model"] == "teacher" and r["steps"] == 20 and "budget" not in r)
+        again = measure("teacher", teacher, "dpmpp_2m", 20, "karras")
+        rows.clear()
+        if abs(again["fd"]["value"] - before["fd"]["value"]) > 1e-6:
+            raise SystemExit(f"the teacher in {runs} is not the one distill.json was measured on (FD at 20 steps "
+                             f"{again['fd']['value']:.4f}, not {before['fd']['value']:.4f}): run all of it again")
+    else:
+        for steps in (20, 50):
+            measure("teacher", teacher, "dpmpp_2m", steps, "karras")
+        for budget, candidates in TEACHER_AT.items():
+            tried = [measure("teacher", teacher, *c, budget=budget) for c in candidates]
+            best = min(tried, key=lambda r: r["fd"]["value"])
+            best["best_at_budget"] = True
     for name, folder in STUDENTS.items():
         final = runs / folder / "final"
+        if only and name not in only:
+            continue
         if not final.is_dir():
             print(f"skipping {name}: {final} is missing")
             continue
@@ -98,6 +128,18 @@ def main() -> None:
         seconds = training_seconds(runs / folder)
         for steps in (1, 2, 4):
             measure(name, pipe, pipe.sampler, steps, pipe.schedule, train_seconds=seconds)
+    for name, folder in LORA_STUDENTS.items():
+        if (only and name not in only) or not (runs / folder / "lora.json").is_file():
+            print(f"skipping {name}: {runs / folder} holds no LoRA")
+            continue
+        from difflab.adapters import LoRA
+
+        lora = LoRA.from_pretrained(runs / folder, teacher.network, base_identity=teacher.identity())
+        for steps in (1, 2, 4):
+            measure(name, teacher, lora.student["sampler"], steps, "trailing", loras=[(lora, 1.0)],
+                    train_seconds=adapter_seconds(runs / folder), lora_parameters=sum(
+                        p.numel() for p in lora.parameters()))
+    rows[:0] = kept
     meta = {"runs": str(runs), "n_samples": args.n, "reference": "digits test split", "threads": args.threads,
             "features": "digits classifier (64-d pooled)", "classifier_test_accuracy": classifier_acc,
             "torch": torch.__version__}
@@ -117,7 +159,7 @@ def main() -> None:
             + " (all in distill.json). `trained`: whether the student was trained for that step count "
             "(a progressive student learns one). Training seconds: the training loop on one thread of this "
             "shared CPU, with other jobs running (reflow and instaflow make their 10000 teacher pairs before "
-            "it, not counted).\n\n"
+            "it, not counted). `lcm-lora`: a LoRA on the teacher itself (Luo et al. 2023), loaded onto it.\n\n"
             + table + "\n\n![FD against evaluations](distill.png)\n")
     (RESULTS / "distill.md").write_text(text)
     print(text)
