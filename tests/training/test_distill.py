@@ -147,7 +147,8 @@ def test_instaflow_student_is_one_step(tmp_path):
 
 @pytest.mark.parametrize("method, options", [("consistency", "{steps_start=4, steps_end=16}"),
                                              ("reflow", "{pairs=512, steps=4}"),
-                                             ("dmd2", "{steps=2, fake_updates=2}")])
+                                             ("dmd2", "{steps=2, fake_updates=2}"),
+                                             ("dmd2", "{steps=1, fake_updates=2, gan_weight=0.01}")])
 def test_resume_mid_distillation_is_bit_exact(tmp_path, method, options):
     def final_weights(out: str, stop: int | None) -> dict:
         cfg = recipe(tmp_path, method, 12, f"distill.options={options}", f"out_dir='{tmp_path / out}'",
@@ -345,6 +346,38 @@ def test_dmd2_generator_moves_toward_the_data_distribution_and_covers_every_mode
     (early, _), (late, modes) = quality[100], quality[600]
     assert late > early + 0.5 and late > log_density(teacher_one) + 1.0, (early, late, log_density(teacher_one))
     assert int(modes.min()) > 150, modes  # every one of the 8 modes keeps most of its 250 samples: no collapse
+
+
+def test_dmd2_gan_head_tells_data_from_samples_off_it_and_the_generator_still_covers_every_mode(tmp_path):
+    labels = torch.arange(2000) % 4
+    run = distill.trainer(recipe(tmp_path, "dmd2", 400, "distill.options={steps=1, fake_lr=1e-3, fake_updates=3, "
+                                 "gan_weight=0.05, gan_fake_weight=0.1}"), teacher=exact_teacher(), progress=False)
+    head = run.objective.head
+    assert head is not None and head.block == run.model.block_names()[len(run.model.block_names()) // 2]
+    for _ in run.steps():
+        pass
+    x = run.pipeline(use_ema=False)(2000, class_labels=labels).images
+    angle = torch.atan2(x[:, 1], x[:, 0])
+    modes = torch.bincount(((angle / (torch.pi / 4)).round() % 8).long(), minlength=8)
+    assert int(modes.min()) > 150, modes
+    noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    teacher_one = samplers.sample(MIX.denoiser(FLOW), noise, "euler", 1, "trailing", cond={"class_labels": labels})
+    density = float(MIX.log_density(x.double(), 1.0, 1e-3, labels=labels).mean())
+    assert density > float(MIX.log_density(teacher_one, 1.0, 1e-3, labels=labels).mean()) + 1.0
+
+    from difflab.training.distill.dmd import capturing
+
+    def logit(points):  # the head's mean logit on points noised to t = 0.3
+        seen: list = []
+        t = torch.full((len(points),), 0.3)
+        capturing(run.objective.fake, head.block, seen)(0.7 * points.float() + 0.3 * noise.float(), t,
+                                                        class_labels=labels)
+        return float(head(seen[-1]).mean())
+
+    with torch.no_grad():
+        data = MIX.sample(2000, generator=torch.Generator().manual_seed(3), labels=labels)
+        shrunk = 0.6 * data  # a generator that misses the ring
+        assert logit(data) > logit(shrunk) + 0.5, (logit(data), logit(shrunk))
 
 
 def test_perflow_one_euler_step_per_window_follows_the_teacher(tmp_path):

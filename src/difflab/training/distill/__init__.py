@@ -22,7 +22,9 @@ sampling it otherwise warn.
 - ``dmd2`` (Yin et al. 2024): a ``steps``-step generator (the consistency sampler's rollout) pulled
   by the teacher's and a fake denoiser's difference; the fake network (from the teacher's weights)
   takes ``fake_updates`` steps at ``fake_lr`` per generator step and is checkpointed with it; more
-  than one step trains on the student's own rollouts (backward simulation). One process only.
+  than one step trains on the student's own rollouts (backward simulation). ``gan_weight`` > 0 adds
+  DMD2's GAN head on the fake network's ``gan_block`` features (the middle block by default),
+  trained at ``gan_fake_weight`` with the fake network and checkpointed with it. One process only.
 - ``perflow`` (Yan et al. 2024): ``windows`` pieces of time, each straightened between a data
   sample noised to its start and the teacher's ODE (``solver_steps`` of ``solver``) to its end;
   samples with one Euler step per window.
@@ -44,11 +46,12 @@ from typing import Any
 import torch
 
 from difflab import predictions, processes
+from difflab.denoiser import Denoiser
 from difflab.files import load_tensors, read_json, save_tensors, write_json
 from difflab.registry import Registry
 from difflab.training.config import DEFAULTS, ConfigError
 from difflab.training.distill.consistency import ConsistencyObjective
-from difflab.training.distill.dmd import DMDObjective
+from difflab.training.distill.dmd import DMDObjective, GANHead
 from difflab.training.distill.perflow import PiecewiseReflowObjective
 from difflab.training.distill.progressive import ProgressiveObjective
 from difflab.training.distill.reflow import PairedObjective, teacher_pairs
@@ -107,8 +110,19 @@ def _dmd(run: Trainer, teacher: Teacher | None, opts: dict[str, Any], progress: 
         raise ConfigError("dmd2's fake score network is trained inside the objective and is not averaged across "
                           "processes yet: run it in one process")
     fake = copy.deepcopy(run.model)  # the teacher's weights, like the student
+    head = None
+    if float(opts["gan_weight"]) > 0:  # DMD2's GAN head, sized by one pass on a data row
+        probe = run.x[:1].to(run.device)
+        cond = {"class_labels": run.labels[:1].to(run.device)} if run.num_classes else (
+            run._conditions({"caption": run.text["index"][:1].to(run.device)}) if run.text is not None else {})
+        x_in, t_in = Denoiser(fake, *_parts(run)).network_inputs(probe, 0.5)
+        try:
+            head = GANHead.for_network(fake, x_in, t_in, str(opts["gan_block"]), **cond).to(run.device)
+        except ValueError as err:
+            raise ConfigError(f"distill.options.gan_block: {err}") from err
     return DMDObjective(teacher, *_parts(run), fake, steps=int(opts["steps"]), fake_updates=int(opts["fake_updates"]),
-                        fake_lr=float(opts["fake_lr"]))
+                        fake_lr=float(opts["fake_lr"]), head=head, gan_weight=float(opts["gan_weight"]),
+                        gan_fake_weight=float(opts["gan_fake_weight"]))
 
 
 PAIRS = {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256}
@@ -136,7 +150,8 @@ METHODS.add("shortcut", Method(
     lambda run, teacher, opts, progress: ShortcutObjective(*_parts(run), int(opts["max_steps"]),
                                                  float(opts["consistency_fraction"])),
     needs_flow=True, uses_teacher=False), "Frans et al. 2024, One Step Diffusion via Shortcut Models")
-METHODS.add("dmd2", Method({"steps": 1, "fake_updates": 5, "fake_lr": 1e-4}, ("consistency", "trailing"), _dmd,
+METHODS.add("dmd2", Method({"steps": 1, "fake_updates": 5, "fake_lr": 1e-4, "gan_weight": 0.0, "gan_fake_weight": 1e-2,
+                            "gan_block": ""}, ("consistency", "trailing"), _dmd,
                            lambda opts: int(opts["steps"])),
             "Yin et al. 2024, Improved Distribution Matching Distillation (DMD2)")
 
