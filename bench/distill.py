@@ -7,7 +7,7 @@ Train first (alone on the machine): ``difflab train digits``, then ``digits_cons
 ``digits_shortcut``, ``digits_dmd2``, ``digits_dmd2_gan`` and ``digits_perflow``; ``difflab adapt
 digits_lcm_lora`` (a LoRA on the teacher itself, measured loaded onto it).
 Run by hand, alone:  python bench/distill.py [--runs outputs] [--n 2000] [--only lcm-lora,...]
-(``--only``: measure those students again and keep the other rows of distill.json).
+(``--only``: the teacher and those students, written to distill_NAME[_NAME...].{json,md,png}).
 Writes bench/results/distill.{json,md,png}. ``--straightness`` only measures how straight the teacher's
 and the flow students' paths are (Liu et al. 2023) and writes bench/results/distill_straightness.{json,md}.
 """
@@ -66,8 +66,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--straightness", action="store_true")
-    parser.add_argument("--only", default="", help="comma-separated students to measure again; the other rows of "
-                                                   "distill.json are kept")
+    parser.add_argument("--only", default="", help="comma-separated students: measure the teacher and only these, "
+                                                   "into distill_NAME.{json,md,png}")
     args = parser.parse_args()
     only = [name for name in args.only.split(",") if name]
     unknown = sorted(set(only) - set(STUDENTS) - set(LORA_STUDENTS))
@@ -101,22 +101,12 @@ def main() -> None:
         return row
 
     teacher = Pipeline.from_pretrained(runs / "digits" / "final")
-    kept: list[dict] = []
-    if only:  # the teacher at 20 steps again, to show it is the one the kept rows were measured on
-        kept = [r for r in json.loads((RESULTS / "distill.json").read_text())["rows"] if r["model"] not in only]
-        before = next(r for r in kept if r["model"] == "teacher" and r["steps"] == 20 and "budget" not in r)
-        again = measure("teacher", teacher, "dpmpp_2m", 20, "karras")
-        rows.clear()
-        if abs(again["fd"]["value"] - before["fd"]["value"]) > 1e-6:
-            raise SystemExit(f"the teacher in {runs} is not the one distill.json was measured on (FD at 20 steps "
-                             f"{again['fd']['value']:.4f}, not {before['fd']['value']:.4f}): run all of it again")
-    else:
-        for steps in (20, 50):
-            measure("teacher", teacher, "dpmpp_2m", steps, "karras")
-        for budget, candidates in TEACHER_AT.items():
-            tried = [measure("teacher", teacher, *c, budget=budget) for c in candidates]
-            best = min(tried, key=lambda r: r["fd"]["value"])
-            best["best_at_budget"] = True
+    for steps in (20, 50):
+        measure("teacher", teacher, "dpmpp_2m", steps, "karras")
+    for budget, candidates in TEACHER_AT.items():
+        tried = [measure("teacher", teacher, *c, budget=budget) for c in candidates]
+        best = min(tried, key=lambda r: r["fd"]["value"])
+        best["best_at_budget"] = True
     for name, folder in STUDENTS.items():
         final = runs / folder / "final"
         if only and name not in only:
@@ -139,13 +129,13 @@ def main() -> None:
             measure(name, teacher, lora.student["sampler"], steps, "trailing", loras=[(lora, 1.0)],
                     train_seconds=adapter_seconds(runs / folder), lora_parameters=sum(
                         p.numel() for p in lora.parameters()))
-    rows[:0] = kept
     meta = {"runs": str(runs), "n_samples": args.n, "reference": "digits test split", "threads": args.threads,
             "features": "digits classifier (64-d pooled)", "classifier_test_accuracy": classifier_acc,
             "torch": torch.__version__}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distill.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    plot(rows, RESULTS / "distill.png")
+    stem = "_".join(["distill", *(name.replace("+", "_").replace("-", "_") for name in only)])
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, RESULTS / f"{stem}.png")
     shown = [r for r in rows if r["model"] != "teacher" or "budget" not in r or r.get("best_at_budget")]
     table = metrics.table([{**r, "acc": f"{100 * r['accuracy']:.1f} %",
                             "trained": "-" if r["model"] == "teacher" else ("yes" if r["as_trained"] else "no"),
@@ -160,8 +150,8 @@ def main() -> None:
             "(a progressive student learns one). Training seconds: the training loop on one thread of this "
             "shared CPU, with other jobs running (reflow and instaflow make their 10000 teacher pairs before "
             "it, not counted). `lcm-lora`: a LoRA on the teacher itself (Luo et al. 2023), loaded onto it.\n\n"
-            + table + "\n\n![FD against evaluations](distill.png)\n")
-    (RESULTS / "distill.md").write_text(text)
+            + table + f"\n\n![FD against evaluations]({stem}.png)\n")
+    (RESULTS / f"{stem}.md").write_text(text)
     print(text)
 
 
