@@ -383,7 +383,8 @@ class Pipeline:
         """Warn when a distilled student — the pipeline, or a LoRA it runs with (LCM-LoRA) — is sampled
         with a sampler or step count it was not trained for."""
         students = [("this pipeline", self.student)] if self.student else []
-        students += [("a LoRA of this call", item[0].student) for item in (loras or [])  # malformed: refused later
+        pairs = loras if isinstance(loras, (list, tuple)) else []  # malformed: refused by _adapters
+        students += [("a LoRA of this call", item[0].student) for item in pairs
                      if isinstance(item, tuple) and len(item) == 2 and getattr(item[0], "student", None) and item[1]]
         for who, student in students:
             trained_steps = student.get("steps") or []
