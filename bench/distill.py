@@ -4,7 +4,7 @@ and 4 network evaluations, beside the teacher at 20 and 50 and the teacher's bes
 
 Train first (alone on the machine): ``difflab train digits``, then ``digits_consistency``,
 ``digits_progressive``, ``digits_reflow``, ``digits_instaflow`` (which distils the reflowed model) ,
-``digits_shortcut``, ``digits_dmd2``, ``digits_dmd2_gan`` and ``digits_perflow``; ``difflab adapt
+``digits_shortcut``, ``digits_dmd2``, ``digits_dmd2_gan``, ``digits_perflow`` and ``digits_ladd``; ``difflab adapt
 digits_lcm_lora`` (a LoRA on the teacher itself, measured loaded onto it).
 Run by hand, alone:  python bench/distill.py [--runs outputs] [--n 2000] [--only lcm-lora,...]
 (``--only``: the teacher and those students, written to distill_NAME[_NAME...].{json,md,png}).
@@ -36,7 +36,8 @@ TEACHER_AT = {1: [("euler", 1, "trailing"), ("heun", 1, "trailing")],
                   ("dpmpp_2m", 4, "karras"), ("unipc", 4, "karras"), ("heun", 2, "karras")]}
 STUDENTS = {"consistency": "digits_consistency", "progressive": "digits_progressive", "reflow": "digits_reflow",
             "instaflow": "digits_instaflow", "shortcut": "digits_shortcut",
-            "dmd2": "digits_dmd2", "dmd2+gan": "digits_dmd2_gan", "perflow": "digits_perflow"}
+            "dmd2": "digits_dmd2", "dmd2+gan": "digits_dmd2_gan", "perflow": "digits_perflow",
+            "ladd": "digits_ladd"}
 #: students that are LoRAs on the teacher (an adapter folder each)
 LORA_STUDENTS = {"lcm-lora": "digits_lcm_lora"}
 

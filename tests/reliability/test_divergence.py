@@ -22,6 +22,15 @@ def test_the_guard_flags_an_explosion_and_not_noise():
     assert DivergenceGuard("off", 100.0, 1).check(0, 1e30, float("inf")) is None
 
 
+def test_an_adversarial_loss_below_zero_that_turns_positive_is_not_an_explosion_but_its_gradient_can_be():
+    guard = DivergenceGuard("stop", factor=100.0, patience=3)
+    for step in range(50):  # a GAN generator's loss sits around -0.5
+        assert guard.check(step, -0.5 + 0.01 * (step % 5), 1.0) is None
+    assert all(guard.check(50 + k, 0.05, 1.2) is None for k in range(10))  # the discriminator wins for a while
+    assert guard.check(60, 0.05, 1e4) is None and guard.check(61, 0.05, 1e4) is None
+    assert "diverged at step 62" in guard.check(62, 0.05, 1e4)
+
+
 def test_an_exploding_run_stops_at_its_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = train_config.load(recipes.path("toy2d"), [*SMALL, "train.steps=60", "train.checkpoint_every=10",
                                                     "train.divergence_patience=5", f"out_dir={tmp_path}"])

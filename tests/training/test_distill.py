@@ -148,7 +148,8 @@ def test_instaflow_student_is_one_step(tmp_path):
 @pytest.mark.parametrize("method, options", [("consistency", "{steps_start=4, steps_end=16}"),
                                              ("reflow", "{pairs=512, steps=4}"),
                                              ("dmd2", "{steps=2, fake_updates=2}"),
-                                             ("dmd2", "{steps=1, fake_updates=2, gan_weight=0.01}")])
+                                             ("dmd2", "{steps=1, fake_updates=2, gan_weight=0.01}"),
+                                             ("ladd", "{steps=2}")])
 def test_resume_mid_distillation_is_bit_exact(tmp_path, method, options):
     def final_weights(out: str, stop: int | None) -> dict:
         cfg = recipe(tmp_path, method, 12, f"distill.options={options}", f"out_dir='{tmp_path / out}'",
@@ -378,6 +379,54 @@ def test_dmd2_gan_head_tells_data_from_samples_off_it_and_the_generator_still_co
         data = MIX.sample(2000, generator=torch.Generator().manual_seed(3), labels=labels)
         shrunk = 0.6 * data  # a generator that misses the ring
         assert logit(data) > logit(shrunk) + 0.5, (logit(data), logit(shrunk))
+
+
+def test_ladd_heads_on_the_frozen_teachers_features_pull_a_one_step_student_onto_the_data(tmp_path):
+    from difflab.training.trainer import Trainer
+
+    base = Trainer(train_config.load(None, [
+        f"out_dir='{tmp_path / 'base'}'", "data.name='toy2d'", "data.options={kind='mixture', n=4096}",
+        "data.batch_size=128", "model={kind='mlp', hidden=64, depth=3}", "process={kind='flow'}", "prediction='flow'",
+        "train.steps=1000", "train.checkpoint_every=100000", "train.tensorboard=false", "optim.lr=2e-3",
+        "optim.warmup_steps=20", "ema.decay=0.99"]), overwrite=True)
+    base.run(progress=False)
+    teacher_path = base.pipeline().save_pretrained(tmp_path / "teacher")
+    cfg = recipe(tmp_path, "ladd", 800, "distill.options={steps=1, head_lr=5e-4}", f"distill.teacher='{teacher_path}'",
+                 "optim.lr=5e-5")
+    cfg["model"] = {"kind": "mlp"}  # the teacher's network, from its folder
+    run = distill.trainer(cfg, progress=False)
+    assert run.student == {"method": "ladd", "sampler": "consistency", "steps": [1]}
+    features = run.objective.features
+    assert [h.block for h in run.objective.heads] == features.block_names()  # a head on every teacher block
+    assert not any(p.requires_grad for p in features.parameters())
+    for _ in run.steps():
+        pass
+    teacher = Pipeline.from_pretrained(teacher_path)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.network.state_dict().values(),
+                                                 features.state_dict().values(), strict=True))  # never trained
+
+    labels = torch.arange(2000) % 4
+
+    def log_density(x):
+        return float(MIX.log_density(x.double(), 1.0, 1e-3, labels=labels).mean())
+
+    noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # one evaluation each, unclamped
+        x = samplers.sample(run.pipeline(use_ema=False).denoiser(), noise, "consistency", 1, "trailing",
+                            cond={"class_labels": labels})
+        teacher_one = samplers.sample(teacher.denoiser(), noise, "euler", 1, "trailing", cond={"class_labels": labels})
+    assert log_density(x) > log_density(teacher_one) + 2.0, (log_density(x), log_density(teacher_one))
+    angle = torch.atan2(x[:, 1], x[:, 0])
+    modes = torch.bincount(((angle / (torch.pi / 4)).round() % 8).long(), minlength=8)
+    assert int(modes.min()) > 0, modes  # sharper, with every mode still drawn (their balance is not promised)
+
+    def logit(points):  # the heads' summed mean logit on points noised to t = 0.3
+        t = torch.full((len(points),), 0.3)
+        return float(sum(v.mean() for v in run.objective.logits(0.7 * points + 0.3 * noise, t, class_labels=labels)))
+
+    with torch.no_grad():  # the heads rank data above the student's samples and the blurred ones it started from
+        data = MIX.sample(2000, generator=torch.Generator().manual_seed(3), labels=labels).float()
+        assert logit(data) > max(logit(teacher_one), logit(x)) + 0.1, (logit(data), logit(teacher_one), logit(x))
 
 
 def test_perflow_one_euler_step_per_window_follows_the_teacher(tmp_path):

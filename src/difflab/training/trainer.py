@@ -45,7 +45,8 @@ class TrainingError(RuntimeError):
 class DivergenceGuard:
     """Notices a run that is blowing up before its loss turns NaN: a step is "bad" when its gradient
     norm is not finite, or its loss or gradient norm exceeds ``factor`` times their running median
-    (over the last 200 good steps, after 20 of them); ``patience`` bad steps in a row stop the run
+    (over the last 200 good steps, after 20 of them; the loss only against a positive median, since an
+    adversarial loss lives around or below zero); ``patience`` bad steps in a row stop the run
     (``mode="stop"``) or warn once (``"warn"``)."""
 
     def __init__(self, mode: str, factor: float, patience: int):
@@ -62,7 +63,7 @@ class DivergenceGuard:
             losses, norms = zip(*self.history[-200:], strict=True)
             level = (sorted(losses)[len(losses) // 2], sorted(norms)[len(norms) // 2])
         bad = not math.isfinite(grad_norm) or (level is not None and (
-            loss > self.factor * max(level[0], 1e-12) or grad_norm > self.factor * max(level[1], 1e-12)))
+            (level[0] > 0 and loss > self.factor * level[0]) or grad_norm > self.factor * max(level[1], 1e-12)))
         if not bad:
             self.bad = 0
             self.history.append((loss, grad_norm))

@@ -25,6 +25,11 @@ sampling it otherwise warn.
   than one step trains on the student's own rollouts (backward simulation). ``gan_weight`` > 0 adds
   DMD2's GAN head on the fake network's ``gan_block`` features (the middle block by default),
   trained at ``gan_fake_weight`` with the fake network and checkpointed with it. One process only.
+- ``ladd`` (Sauer et al. 2024): a ``steps``-step student trained only adversarially: heads on the
+  frozen teacher network's ``gan_blocks`` (all its blocks by default) tell noised data from noised
+  student samples (hinge loss, ``head_lr``), at logit-normal times (``t_mean``, ``t_std``); a
+  multi-step student's input is data noised to its grid point. An analytic teacher has no network:
+  the student's initial one stands in. Heads checkpointed with the student. One process only.
 - ``perflow`` (Yan et al. 2024): ``windows`` pieces of time, each straightened between a data
   sample noised to its start and the teacher's ODE (``solver_steps`` of ``solver``) to its end;
   samples with one Euler step per window.
@@ -45,13 +50,14 @@ from typing import Any
 
 import torch
 
-from difflab import predictions, processes
+from difflab import predictions, processes, schedules
 from difflab.denoiser import Denoiser
 from difflab.files import load_tensors, read_json, save_tensors, write_json
 from difflab.registry import Registry
 from difflab.training.config import DEFAULTS, ConfigError
 from difflab.training.distill.consistency import ConsistencyObjective
 from difflab.training.distill.dmd import DMDObjective, GANHead
+from difflab.training.distill.ladd import LADDObjective
 from difflab.training.distill.perflow import PiecewiseReflowObjective
 from difflab.training.distill.progressive import ProgressiveObjective
 from difflab.training.distill.reflow import PairedObjective, teacher_pairs
@@ -105,24 +111,40 @@ def _paired(one_step: bool) -> Callable[[Trainer, Teacher | None, dict[str, Any]
     return build
 
 
+def _heads(run: Trainer, network: Any, blocks: list[str], option: str) -> list[GANHead]:
+    """GAN heads on ``network``'s ``blocks`` (a default block for ""), sized by one pass on a data row."""
+    probe = run.x[:1].to(run.device)
+    cond = {"class_labels": run.labels[:1].to(run.device)} if run.num_classes else (
+        run._conditions({"caption": run.text["index"][:1].to(run.device)}) if run.text is not None else {})
+    x_in, t_in = Denoiser(network, *_parts(run)).network_inputs(probe, 0.5)
+    try:
+        return [GANHead.for_network(network, x_in, t_in, block, **cond).to(run.device) for block in blocks]
+    except ValueError as err:
+        raise ConfigError(f"distill.options.{option}: {err}") from err
+
+
 def _dmd(run: Trainer, teacher: Teacher | None, opts: dict[str, Any], progress: bool) -> DMDObjective:
     if run.world > 1:
         raise ConfigError("dmd2's fake score network is trained inside the objective and is not averaged across "
                           "processes yet: run it in one process")
     fake = copy.deepcopy(run.model)  # the teacher's weights, like the student
-    head = None
-    if float(opts["gan_weight"]) > 0:  # DMD2's GAN head, sized by one pass on a data row
-        probe = run.x[:1].to(run.device)
-        cond = {"class_labels": run.labels[:1].to(run.device)} if run.num_classes else (
-            run._conditions({"caption": run.text["index"][:1].to(run.device)}) if run.text is not None else {})
-        x_in, t_in = Denoiser(fake, *_parts(run)).network_inputs(probe, 0.5)
-        try:
-            head = GANHead.for_network(fake, x_in, t_in, str(opts["gan_block"]), **cond).to(run.device)
-        except ValueError as err:
-            raise ConfigError(f"distill.options.gan_block: {err}") from err
+    head = _heads(run, fake, [str(opts["gan_block"])], "gan_block")[0] if float(opts["gan_weight"]) > 0 else None
     return DMDObjective(teacher, *_parts(run), fake, steps=int(opts["steps"]), fake_updates=int(opts["fake_updates"]),
                         fake_lr=float(opts["fake_lr"]), head=head, gan_weight=float(opts["gan_weight"]),
                         gan_fake_weight=float(opts["gan_fake_weight"]))
+
+
+def _ladd(run: Trainer, teacher: Teacher | None, opts: dict[str, Any], progress: bool) -> LADDObjective:
+    if run.world > 1:
+        raise ConfigError("ladd's discriminator heads are trained inside the objective and are not averaged across "
+                          "processes yet: run it in one process")
+    features = teacher.network if teacher is not None and teacher.network is not None else copy.deepcopy(run.model)
+    features = features.to(run.device)
+    if int(opts["steps"]) < 1:
+        raise ConfigError(f"distill.options.steps must be >= 1, got {opts['steps']}")
+    blocks = [str(b) for b in opts["gan_blocks"]] or features.block_names()
+    return LADDObjective(features, *_parts(run), _heads(run, features, blocks, "gan_blocks"), steps=int(opts["steps"]),
+                         head_lr=float(opts["head_lr"]), t_mean=float(opts["t_mean"]), t_std=float(opts["t_std"]))
 
 
 PAIRS = {"pairs": 10000, "sampler": "heun", "steps": 10, "schedule": "karras", "batch_size": 256}
@@ -154,6 +176,9 @@ METHODS.add("dmd2", Method({"steps": 1, "fake_updates": 5, "fake_lr": 1e-4, "gan
                             "gan_block": ""}, ("consistency", "trailing"), _dmd,
                            lambda opts: int(opts["steps"])),
             "Yin et al. 2024, Improved Distribution Matching Distillation (DMD2)")
+METHODS.add("ladd", Method({"steps": 1, "head_lr": 2e-4, "gan_blocks": [], "t_mean": 0.0, "t_std": 1.0},
+                           ("consistency", "trailing"), _ladd, lambda opts: int(opts["steps"])),
+            "Sauer et al. 2024, Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion Distillation")
 
 
 def options(config: dict[str, Any]) -> dict[str, Any]:
@@ -254,6 +279,11 @@ def _student_record(config: dict[str, Any], method: str, opts: dict[str, Any]) -
     if method == "shortcut":
         finest = int(opts["max_steps"])
         steps = [2**k for k in range(finest.bit_length()) if 2**k <= finest]
+    if method == "ladd":  # every step count whose grid is a subset of the one it learned on
+        process, learned = processes.from_config(config["process"]), int(opts["steps"])
+        grid = schedules.get("trailing", process, learned)[:-1]
+        steps = [k for k in range(1, learned + 1) if all(torch.isclose(grid, t).any()
+                                                          for t in schedules.get("trailing", process, k)[:-1])]
     return {"method": method, "sampler": s["sampler"], "steps": steps}
 
 

@@ -12,7 +12,7 @@ and restores them (:meth:`DMDObjective.auxiliary`), so resume stays exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -64,17 +64,20 @@ class GANHead(nn.Module):
         return self.logit(h).squeeze(-1)
 
 
-def capturing(network: Any, block: str, seen: list[Tensor]) -> Callable[..., Tensor]:
-    """``network`` as a callable that appends the output of its ``block`` to ``seen`` on each call
-    (a block hook), so the features come from the very pass a denoiser or loss makes."""
+def capturing(network: Any, block: str | Sequence[str], seen: list[Tensor]) -> Callable[..., Tensor]:
+    """``network`` as a callable that appends the output of its ``block`` (or of each of several
+    blocks, in the order they run) to ``seen`` on each call (block hooks), so the features come from
+    the very pass a denoiser or loss makes."""
 
     def capture(name: str, compute: Callable[[], Any], inputs: tuple) -> Any:
         out = compute()
         seen.append(out[0] if isinstance(out, tuple) else out)
         return out
 
+    blocks = [block] if isinstance(block, str) else list(block)
+
     def run(x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        with network.hook_blocks({block: capture}):
+        with network.hook_blocks(dict.fromkeys(blocks, capture)):
             return network(x, t, **cond)
 
     return run

@@ -28,13 +28,16 @@ def ddim_step(x: Tensor, denoised: Tensor, alpha_t: Tensor, sigma_t: Tensor, alp
 class Teacher:
     """``teacher(x, t, **cond) -> x0``: a frozen denoiser on ``process``; ``scale`` > 1 applies
     classifier-free guidance (Ho & Salimans 2022) with ``null(cond)`` as the unconditional inputs, so
-    a student distils the guided model (Meng et al. 2023). Also a denoiser for difflab's samplers."""
+    a student distils the guided model (Meng et al. 2023). Also a denoiser for difflab's samplers.
+    ``network``: the frozen network behind ``denoiser`` where there is one (a pipeline's), for
+    methods that read the teacher's features (LADD)."""
 
     def __init__(self, denoiser: Callable[..., Tensor], process: Process, *, scale: float = 1.0,
-                 null: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+                 null: Callable[[dict[str, Any]], dict[str, Any]] | None = None, network: Any = None):
         if scale != 1.0 and null is None:
             raise ValueError("a guided teacher (scale != 1) needs null(cond), its unconditional inputs")
         self.denoiser, self.process, self.scale, self.null = denoiser, process, float(scale), null
+        self.network = network
 
     @classmethod
     def from_pipeline(cls, pipe: Any, scale: float = 1.0) -> Teacher:
@@ -54,7 +57,7 @@ class Teacher:
             raise ValueError("classifier-free guidance needs a class- or text-conditional teacher")
 
         return cls(pipe.denoiser(), pipe.process, scale=scale, null=null if pipe.num_classes or
-                   pipe.text_encoder_config is not None else None)
+                   pipe.text_encoder_config is not None else None, network=pipe.network)
 
     @torch.no_grad()
     def __call__(self, x: Tensor, t: Tensor | float, scale: Tensor | None = None, **cond: Any) -> Tensor:
