@@ -44,7 +44,12 @@ class Runtime:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.barrier()
+            # Keep the barrier's work object alive past the teardown: otherwise gloo's worker thread
+            # may drop the last reference and destroy it (taking the GIL) while this thread, holding
+            # the GIL, joins that worker in the process group's destructor when DDP's reducer goes:
+            # a deadlock seen under load (torch 2.13, gloo).
+            self._barrier = dist.barrier(async_op=True)
+            self._barrier.wait()
             dist.destroy_process_group()
 
     def autocast(self):
