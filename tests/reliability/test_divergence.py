@@ -29,6 +29,10 @@ def test_an_adversarial_loss_below_zero_that_turns_positive_is_not_an_explosion_
     assert all(guard.check(50 + k, 0.05, 1.2) is None for k in range(10))  # the discriminator wins for a while
     assert guard.check(60, 0.05, 1e4) is None and guard.check(61, 0.05, 1e4) is None
     assert "diverged at step 62" in guard.check(62, 0.05, 1e4)
+    game = DivergenceGuard("stop", factor=100.0, patience=3, watch_loss=False)  # an objective marked adversarial
+    for step in range(50):
+        assert game.check(step, 0.006, 40.0) is None
+    assert all(game.check(50 + k, 1.3, 33.0) is None for k in range(30))  # a swing of 200x the median loss
 
 
 def test_an_exploding_run_stops_at_its_last_good_checkpoint(tmp_path, monkeypatch):

@@ -46,11 +46,12 @@ class DivergenceGuard:
     """Notices a run that is blowing up before its loss turns NaN: a step is "bad" when its gradient
     norm is not finite, or its loss or gradient norm exceeds ``factor`` times their running median
     (over the last 200 good steps, after 20 of them; the loss only against a positive median, since an
-    adversarial loss lives around or below zero); ``patience`` bad steps in a row stop the run
-    (``mode="stop"``) or warn once (``"warn"``)."""
+    adversarial loss lives around or below zero; not at all with ``watch_loss=False``, for an
+    objective whose loss is a game's and swings by design); ``patience`` bad steps in a row stop the
+    run (``mode="stop"``) or warn once (``"warn"``)."""
 
-    def __init__(self, mode: str, factor: float, patience: int):
-        self.mode, self.factor, self.patience = mode, factor, patience
+    def __init__(self, mode: str, factor: float, patience: int, watch_loss: bool = True):
+        self.mode, self.factor, self.patience, self.watch_loss = mode, factor, patience, watch_loss
         self.history: list[tuple[float, float]] = []
         self.bad, self.warned = 0, False
 
@@ -63,7 +64,8 @@ class DivergenceGuard:
             losses, norms = zip(*self.history[-200:], strict=True)
             level = (sorted(losses)[len(losses) // 2], sorted(norms)[len(norms) // 2])
         bad = not math.isfinite(grad_norm) or (level is not None and (
-            (level[0] > 0 and loss > self.factor * level[0]) or grad_norm > self.factor * max(level[1], 1e-12)))
+            (self.watch_loss and level[0] > 0 and loss > self.factor * level[0])
+            or grad_norm > self.factor * max(level[1], 1e-12)))
         if not bad:
             self.bad = 0
             self.history.append((loss, grad_norm))
@@ -369,7 +371,8 @@ class Trainer:
         total, accumulate = int(tcfg["steps"]), int(cfg["optim"]["accumulate"])
         self._open_run_directory(start)
         scaler, t0 = self.runtime.scaler, time.time()
-        guard = DivergenceGuard(tcfg["divergence"], float(tcfg["divergence_factor"]), int(tcfg["divergence_patience"]))
+        guard = DivergenceGuard(tcfg["divergence"], float(tcfg["divergence_factor"]), int(tcfg["divergence_patience"]),
+                                watch_loss=not getattr(self.objective, "adversarial", False))
         self.model.train()
         for step in range(start, total):
             torch.manual_seed(cfg["seed"] * 7919 + step)  # dropout and any other global draws

@@ -38,6 +38,9 @@ class LADDObjective:
     one :class:`~difflab.training.distill.dmd.GANHead` per feature block. ``steps``: the student's
     sampling steps."""
 
+    #: the loss is the generator's side of a game: the trainer's divergence guard watches only gradients
+    adversarial = True
+
     def __init__(self, features: nn.Module, process: Process, prediction: predictions.Prediction,
                  heads: list[GANHead], *, steps: int = 1, head_lr: float = 2e-4, t_mean: float = 0.0,
                  t_std: float = 1.0, t_range: tuple[float, float] = (0.02, 0.98)):
