@@ -50,6 +50,8 @@ class LADDObjective:
         self.heads = nn.ModuleList(sorted(heads, key=lambda head: order.index(head.block)))  # the order blocks run
         self.features, self.process, self.prediction, self.steps = features, process, prediction, steps
         self.features.eval().requires_grad_(False)
+        self.blocks = [head.block for head in self.heads]
+        self._features_denoiser = Denoiser(features, process, prediction)  # for the network's inputs at (x_t, t)
         self.t_mean, self.t_std, self.t_range = float(t_mean), float(t_std), t_range
         self.head_optimizer = adamw(list(self.heads.parameters()), head_lr)
 
@@ -63,10 +65,9 @@ class LADDObjective:
 
     def _features(self, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> list[Tensor]:
         seen: list[Tensor] = []
-        blocks = [head.block for head in self.heads]
-        x_in, t_in = Denoiser(self.features, self.process, self.prediction).network_inputs(x_t, t)
-        capturing(self.features, blocks, seen)(x_in, t_in, **cond)
-        return seen[-len(blocks):]
+        x_in, t_in = self._features_denoiser.network_inputs(x_t, t)
+        capturing(self.features, self.blocks, seen)(x_in, t_in, **cond)
+        return seen
 
     def _inputs(self, den: Denoiser, data: Tensor, noise: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
         """Each sample's student input and time: pure noise at t_max, or data noised to grid point j."""
